@@ -1,0 +1,108 @@
+"""Batched text generation and continuation scoring on a causal LM.
+
+``generate`` decodes one batch with left padding and the KV cache (``model.generate``), stops each
+row at EOS or at the first stop string, and returns the new text. ``continuation_logprobs`` scores
+given continuations after given contexts in one teacher-forced forward pass. Both leave the batch
+order unchanged, which is what lets a per-row adapter (one LoRA per row) ride along.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def render_chat(tokenizer, messages: list[dict[str, str]]) -> str:
+    """The model input for chat messages: the tokenizer's chat template when it has one."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n\n".join(m["content"] for m in messages) + "\n\n"
+
+
+@dataclass
+class Generation:
+    text: str
+    new_tokens: int
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """Drops everything from the first stop string on."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    texts: list[str],
+    max_new_tokens: int,
+    stop: tuple[str, ...] = (),
+    do_sample: bool = False,
+    temperature: float = 1.0,
+) -> list[Generation]:
+    """Generates a continuation for every text of one batch (greedy unless ``do_sample``)."""
+    tokenizer.padding_side = "left"
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    kwargs = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if do_sample else dict(do_sample=False)
+    out = model.generate(
+        **enc,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        stop_strings=list(stop) or None,
+        tokenizer=tokenizer if stop else None,
+        **kwargs,
+    )
+    new = out[:, enc["input_ids"].shape[1] :]  # [bs, new]
+    ends = _end_ids(model, tokenizer)
+    results = []
+    for row in new:
+        ids = row.tolist()
+        # count tokens up to and including the first EOS / pad (generate pads finished rows)
+        n = next((i + 1 for i, t in enumerate(ids) if t in ends), len(ids))
+        text = tokenizer.decode(ids[:n], skip_special_tokens=True)
+        results.append(Generation(cut_at_stop(text, stop).strip(), n))
+    return results
+
+
+def _end_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    ids.add(tokenizer.eos_token_id)
+    ids.add(tokenizer.pad_token_id)
+    return ids
+
+
+def encode_pairs(tokenizer, contexts: list[str], continuations: list[str], device) -> dict[str, torch.Tensor]:
+    """Right-padded ``context + continuation`` ids with labels only on the continuation (-100 elsewhere)."""
+    rows, labels = [], []
+    for ctx, cont in zip(contexts, continuations, strict=True):
+        c = tokenizer(ctx, add_special_tokens=False)["input_ids"]
+        y = tokenizer(cont, add_special_tokens=False)["input_ids"]
+        rows.append(c + y)
+        labels.append([-100] * len(c) + y)
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)  # [bs, T]
+    attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    label_t = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels], device=device)
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": label_t}
+
+
+def token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row sum of label log-probabilities and label-token counts (differentiable)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1].float()  # [bs, T-1, V]
+    labels = batch["labels"][:, 1:]  # [bs, T-1]
+    mask = labels != -100
+    lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (lp * mask).sum(-1), mask.sum(-1)
+
+
+@torch.no_grad()
+def continuation_logprobs(model, tokenizer, contexts: list[str], continuations: list[str]) -> list[float]:
+    """Mean per-token log-probability of each continuation given its context."""
+    batch = encode_pairs(tokenizer, contexts, continuations, model.device)
+    total, count = token_logprobs(model, batch)
+    return (total / count.clamp(min=1)).tolist()

@@ -1,0 +1,212 @@
+"""The evaluation harness: the single code path every method is scored by.
+
+``evaluate(predictor, task, examples, ...)`` runs the predictor over the examples in batches (sorted
+by input length so padding stays small; results are returned in the original order), extracts and
+scores every answer with the task's own functions, and writes a results folder:
+
+- ``records.jsonl``: one line per example: id, instruction, rendered input, output, extracted
+  answers, gold answer, scores (and option log-probabilities for multiple-choice tasks);
+- ``summary.json``: per metric the mean and a 95% confidence interval, plus the config, package
+  versions, git commit and timing.
+
+The folder is written under a temporary name and renamed when complete, so an interrupted run leaves
+no half-written results behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from metatuner.errors import MetatunerError
+from metatuner.evaluation.predictors import Predictor
+from metatuner.tasks.base import Example, Task
+
+PACKAGES = ("metatuner", "torch", "transformers", "peft", "accelerate", "trl", "math-verify")
+
+
+@dataclass
+class EvalResult:
+    task: str
+    n: int
+    metrics: dict[str, dict[str, float]]
+    primary_metric: str
+    seconds: float
+    records: list[dict[str, Any]] = field(repr=False)
+    out_dir: Path | None = None
+
+    @property
+    def score(self) -> float:
+        return self.metrics[self.primary_metric]["mean"]
+
+    def line(self) -> str:
+        m = self.metrics[self.primary_metric]
+        return (
+            f"{self.task} {self.primary_metric} = {100 * m['mean']:.1f}% "
+            f"(95% CI {100 * m['ci_low']:.1f}-{100 * m['ci_high']:.1f}, n={self.n}, {self.seconds:.0f}s)"
+        )
+
+
+def select(examples: list[Example], limit: int | None, subset: str = "first", seed: int = 0) -> list[Example]:
+    """The evaluation subset: the first ``limit`` items, or a seeded random sample of them."""
+    if limit is None or limit >= len(examples):
+        return list(examples)
+    if subset == "first":
+        return list(examples[:limit])
+    return random.Random(seed).sample(list(examples), limit)
+
+
+def confidence_interval(values: list[float]) -> tuple[float, float]:
+    """95% interval of the mean: Wilson's score interval for 0/1 scores, the normal one otherwise."""
+    n = len(values)
+    mean = sum(values) / n
+    z = 1.959964
+    if all(v in (0.0, 1.0) for v in values):
+        denom = 1 + z * z / n
+        centre = (mean + z * z / (2 * n)) / denom
+        half = z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / denom
+        return max(0.0, centre - half), min(1.0, centre + half)
+    var = sum((v - mean) ** 2 for v in values) / max(n - 1, 1)
+    half = z * math.sqrt(var / n)
+    return max(0.0, mean - half), min(1.0, mean + half)
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    names = list(records[0]["scores"])
+    out = {}
+    for name in names:
+        values = [r["scores"][name] for r in records]
+        lo, hi = confidence_interval(values)
+        out[name] = {"mean": sum(values) / len(values), "ci_low": lo, "ci_high": hi}
+    return out
+
+
+def evaluate(
+    predictor: Predictor,
+    task: Task,
+    examples: list[Example],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    likelihood: bool = True,
+    out_dir: str | os.PathLike | None = None,
+    config: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Scores ``predictor`` on ``examples`` of ``task``; writes a results folder when ``out_dir`` is given."""
+    if not examples:
+        raise MetatunerError(f"nothing to evaluate: no examples of task {task.name!r}")
+    final = Path(out_dir) if out_dir is not None else None
+    if final is not None and final.exists():
+        raise MetatunerError(f"results folder {final} already exists; choose another --out or remove it")
+    budget = max_new_tokens or predictor.budget(task)
+    start = time.perf_counter()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].query))
+    records: list[dict[str, Any] | None] = [None] * len(examples)
+    new_tokens = 0
+    bar = tqdm(total=len(examples), desc=f"eval {task.name}", unit="ex", disable=not progress)
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        batch = [examples[i] for i in idx]
+        preds = predictor.predict(task, batch, budget)
+        choice_lp = predictor.choice_logprobs(task, batch) if likelihood else None
+        for j, (i, ex, p) in enumerate(zip(idx, batch, preds, strict=True)):
+            extracted = task.extract(p.output)
+            rec = {
+                "id": ex.id,
+                "instruction": p.instruction,
+                "input": p.rendered,
+                "output": p.output,
+                "extracted": extracted,
+                "gold": ex.answer,
+                "scores": task.score(extracted, ex),
+            }
+            if choice_lp is not None:
+                rec["choice_logprobs"] = choice_lp[j]
+                best = max(range(len(choice_lp[j])), key=choice_lp[j].__getitem__)
+                rec["scores"]["accuracy_likelihood"] = float(best == ex.meta["label"])
+            records[i] = rec
+            new_tokens += p.new_tokens
+        bar.update(len(batch))
+    bar.close()
+    seconds = time.perf_counter() - start
+    done = [r for r in records if r is not None]
+    result = EvalResult(task.name, len(done), summarize(done), task.primary_metric, seconds, done)
+    if final is not None:
+        summary = {
+            "task": task.name,
+            "task_version": task.version,
+            "n": result.n,
+            "primary_metric": task.primary_metric,
+            "metrics": result.metrics,
+            "predictor": predictor.describe(),
+            "config": config or {},
+            "timing": {
+                "seconds": seconds,
+                "seconds_per_example": seconds / result.n,
+                "new_tokens": new_tokens,
+                "new_tokens_per_second": new_tokens / seconds if seconds > 0 else None,
+            },
+            "environment": environment(),
+        }
+        write_results_folder(final, done, summary)
+        result.out_dir = final
+    return result
+
+
+def write_results_folder(final: Path, records: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """Writes records and summary under a temporary name, then renames the folder into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        with (tmp / "records.jsonl").open("w") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def environment() -> dict[str, Any]:
+    """Package versions, Python and platform, and the git state of the working directory."""
+    versions = {}
+    for p in PACKAGES:
+        try:
+            versions[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            versions[p] = None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": versions,
+        "git": git_state(Path(__file__).resolve().parent),
+    }
+
+
+def git_state(where: Path) -> dict[str, Any] | None:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where, capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": bool(dirty)}

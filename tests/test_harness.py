@@ -1,0 +1,114 @@
+"""The evaluation harness end to end on a tiny random model, plus its statistics."""
+
+import json
+
+import pytest
+
+from metatuner.errors import MetatunerError
+from metatuner.evaluation import LMPredictor, Prediction, Predictor, evaluate, select
+from metatuner.evaluation.generation import continuation_logprobs, cut_at_stop, generate
+from metatuner.evaluation.harness import confidence_interval
+from metatuner.tasks import get_task
+
+
+class Scripted(Predictor):
+    """Answers from a dict id -> output (a fake LM for exact metric checks)."""
+
+    def __init__(self, outputs):
+        self.outputs = outputs
+
+    def predict(self, task, examples, max_new_tokens):
+        return [Prediction("p", ex.query, self.outputs[ex.id], 1) for ex in examples]
+
+
+def test_harness_scores_scripted_outputs_in_original_order(tmp_path):
+    task = get_task("arithmetic")
+    items = task.load("test")[:6]
+    outputs = {ex.id: (f"The answer is {ex.answer}" if k % 2 == 0 else "no idea") for k, ex in enumerate(items)}
+    result = evaluate(Scripted(outputs), task, items, batch_size=4, out_dir=tmp_path / "r", progress=False)
+    assert [r["id"] for r in result.records] == [ex.id for ex in items]
+    assert result.metrics["exact_match_strict"]["mean"] == pytest.approx(0.5)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["n"] == 6 and summary["metrics"]["exact_match_strict"]["mean"] == pytest.approx(0.5)
+    assert summary["environment"]["packages"]["torch"]
+    lines = (tmp_path / "r" / "records.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and set(json.loads(lines[0])) >= {"id", "input", "output", "extracted", "gold", "scores"}
+
+
+def test_tiny_model_records_are_deterministic(tmp_path, tiny_model, tiny_tokenizer):
+    task = get_task("arithmetic")
+    items = task.load("test")[:5]
+    pred = LMPredictor(tiny_model, tiny_tokenizer)
+    a = evaluate(pred, task, items, batch_size=2, max_new_tokens=8, out_dir=tmp_path / "a", progress=False)
+    b = evaluate(pred, task, items, batch_size=3, max_new_tokens=8, out_dir=tmp_path / "b", progress=False)
+    assert (tmp_path / "a" / "records.jsonl").read_text() == (tmp_path / "b" / "records.jsonl").read_text()
+    assert a.metrics == b.metrics
+    assert all(r["input"].startswith("<|im_start|>system\n" + task.instruction) for r in a.records)
+
+
+def test_batched_generation_matches_one_by_one(tiny_model, tiny_tokenizer):
+    texts = ["<|im_start|>user\nshort<|im_end|>\n", "<|im_start|>user\na much longer input text<|im_end|>\n"]
+    batched = generate(tiny_model, tiny_tokenizer, texts, 12)
+    single = [generate(tiny_model, tiny_tokenizer, [t], 12)[0] for t in texts]
+    assert [g.text for g in batched] == [g.text for g in single]
+
+
+def test_stop_strings_cut_the_output():
+    assert cut_at_stop("The answer is 4.\nQuestion: next", ("\nQuestion:",)) == "The answer is 4."
+    assert cut_at_stop("abc", ("x",)) == "abc"
+
+
+def test_continuation_logprobs_match_manual_computation(tiny_model, tiny_tokenizer):
+    import torch
+
+    ctx, cont = "hello ", "world"
+    lp = continuation_logprobs(tiny_model, tiny_tokenizer, [ctx, "x"], [cont, "yz"])[0]
+    ids = tiny_tokenizer(ctx + cont, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    n = len(tiny_tokenizer(ctx, add_special_tokens=False)["input_ids"])
+    logp = torch.log_softmax(tiny_model(ids).logits[0, :-1], -1)
+    manual = torch.stack([logp[t - 1, ids[0, t]] for t in range(n, ids.shape[1])]).mean()
+    assert lp == pytest.approx(manual.item(), abs=1e-5)
+
+
+def test_likelihood_metric_for_multiple_choice(shared_data, tiny_model, tiny_tokenizer):
+    task = get_task("cosmosqa", shared_data)
+    items = task.load("test")[:3]
+    result = evaluate(LMPredictor(tiny_model, tiny_tokenizer), task, items, max_new_tokens=4, progress=False)
+    assert "accuracy_likelihood" in result.metrics
+    assert all(len(r["choice_logprobs"]) == 4 for r in result.records)
+
+
+def test_existing_results_folder_is_not_overwritten(tmp_path):
+    task = get_task("arithmetic")
+    items = task.load("test")[:2]
+    (tmp_path / "r").mkdir()
+    with pytest.raises(MetatunerError, match="already exists"):
+        evaluate(Scripted({ex.id: "" for ex in items}), task, items, out_dir=tmp_path / "r", progress=False)
+
+
+def test_interrupted_evaluation_leaves_no_results_folder(tmp_path):
+    class Failing(Scripted):
+        def predict(self, task, examples, max_new_tokens):
+            raise KeyboardInterrupt
+
+    task = get_task("arithmetic")
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(Failing({}), task, task.load("test")[:3], out_dir=tmp_path / "r", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_confidence_interval():
+    lo, hi = confidence_interval([1.0] * 50 + [0.0] * 50)
+    assert lo == pytest.approx(0.404, abs=1e-3) and hi == pytest.approx(0.596, abs=1e-3)
+    lo, hi = confidence_interval([0.0] * 10)
+    assert lo == 0.0 and 0.2 < hi < 0.35  # Wilson: never a zero-width interval
+    lo, hi = confidence_interval([0.5, 0.7, 0.6, 0.4])
+    assert lo < 0.55 < hi
+
+
+def test_select_first_and_seeded_random():
+    items = list(range(100))
+    assert select(items, 5) == [0, 1, 2, 3, 4]
+    assert select(items, 5, "random", seed=3) == select(items, 5, "random", seed=3)
+    assert select(items, 5, "random", seed=3) != select(items, 5, "random", seed=4)
+    assert select(items, None) == items
