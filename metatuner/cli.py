@@ -7,14 +7,16 @@ overrides (``eval.limit=20 model.dtype=bfloat16``); ``metatuner config`` lists e
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from metatuner.errors import MetatunerError
 
-MAIN_JOB_LIMIT = 100
+MAIN_JOB_CONFIG = "quick"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -29,7 +31,7 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="evaluate the first N test items (eval.subset=random for a seeded sample)")
     p.add_argument("--data-dir", help="folder with <task>/{train,test}.jsonl (default: $METATUNER_DATA_DIR, else the hub)")
     p.add_argument("--batch-size", type=int, help="generation batch size (default 16)")
-    p.add_argument("--out", help="results folder to create (default: runs/<method>-<task>-<time>)")
+    p.add_argument("--out", help="folder to create for the results (default: runs/<kind>-<task>-<time>)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,12 +47,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print every config key with its default and help, or a resolved config")
     _common(p)
 
-    p = sub.add_parser("eval", help="evaluate a method on a task's test split")
+    p = sub.add_parser("eval", help="evaluate a method, or a trained run (--run), on a task's test split")
     _eval_flags(p)
+    p.add_argument("--run", metavar="DIR", help="evaluate this trained MetaTuner run (its config, plus overrides)")
     _common(p)
 
+    p = sub.add_parser("train", help="train MetaTuner (warm-up, then joint training), then evaluate on test")
+    _eval_flags(p)
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly where its last checkpoint stopped")
+    p.add_argument("--no-eval", action="store_true", help="skip the test evaluation after training")
+    _common(p)
+
+    p = sub.add_parser("generate", help="answer questions with a trained run, showing the generated prompt")
+    p.add_argument("--run", metavar="DIR", required=True, help="trained run folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--question", help="one question (for multiple choice, include the options as the task does)")
+    src.add_argument("--input", metavar="FILE", help="JSONL file of task rows (the task's fields, e.g. question)")
+    p.add_argument("--output", metavar="FILE", help="write JSONL (id, prompt, answer) here instead of printing")
+    p.add_argument("--batch-size", type=int, default=8, help="queries per batch (default 8)")
+
+    p = sub.add_parser("export", help="write one query's generated LoRA as a PEFT adapter folder")
+    p.add_argument("--run", metavar="DIR", required=True, help="trained run folder")
+    p.add_argument("--query", required=True, help="the question whose LoRA to export")
+    p.add_argument("--out", required=True, help="adapter folder to create (loads with PeftModel.from_pretrained)")
+
     p = sub.add_parser(
-        "run", help=f"the main job on built-in defaults: zero-shot on the built-in task ({MAIN_JOB_LIMIT} items)"
+        "run", help="the main job on built-in defaults: a quick MetaTuner run on the built-in task, "
+        "scored against zero-shot on the same test items (configs/quick.yaml)",
     )
     _eval_flags(p)
     _common(p)
@@ -72,7 +95,8 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
 def _config(args: argparse.Namespace, defaults: list[str] = ()):
     from metatuner.config import load_config
 
-    return load_config(args.config, [*defaults, *args.overrides, *_flag_overrides(args)])
+    path = args.config or (MAIN_JOB_CONFIG if args.command == "run" else None)
+    return load_config(path, [*defaults, *args.overrides, *_flag_overrides(args)])
 
 
 def cmd_tasks(args) -> None:
@@ -104,23 +128,101 @@ def cmd_config(args) -> None:
         print(f"{key:24s} {default:16s} {help_}")
 
 
-def cmd_eval(args, defaults: list[str] = ()) -> None:
-    from metatuner.recipes import eval_method, new_run_dir
-
-    cfg = _config(args, defaults)
-    out = Path(args.out) if args.out else new_run_dir(cfg.out_dir, cfg.method, cfg.data.task)
-    result = eval_method(cfg, out)
-    print(result.line())
+def _print_result(title: str, result) -> None:
+    print(f"{title}: {result.line()}")
     for name, m in result.metrics.items():
         print(f"  {name:24s} {100 * m['mean']:5.1f}%  [{100 * m['ci_low']:.1f}, {100 * m['ci_high']:.1f}]")
-    print(f"results: {out}")
+    if result.out_dir is not None:
+        print(f"  results: {result.out_dir}")
+
+
+def cmd_eval(args) -> None:
+    from metatuner.recipes import eval_method, eval_run, new_run_dir
+
+    if args.run:
+        overrides = [*args.overrides, *_flag_overrides(args)]
+        out = Path(args.out) if args.out else Path(args.run) / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+        _print_result("metatuner", eval_run(args.run, overrides, out))
+        return
+    cfg = _config(args)
+    out = Path(args.out) if args.out else new_run_dir(cfg.out_dir, cfg.method, cfg.data.task)
+    _print_result(cfg.method, eval_method(cfg, out))
+
+
+def cmd_train(args) -> None:
+    from metatuner.config import load_config
+    from metatuner.recipes import eval_predictor, new_run_dir, train_metatuner
+    from metatuner.training.predictor import MetaTunerPredictor
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise MetatunerError(f"--resume: {run_dir / 'config.yaml'} not found; is {run_dir} a training run folder?")
+        cfg = load_config(run_dir / "config.yaml", [*args.overrides, *_flag_overrides(args)])
+    else:
+        cfg = _config(args)
+        run_dir = Path(args.out) if args.out else new_run_dir(cfg.out_dir, "metatuner", cfg.data.task)
+        if run_dir.exists():
+            raise MetatunerError(f"run folder {run_dir} already exists; use --resume {run_dir} to continue it")
+    mt, task = train_metatuner(cfg, run_dir, resume=bool(args.resume))
+    print(f"trained: {run_dir}")
+    if not args.no_eval:
+        _print_result("metatuner", eval_predictor(MetaTunerPredictor(mt), task, cfg, run_dir / "eval-test"))
 
 
 def cmd_run(args) -> None:
-    cmd_eval(args, defaults=[f"eval.limit={MAIN_JOB_LIMIT}"])
+    from metatuner.recipes import main_job, new_run_dir
+
+    cfg = _config(args, defaults=[])
+    run_dir = Path(args.out) if args.out else new_run_dir(cfg.out_dir, "quick", cfg.data.task)
+    tuned, base = main_job(cfg, run_dir)
+    _print_result("metatuner", tuned)
+    _print_result("zero-shot", base)
+    print(f"run folder: {run_dir}")
 
 
-COMMANDS = {"tasks": cmd_tasks, "methods": cmd_methods, "config": cmd_config, "eval": cmd_eval, "run": cmd_run}
+def cmd_generate(args) -> None:
+    from metatuner.recipes import load_run
+    from metatuner.tasks import Example, get_task, read_jsonl
+    from metatuner.training.predictor import MetaTunerPredictor
+
+    mt, cfg = load_run(args.run)
+    task = get_task(cfg.data.task, cfg.data.data_dir)
+    if args.question:
+        examples = [Example(id="question", query=args.question, answer="", target="")]
+    else:
+        rows = read_jsonl(Path(args.input))
+        examples = [task.checked_example(row, args.input, i + 1) for i, row in enumerate(rows)]
+    predictor = MetaTunerPredictor(mt)
+    sink = open(args.output, "w") if args.output else None
+    try:
+        for b in range(0, len(examples), args.batch_size):
+            batch = examples[b : b + args.batch_size]
+            for ex, p in zip(batch, predictor.predict(task, batch, predictor.budget(task))):
+                answer = task.extract(p.output)["flexible"]
+                if sink:
+                    sink.write(json.dumps({"id": ex.id, "prompt": p.instruction, "output": p.output, "answer": answer}) + "\n")
+                else:
+                    print(f"[{ex.id}]\n  prompt: {p.instruction}\n  output: {p.output}\n  answer: {answer}")
+    finally:
+        if sink:
+            sink.close()
+
+
+def cmd_export(args) -> None:
+    from metatuner.models.export import export_peft_adapter
+    from metatuner.recipes import load_run
+    from metatuner.tasks import get_task
+
+    mt, cfg = load_run(args.run)
+    prompt = export_peft_adapter(mt, get_task(cfg.data.task, cfg.data.data_dir), args.query, Path(args.out))
+    print(f"prompt: {prompt}\nadapter: {args.out} (PeftModel.from_pretrained(base_model, {args.out!r}))")
+
+
+COMMANDS = {
+    "tasks": cmd_tasks, "methods": cmd_methods, "config": cmd_config, "eval": cmd_eval, "train": cmd_train,
+    "run": cmd_run, "generate": cmd_generate, "export": cmd_export,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

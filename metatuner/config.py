@@ -23,6 +23,8 @@ import yaml
 
 from metatuner.errors import MetatunerError
 
+SHIPPED = Path(__file__).parent / "configs"
+
 
 def option(default: Any, help: str, choices: tuple | None = None, factory: Any = None) -> Any:
     """A dataclass field with a help string and, optionally, the allowed values."""
@@ -70,6 +72,90 @@ class EvalConfig:
 
 
 @dataclass
+class GeneratorConfig:
+    """The prompt generator G and the meta encoder (its layers below k)."""
+
+    model: str | None = option(None, "G's checkpoint; unset: the same as M, sharing one copy of the base weights")
+    share_ratio: float = option(0.25, "k as a fraction of G's depth: layers [0, k) form the shared meta encoder")
+    share_layers: int | None = option(None, "k as an absolute layer count (overrides share_ratio); 0 = no sharing")
+    targets: list[str] = option(None, "G's LoRA target modules", factory=lambda: ["q_proj", "v_proj"])
+    rank: int = option(8, "rank of G's LoRA adapters")
+    alpha: float = option(16.0, "LoRA alpha of G's adapters (scale alpha / rank)")
+    max_prompt_tokens: int = option(64, "cap on the length of a generated prompt")
+    pooling: str = option("mean", "how layer k's states become F's input", ("mean", "last"))
+    feature_layer: int | None = option(None, "with k = 0, the frozen layer F reads (default: a quarter of the depth)")
+
+    def __post_init__(self):
+        _at_least("generator.rank", self.rank, 1)
+        _at_least("generator.max_prompt_tokens", self.max_prompt_tokens, 1)
+        _at_least("generator.share_layers", self.share_layers, 0)
+        if not 0.0 <= self.share_ratio <= 1.0:
+            raise MetatunerError(f"generator.share_ratio must be in [0, 1], got {self.share_ratio}")
+
+
+@dataclass
+class HypernetConfig:
+    """The parameter generator F and the per-query LoRA it writes for M."""
+
+    targets: list[str] = option(None, "M's target modules for generated LoRA", factory=lambda: ["q_proj", "v_proj"])
+    layers: list[int] | None = option(None, "M's layers given generated LoRA (unset: all)")
+    rank: int = option(8, "rank of the generated LoRA")
+    alpha: float = option(16.0, "LoRA alpha of the generated LoRA (scale alpha / rank)")
+    hidden: int = option(64, "width of F's two-layer MLPs")
+    emb_dim: int = option(32, "size of F's layer and module-type embeddings")
+
+    def __post_init__(self):
+        _at_least("hypernet.rank", self.rank, 1)
+        _at_least("hypernet.hidden", self.hidden, 1)
+
+
+@dataclass
+class TrainConfig:
+    """Warm-up and joint training."""
+
+    schedule: str = option("joint", "joint = MetaTuner-J (sum of losses), alternate = MetaTuner-I", ("joint", "alternate"))
+    ablation: str = option(
+        "none", "no_hypernet = w/o F, no_prompt = w/o P, no_share = w/o S (k = 0)",
+        ("none", "no_hypernet", "no_prompt", "no_share"),
+    )
+    steps: int = option(30, "joint training steps (optimizer steps)")
+    batch_size: int = option(4, "queries per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr_encoder: float = option(1e-4, "learning rate of the shared meta encoder's LoRA (phi_s)")
+    lr_decoder: float = option(1e-4, "learning rate of the prompt decoder's LoRA (phi_p)")
+    lr_hypernet: float = option(1e-3, "learning rate of the hypernetwork F (phi_q)")
+    lr_static: float = option(2e-4, "learning rate of M's static LoRA in the warm-up SFT")
+    lr_schedule: str = option("cosine", "learning-rate schedule after warm-up", ("constant", "linear", "cosine"))
+    warmup_ratio: float = option(0.1, "fraction of steps with a linear learning-rate warm-up")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off)")
+    alpha: float = option(1.0, "weight of the supervised regularization loss")
+    rollouts: int = option(4, "prompts sampled per query for the expert prompt set D2")
+    temperature: float = option(1.0, "sampling temperature of rollouts")
+    reward: str = option("nll", "rollout reward: nll (teacher-forced gold NLL) or em (greedy answer scored)", ("nll", "em"))
+    rollout_every: int = option(1, "run rollouts every this many steps")
+    sync_every: int = option(10, "re-synchronise the frozen prompt decoder every this many steps")
+    static_rank: int = option(8, "rank of M's static LoRA (warm-up SFT)")
+    static_alpha: float = option(16.0, "LoRA alpha of M's static LoRA (scale alpha / rank)")
+    actor_warmup_steps: int = option(0, "warm-up SFT steps of M's static LoRA (0 = no static LoRA)")
+    generator_warmup_queries: int = option(0, "queries for G's rejection-sampling warm-up (0 = skip)")
+    generator_warmup_steps: int = option(0, "SFT steps of G on the warm-up's best prompts")
+    max_length: int = option(512, "truncate M's training inputs to this many tokens")
+    log_every: int = option(1, "log losses every this many steps")
+    eval_every: int = option(0, "evaluate on the validation split every this many steps (0 = only at the end)")
+    save_every: int = option(10, "checkpoint every this many steps (and at the end)")
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "rollouts", "rollout_every", "sync_every", "static_rank",
+                     "max_length", "log_every", "save_every"):
+            _at_least(f"train.{name}", getattr(self, name), 1)
+        for name in ("actor_warmup_steps", "generator_warmup_queries", "generator_warmup_steps", "eval_every"):
+            _at_least(f"train.{name}", getattr(self, name), 0)
+        if self.temperature <= 0:
+            raise MetatunerError(f"train.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
 class RunConfig:
     """The root config. Sections are added here as the system grows (see configs/ for examples)."""
 
@@ -77,6 +163,9 @@ class RunConfig:
     model: ModelConfig = option(None, "the downstream model", factory=ModelConfig)
     data: DataConfig = option(None, "task data", factory=DataConfig)
     eval: EvalConfig = option(None, "evaluation", factory=EvalConfig)
+    generator: GeneratorConfig = option(None, "MetaTuner's prompt generator G", factory=GeneratorConfig)
+    hypernet: HypernetConfig = option(None, "MetaTuner's parameter generator F", factory=HypernetConfig)
+    train: TrainConfig = option(None, "MetaTuner training", factory=TrainConfig)
     out_dir: str = option("runs", "parent folder of run folders")
     seed: int = option(0, "global seed (torch, python, numpy)")
 
@@ -125,7 +214,8 @@ def _coerce(key: str, value: Any, hint: Any, choices: tuple | None) -> Any:
     if typing.get_origin(base) is list:
         if not isinstance(value, list):
             raise MetatunerError(f"{key} must be a list, got {value!r}")
-        return [str(v) for v in value]
+        elem = typing.get_args(base)[0]
+        return [_coerce(f"{key}[{i}]", v, elem, None) for i, v in enumerate(value)]
     if ok is None or not ok(value):
         raise MetatunerError(f"{key} must be {getattr(base, '__name__', base)}, got {value!r}")
     value = base(value)
@@ -158,12 +248,18 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = RunConfig) -> Any:
-    """Defaults, then the YAML file (if any), then the ``key=value`` overrides."""
+    """Defaults, then the YAML file (if any), then the ``key=value`` overrides.
+
+    ``path`` is a file, or the name of a shipped config (``quick``, ``gsm8k``, ... in metatuner/configs).
+    """
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if not p.is_file() and (SHIPPED / f"{path}.yaml").is_file():
+            p = SHIPPED / f"{path}.yaml"
         if not p.is_file():
-            raise MetatunerError(f"config file not found: {p}")
+            names = ", ".join(sorted(f.stem for f in SHIPPED.glob("*.yaml")))
+            raise MetatunerError(f"config file not found: {p} (shipped configs: {names})")
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

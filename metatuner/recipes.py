@@ -48,27 +48,105 @@ def train_val_split(examples: list[Example], limit: int | None, val_size: int, s
     return (train[:limit] if limit else train), val
 
 
+def eval_predictor(predictor, task, cfg: RunConfig, out_dir: Path | None, progress: bool = True) -> EvalResult:
+    """Scores any predictor on the configured test subset of ``task``: the one evaluation path."""
+    test = select(task.load("test"), cfg.eval.limit, cfg.eval.subset, cfg.eval.seed)
+    result = evaluate(
+        predictor, task, test, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+        likelihood=cfg.eval.likelihood, out_dir=out_dir, config=to_dict(cfg), progress=progress,
+    )
+    if out_dir is not None:
+        save_config(cfg, out_dir / "config.yaml")
+    return result
+
+
 def eval_method(cfg: RunConfig, out_dir: Path | None) -> EvalResult:
     """Fits ``cfg.method`` (zero-shot, cot, ...) and scores it on the configured test subset."""
     method_cls = get_method(cfg.method)
     task = get_task(cfg.data.task, cfg.data.data_dir)
-    test = select(task.load("test"), cfg.eval.limit, cfg.eval.subset, cfg.eval.seed)
+    task.load("test")  # fail on bad data before loading the model
     train, val = [], []
     if getattr(method_cls, "needs_training", False):
         train, val = train_val_split(task.load("train"), cfg.data.train_limit, cfg.data.val_size, cfg.data.seed)
     seed_everything(cfg.seed)
     model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device)
-    predictor = method_cls(model, tok, cfg).fit(task, train, val)
-    result = evaluate(
-        predictor,
-        task,
-        test,
-        batch_size=cfg.eval.batch_size,
-        max_new_tokens=cfg.eval.max_new_tokens,
-        likelihood=cfg.eval.likelihood,
-        out_dir=out_dir,
-        config=to_dict(cfg),
+    return eval_predictor(method_cls(model, tok, cfg).fit(task, train, val), task, cfg, out_dir)
+
+
+# ---- MetaTuner ---------------------------------------------------------------------------------
+def build_metatuner(cfg: RunConfig, model, tokenizer):
+    """G, F and M from the config; G shares M's base weights unless ``generator.model`` names another."""
+    from metatuner.models.metatuner import MetaTuner
+
+    generator = gen_tok = None
+    if cfg.generator.model not in (None, cfg.model.name):
+        generator, gen_tok = load_model(cfg.generator.model, cfg.model.dtype, cfg.model.device)
+    ablation = cfg.train.ablation
+    return MetaTuner(
+        model, tokenizer, cfg.generator, cfg.hypernet, generator=generator, gen_tokenizer=gen_tok,
+        no_share=ablation == "no_share", use_hypernet=ablation != "no_hypernet", use_prompt=ablation != "no_prompt",
     )
-    if out_dir is not None:
-        save_config(cfg, out_dir / "config.yaml")
-    return result
+
+
+def train_metatuner(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True):
+    """Warm-up and joint training into ``run_dir``; returns the trained MetaTuner and the task."""
+    from metatuner.training.trainer import Trainer
+
+    task = get_task(cfg.data.task, cfg.data.data_dir)
+    train, val = train_val_split(task.load("train"), cfg.data.train_limit, cfg.data.val_size, cfg.data.seed)
+    if resume:
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            raise MetatunerError(f"--resume: {saved} not found; is {run_dir} a training run folder?")
+    seed_everything(cfg.seed)
+    model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device)
+    mt = build_metatuner(cfg, model, tok)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    Trainer(cfg, mt, task, train, val, run_dir, progress=progress).run(resume=resume)
+    return mt, task
+
+
+def load_run(run_dir: str | Path, overrides: list[str] = ()):
+    """Rebuilds a trained MetaTuner from a run folder: its config (plus overrides) and newest checkpoint."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from metatuner.config import load_config
+    from metatuner.training.checkpoint import latest_checkpoint
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise MetatunerError(f"{run_dir} is not a training run folder (no config.yaml)")
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise MetatunerError(f"{run_dir} has no checkpoint yet")
+    cfg = load_config(run_dir / "config.yaml", list(overrides))
+    model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device)
+    mt = build_metatuner(cfg, model, tok)
+    state = json.loads((ckpt / "state.json").read_text())
+    if state["extra"].get("has_static"):
+        mt.add_static_adapter(cfg.train.static_rank, cfg.train.static_alpha)
+    mt.load_trainable_state(load_file(ckpt / "trainable.safetensors"))
+    return mt, cfg
+
+
+def eval_run(run_dir: str | Path, overrides: list[str], out_dir: Path | None) -> EvalResult:
+    """Scores a trained MetaTuner run on its task's test subset."""
+    from metatuner.training.predictor import MetaTunerPredictor
+
+    mt, cfg = load_run(run_dir, overrides)
+    task = get_task(cfg.data.task, cfg.data.data_dir)
+    return eval_predictor(MetaTunerPredictor(mt), task, cfg, out_dir)
+
+
+def main_job(cfg: RunConfig, run_dir: Path) -> tuple[EvalResult, EvalResult]:
+    """Train MetaTuner, then score it and zero-shot on the same test items; returns (metatuner, zero-shot)."""
+    from metatuner.evaluation.predictors import LMPredictor
+    from metatuner.training.predictor import MetaTunerPredictor
+
+    mt, task = train_metatuner(cfg, run_dir)
+    tuned = eval_predictor(MetaTunerPredictor(mt), task, cfg, run_dir / "eval-metatuner")
+    base = LMPredictor(mt.actor, mt.tokenizer, task.instruction, name="zero-shot")  # no adapter is active
+    return tuned, eval_predictor(base, task, cfg, run_dir / "eval-zero-shot")

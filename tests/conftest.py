@@ -17,6 +17,9 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# tiny models gain nothing from threads, and oversubscribed cores make small ops very slow
+torch.set_num_threads(1)
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -44,7 +47,7 @@ def make_tokenizer():
     return fast
 
 
-def make_model(tokenizer, layers: int = 4, seed: int = 0):
+def make_model(tokenizer, layers: int = 4, seed: int = 0, init_range: float = 0.02):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -57,6 +60,7 @@ def make_model(tokenizer, layers: int = 4, seed: int = 0):
         num_key_value_heads=2,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
+        initializer_range=init_range,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,

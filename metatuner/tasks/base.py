@@ -115,12 +115,12 @@ class Task(ABC):
             where = str(Path(data_dir) / self.name / f"{split}.jsonl")
         else:
             rows, where = self._load_hub(split)
-        examples = [self._checked_example(row, where, i + 1) for i, row in enumerate(rows)]
+        examples = [self.checked_example(row, where, i + 1) for i, row in enumerate(rows)]
         if not examples:
             raise MetatunerError(f"{where}: the {split} split of task {self.name!r} is empty")
         return examples
 
-    def _checked_example(self, row: dict[str, Any], where: str, line: int) -> Example:
+    def checked_example(self, row: dict[str, Any], where: str, line: int) -> Example:
         missing = [f for f in self.required_fields if f not in row]
         if missing:
             raise MetatunerError(

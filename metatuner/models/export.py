@@ -1,0 +1,69 @@
+"""Export one query's generated LoRA as a standard PEFT adapter folder.
+
+M for a query is ``W0 + λ_s B_s A_s + λ_g B_q A_q`` (static warm-up LoRA, if any, plus the generated
+one). Both terms fit in one LoRA of rank ``r_s + r_g`` by stacking: ``A = [A_s; A_q]``,
+``B = [λ_s B_s, λ_g B_q]`` with the scales folded into ``B`` and ``lora_alpha = r`` (scale 1). The
+folder loads with ``PeftModel.from_pretrained(base_model, folder)`` and gives M's logits for that
+query; ``prompt.txt`` holds the prompt G generated for it, which is the other half of the answer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
+
+from metatuner.errors import MetatunerError
+from metatuner.models.lora import peft_state_dict
+from metatuner.models.metatuner import MetaTuner
+from metatuner.tasks.base import Example, Task
+
+
+@torch.no_grad()
+def query_lora(mt: MetaTuner, task: Task, example: Example) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per site, the query's full LoRA ``(A [r, in], B [out, r])`` with scales folded into B."""
+    factors = mt.factors(mt.encode(task, [example]))
+    out = {}
+    for site in mt.sites:
+        module = mt.m_lora.module(site)
+        parts_a, parts_b = [], []
+        if mt.has_static:
+            parts_a.append(module.lora_A["static"])
+            parts_b.append(module.scaling["static"] * module.lora_B["static"])
+        if factors is not None:
+            a, b = factors[site.key]
+            parts_a.append(a[0].to(module.base.weight.dtype))
+            parts_b.append(mt.rows_scale * b[0].to(module.base.weight.dtype))
+        if not parts_a:
+            raise MetatunerError("this run has neither a static nor a generated LoRA; there is nothing to export")
+        out[site.key] = (torch.cat(parts_a, 0), torch.cat(parts_b, 1))
+    return out
+
+
+def export_peft_adapter(mt: MetaTuner, task: Task, query: str, out_dir: Path) -> str:
+    """Writes the PEFT adapter for ``query`` into ``out_dir``; returns the generated prompt."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise MetatunerError(f"export folder {out_dir} is not empty")
+    example = Example(id="query", query=query, answer="", target="")
+    factors = query_lora(mt, task, example)
+    rank = next(iter(factors.values()))[0].shape[0]
+    prompt = mt.generate_prompts(task, [example])[0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,  # scale 1: the scales are folded into B
+        target_modules=sorted({s.kind for s in mt.sites}),
+        layers_to_transform=sorted({s.layer for s in mt.sites}),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=getattr(mt.actor.config, "_name_or_path", None),
+    )
+    config.save_pretrained(out_dir)
+    save_file(peft_state_dict(mt.m_lora, factors), str(out_dir / "adapter_model.safetensors"))
+    (out_dir / "prompt.txt").write_text(prompt + "\n")
+    (out_dir / "query.json").write_text(json.dumps({"task": task.name, "query": query, "prompt": prompt}, indent=2))
+    return prompt

@@ -1,0 +1,205 @@
+"""LoRA on a frozen base model: named static adapters plus per-row (per-query) adapters.
+
+A wrapped linear layer with frozen weight ``W0`` computes, for row ``i`` of a batch,
+
+    y_i = W0 x_i  +  Σ_{a ∈ active} λ_a · B_a A_a x_i  +  λ_r · B_i A_i x_i
+
+- static adapters ``(A_a [r, in], B_a [out, r])`` are ordinary parameters (the prompt generator's
+  adapters, the warm-up SFT adapter); several can be active at once and they are switched per call;
+- per-row factors ``A [bs, r, in]``, ``B [bs, out, r]`` are handed in for one batch (by the
+  hypernetwork) and applied with two batched matmuls: ``[bs, T, in] @ [bs, in, r] -> [bs, T, r]``,
+  then ``@ [bs, r, out] -> [bs, T, out]``. No ``[out, in]`` delta is ever built and there is no loop
+  over rows, so the cost is ``O(T · r · (in + out))`` per row, the same as a static LoRA.
+
+PEFT cannot give every row of a batch its own adapter, which is why this layer exists; static
+adapters live here too so that one copy of the frozen base serves the prompt generator and the
+downstream model at once. :func:`peft_state_dict` writes a per-row adapter in PEFT's format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from metatuner.errors import MetatunerError
+
+_LAYER_RE = re.compile(r"\.layers\.(\d+)\.(?:.*\.)?(\w+)$")
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus static and per-row LoRA terms (see the module docstring)."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        self.active: tuple[str, ...] = ()
+        self.rows: tuple[torch.Tensor, torch.Tensor, float] | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def add_adapter(self, name: str, rank: int, alpha: float) -> None:
+        w = self.base.weight
+        a = torch.empty(rank, self.in_features, dtype=w.dtype, device=w.device)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's default: A random, B zero -> no change at init
+        self.lora_A[name] = nn.Parameter(a)
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, rank, dtype=w.dtype, device=w.device))
+        self.scaling[name] = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # in-place adds: no extra [bs, T, out] temporaries (a linear layer's backward never needs its output)
+        y = self.base(x)
+        for name in self.active:
+            y = y.add_(
+                nn.functional.linear(nn.functional.linear(x, self.lora_A[name]), self.lora_B[name]),
+                alpha=self.scaling[name],
+            )
+        if self.rows is not None:
+            a, b, scale = self.rows  # a [bs, r, in], b [bs, out, r]
+            h = torch.bmm(x, a.transpose(1, 2))  # [bs, T, r]
+            y = y.baddbmm_(h, b.transpose(1, 2), alpha=scale)  # [bs, T, out]
+        return y
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a LoRA can go: decoder layer ``layer``, linear module type ``kind`` (e.g. ``q_proj``)."""
+
+    layer: int
+    kind: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.layer}.{self.kind}"
+
+
+class LoRAModel:
+    """Wraps the linear layers of a decoder-only model so LoRA adapters can be added and switched.
+
+    ``add_adapter("enc", kinds=["q_proj", "v_proj"], layers=range(0, 4), rank=8, alpha=16)`` adds a
+    static adapter; ``use(active=[...], rows={site_key: (A, B)}, rows_scale=λ)`` is the context in which
+    a forward pass sees exactly those adapters. Outside ``use`` no adapter is active: the base model.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.sites: dict[str, tuple[Site, str]] = {}  # key -> (site, module path)
+        self.wrapped: dict[str, LoRALinear] = {}
+        modules = dict(model.named_modules())
+        for path, module in modules.items():
+            m = _LAYER_RE.search("." + path)
+            inside_wrapper = isinstance(modules.get(path.rpartition(".")[0]), LoRALinear)
+            if isinstance(module, (nn.Linear, LoRALinear)) and m and not inside_wrapper:
+                site = Site(int(m.group(1)), m.group(2))
+                self.sites[site.key] = (site, path)
+                if isinstance(module, LoRALinear):
+                    self.wrapped[site.key] = module
+        self.num_layers = 1 + max((s.layer for s, _ in self.sites.values()), default=-1)
+        self.adapters: dict[str, list[str]] = {}  # adapter name -> site keys
+
+    def kinds(self) -> list[str]:
+        return sorted({s.kind for s, _ in self.sites.values()})
+
+    def select(self, kinds: list[str], layers) -> list[Site]:
+        """The sites of the given module kinds in the given layers; unknown kinds are an error."""
+        unknown = [k for k in kinds if k not in self.kinds()]
+        if unknown:
+            raise MetatunerError(
+                f"target module {unknown[0]!r} is not in the model; available: {', '.join(self.kinds())}"
+            )
+        layers = set(layers)
+        return [s for s, _ in self.sites.values() if s.kind in kinds and s.layer in layers]
+
+    def module(self, site: Site) -> LoRALinear:
+        """The wrapped layer at ``site`` (wrapped on first use)."""
+        if site.key not in self.wrapped:
+            _, path = self.sites[site.key]
+            parent_path, _, attr = path.rpartition(".")
+            parent = self.model.get_submodule(parent_path)
+            wrapped = LoRALinear(getattr(parent, attr))
+            setattr(parent, attr, wrapped)
+            self.wrapped[site.key] = wrapped
+        return self.wrapped[site.key]
+
+    def add_adapter(self, name: str, kinds: list[str], layers, rank: int, alpha: float) -> list[Site]:
+        sites = self.select(kinds, layers)
+        for site in sites:
+            self.module(site).add_adapter(name, rank, alpha)
+        self.adapters[name] = [s.key for s in sites]
+        return sites
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        for key in self.adapters[name]:
+            yield self.wrapped[key].lora_A[name]
+            yield self.wrapped[key].lora_B[name]
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        out = {}
+        for key in self.adapters[name]:
+            out[f"{key}.A"] = self.wrapped[key].lora_A[name]
+            out[f"{key}.B"] = self.wrapped[key].lora_B[name]
+        return out
+
+    @torch.no_grad()
+    def copy_adapter(self, src: str, dst: str) -> None:
+        """Copies adapter ``src`` into ``dst`` (same sites), e.g. to re-synchronise a frozen copy."""
+        for key in self.adapters[src]:
+            m = self.wrapped[key]
+            m.lora_A[dst].copy_(m.lora_A[src])
+            m.lora_B[dst].copy_(m.lora_B[src])
+
+    @contextlib.contextmanager
+    def use(
+        self,
+        active: tuple[str, ...] | list[str] = (),
+        rows: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        rows_scale: float = 1.0,
+    ) -> Iterator[None]:
+        """Within this context forward passes use the ``active`` static adapters and the per-row factors.
+
+        Contexts nest: leaving one restores what the enclosing context had set.
+        """
+        unknown = [k for k in (rows or {}) if k not in self.sites]
+        if unknown:
+            raise MetatunerError(f"per-row factors for unknown site {unknown[0]!r}")
+        for key in rows or {}:
+            self.module(self.sites[key][0])
+        saved = {key: (m.active, m.rows) for key, m in self.wrapped.items()}
+        for key, m in self.wrapped.items():
+            m.active = tuple(a for a in active if a in m.lora_A)
+            m.rows = None
+            if rows is not None and key in rows:
+                a, b = rows[key]
+                dtype = m.base.weight.dtype
+                m.rows = (a.to(dtype), b.to(dtype), rows_scale)
+        try:
+            yield
+        finally:
+            for key, m in self.wrapped.items():
+                m.active, m.rows = saved.get(key, ((), None))
+
+
+def peft_state_dict(
+    lora: LoRAModel, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], prefix: str = "base_model.model."
+) -> dict[str, torch.Tensor]:
+    """PEFT-format tensors for one row's LoRA (``A [r, in]``, ``B [out, r]`` per site key)."""
+    out = {}
+    for key, (a, b) in factors.items():
+        _, path = lora.sites[key]
+        out[f"{prefix}{path}.lora_A.weight"] = a.detach().contiguous().cpu()
+        out[f"{prefix}{path}.lora_B.weight"] = b.detach().contiguous().cpu()
+    return out

@@ -1,0 +1,248 @@
+"""MetaTuner: the prompt generator G, the parameter generator F and the downstream model M together.
+
+G and M are one causal LM with LoRA adapters (one copy of the frozen base weights in memory) unless G
+is configured as a different checkpoint. G's adapters are split at layer ``k``:
+
+- ``enc``         G's LoRA on layers ``[0, k)``: the shared meta encoder (``phi_s``);
+- ``dec``         G's LoRA on layers ``[k, K)``: the private prompt decoder (``phi_p``);
+- ``dec_frozen``  a frozen copy of ``dec`` (``phi_p'``), re-synchronised by the trainer;
+- ``static``      M's static LoRA from the warm-up SFT (optional, frozen during joint training);
+- per-row LoRA on M, written by F from the meta encoder's pooled layer-k state.
+
+For a batch of queries: ``encode`` gives ``h [bs, d]``; ``factors(h)`` gives each row's LoRA;
+``generate_prompts`` rewrites the task's instruction per query; ``answer_nll`` scores gold answers
+under M with those prompts and factors; ``prompt_nll`` scores prompts under G (the regularizer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from metatuner.config import GeneratorConfig, HypernetConfig
+from metatuner.errors import MetatunerError
+from metatuner.evaluation.generation import encode_pairs, generate, render_chat
+from metatuner.models.hypernet import LoRAHypernet
+from metatuner.models.lora import LoRAModel
+from metatuner.prompts import rewrite_messages
+from metatuner.tasks.base import Example, Task
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+class _Stop(Exception):
+    """Raised by a forward hook to end a forward pass early, once layer k's output is captured."""
+
+
+def resolve_split(cfg: GeneratorConfig, num_layers: int, no_share: bool = False) -> int:
+    """The meta encoder's depth k, from ``share_layers`` or ``share_ratio`` (0 when sharing is ablated)."""
+    if no_share:
+        return 0
+    if cfg.share_layers is not None:
+        if cfg.share_layers > num_layers:
+            raise MetatunerError(
+                f"generator.share_layers={cfg.share_layers} is beyond G's depth; allowed: 0..{num_layers}"
+            )
+        return cfg.share_layers
+    return round(cfg.share_ratio * num_layers)
+
+
+class MetaTuner(nn.Module):
+    """Holds G's adapters and F; the base model(s) stay frozen. See the module docstring."""
+
+    def __init__(
+        self,
+        actor,
+        tokenizer,
+        gen_cfg: GeneratorConfig,
+        hyper_cfg: HypernetConfig,
+        generator=None,
+        gen_tokenizer=None,
+        no_share: bool = False,
+        use_hypernet: bool = True,
+        use_prompt: bool = True,
+    ):
+        super().__init__()
+        self.actor = actor
+        self.generator = generator if generator is not None else actor
+        self.tokenizer = tokenizer
+        self.gen_tokenizer = gen_tokenizer or tokenizer
+        self.gen_cfg, self.hyper_cfg = gen_cfg, hyper_cfg
+        self.use_hypernet, self.use_prompt = use_hypernet, use_prompt
+        self.m_lora = LoRAModel(self.actor)
+        self.g_lora = self.m_lora if self.generator is self.actor else LoRAModel(self.generator)
+        K = self.g_lora.num_layers
+        self.k = resolve_split(gen_cfg, K, no_share)
+        self.feature_layer = self.k if self.k > 0 else (gen_cfg.feature_layer or max(1, K // 4))
+        if not 0 < self.feature_layer <= K:
+            raise MetatunerError(f"generator.feature_layer must be in 1..{K}, got {self.feature_layer}")
+        self.g_lora.add_adapter("enc", gen_cfg.targets, range(0, self.k), gen_cfg.rank, gen_cfg.alpha)
+        self.g_lora.add_adapter("dec", gen_cfg.targets, range(self.k, K), gen_cfg.rank, gen_cfg.alpha)
+        self.g_lora.add_adapter("dec_frozen", gen_cfg.targets, range(self.k, K), gen_cfg.rank, gen_cfg.alpha)
+        self.g_lora.copy_adapter("dec", "dec_frozen")
+        for p in self.g_lora.adapter_parameters("dec_frozen"):
+            p.requires_grad_(False)
+
+        layers = hyper_cfg.layers if hyper_cfg.layers is not None else range(self.m_lora.num_layers)
+        bad = [i for i in layers if not 0 <= i < self.m_lora.num_layers]
+        if bad:
+            raise MetatunerError(f"hypernet.layers has {bad[0]}; allowed: 0..{self.m_lora.num_layers - 1}")
+        self.sites = self.m_lora.select(hyper_cfg.targets, layers)
+        for site in self.sites:
+            self.m_lora.module(site)  # wrap now so the first forward pass finds every site
+        shapes = {}
+        for site in self.sites:
+            mod = self.m_lora.module(site)
+            shapes[site.kind] = (mod.in_features, mod.out_features)
+        self.hypernet = LoRAHypernet(
+            self.generator.config.hidden_size, self.sites, shapes, self.m_lora.num_layers,
+            hyper_cfg.rank, hyper_cfg.hidden, hyper_cfg.emb_dim,
+        ).to(self.actor.device)
+        self.rows_scale = hyper_cfg.alpha / hyper_cfg.rank
+        self.has_static = False
+
+    # ---- parameter groups -----------------------------------------------------------------------
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by component: encoder (phi_s), decoder (phi_p), hypernet (phi_q)."""
+        return {
+            "encoder": list(self.g_lora.adapter_parameters("enc")),
+            "decoder": list(self.g_lora.adapter_parameters("dec")),
+            "hypernet": list(self.hypernet.parameters()),
+        }
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Everything learned (never the frozen base): G's adapters, the frozen copy, static LoRA, F."""
+        state = {}
+        for name in ("enc", "dec", "dec_frozen") + (("static",) if self.has_static else ()):
+            state.update({f"{name}.{k}": v for k, v in self.g_lora_or_m(name).adapter_state(name).items()})
+        state.update({f"hypernet.{k}": v for k, v in self.hypernet.state_dict().items()})
+        return state
+
+    @torch.no_grad()
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.trainable_state()
+        missing = sorted(set(own) - set(state))
+        if missing:
+            raise MetatunerError(f"checkpoint lacks {len(missing)} tensors (e.g. {missing[0]}); wrong config?")
+        for k, v in own.items():
+            v.copy_(state[k])
+
+    def g_lora_or_m(self, adapter: str) -> LoRAModel:
+        return self.m_lora if adapter == "static" else self.g_lora
+
+    def add_static_adapter(self, rank: int, alpha: float) -> None:
+        """M's static LoRA (warm-up SFT) on the same targets as the generated LoRA."""
+        layers = sorted({s.layer for s in self.sites})
+        self.m_lora.add_adapter("static", sorted({s.kind for s in self.sites}), layers, rank, alpha)
+        self.has_static = True
+
+    def sync_frozen_decoder(self) -> None:
+        self.g_lora.copy_adapter("dec", "dec_frozen")
+
+    # ---- G: meta encoder and prompt decoder --------------------------------------------------
+    def rewrite_texts(self, task: Task, examples: list[Example]) -> list[str]:
+        return [render_chat(self.gen_tokenizer, rewrite_messages(task.instruction, ex.query)) for ex in examples]
+
+    def encode(self, task: Task, examples: list[Example]) -> torch.Tensor:
+        """The meta encoder's pooled layer-k state for each query's rewrite input: ``[bs, d]``.
+
+        The forward pass stops right after layer k. With k = 0 (no sharing) F reads a frozen layer of the
+        base model instead, with no gradient, so F and G share no trainable parameter.
+        """
+        tok = self.gen_tokenizer
+        tok.padding_side = "right"  # right padding keeps positions identical to the unpadded rows
+        enc = tok(self.rewrite_texts(task, examples), return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = enc.to(self.generator.device)
+        captured: list[torch.Tensor] = []
+        layer = self.generator.model.layers[self.feature_layer - 1]
+
+        def hook(module, args, output):
+            captured.append(output[0] if isinstance(output, tuple) else output)
+            raise _Stop
+
+        handle = layer.register_forward_hook(hook)
+        grad = torch.enable_grad() if self.k > 0 and torch.is_grad_enabled() else torch.no_grad()
+        try:
+            with grad, self.g_lora.use(("enc",) if self.k > 0 else ()):
+                self.generator(**enc, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        states = captured[0]  # [bs, T, d]
+        mask = enc["attention_mask"].unsqueeze(-1).to(states.dtype)  # [bs, T, 1]
+        if self.gen_cfg.pooling == "last":
+            last = enc["attention_mask"].sum(1) - 1
+            return states[torch.arange(states.shape[0]), last].float()
+        return ((states * mask).sum(1) / mask.sum(1)).float()
+
+    @torch.no_grad()
+    def generate_prompts(
+        self, task: Task, examples: list[Example], *, sample: bool = False, n: int = 1,
+        temperature: float = 1.0, frozen: bool = False,
+    ) -> list[str]:
+        """Rewrites the task instruction for each query (``n`` per query, grouped by query)."""
+        if not self.use_prompt:
+            return [task.instruction] * (len(examples) * n)
+        texts = [t for t in self.rewrite_texts(task, examples) for _ in range(n)]
+        with self.g_lora.use(("enc", "dec_frozen" if frozen else "dec")):
+            gens = generate(
+                self.generator, self.gen_tokenizer, texts, self.gen_cfg.max_prompt_tokens,
+                do_sample=sample, temperature=temperature,
+            )
+        return [g.text or task.instruction for g in gens]
+
+    def prompt_nll(self, task: Task, examples: list[Example], prompts: list[str]) -> torch.Tensor:
+        """Per-query mean NLL of ``prompts`` under G (teacher forced): the regularization loss terms."""
+        eos = self.gen_tokenizer.eos_token or ""
+        batch = encode_pairs(self.gen_tokenizer, self.rewrite_texts(task, examples), [p + eos for p in prompts],
+                             self.generator.device)
+        with self.g_lora.use(("enc", "dec")):
+            logits = self.generator(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return _mean_nll(logits, batch["labels"])
+
+    # ---- F and M -------------------------------------------------------------------------------
+    def factors(self, h: torch.Tensor) -> Factors | None:
+        return self.hypernet(h) if self.use_hypernet else None
+
+    @contextlib.contextmanager
+    def as_actor(self, factors: Factors | None) -> Iterator[None]:
+        """Context in which ``self.actor`` is M: base + static LoRA + each row's generated LoRA."""
+        with self.m_lora.use(("static",) if self.has_static else (), factors, self.rows_scale):
+            yield
+
+    def actor_inputs(self, task: Task, examples: list[Example], prompts: list[str]) -> list[str]:
+        return [render_chat(self.tokenizer, task.messages(p, ex)) for p, ex in zip(prompts, examples)]
+
+    def answer_nll(
+        self, task: Task, examples: list[Example], prompts: list[str], factors: Factors | None, max_length: int = 512
+    ) -> torch.Tensor:
+        """Per-row mean NLL of each example's target (plus EOS) under M with the given prompt and LoRA."""
+        eos = self.tokenizer.eos_token or ""
+        batch = encode_pairs(
+            self.tokenizer, self.actor_inputs(task, examples, prompts), [ex.target + eos for ex in examples],
+            self.actor.device,
+        )
+        batch = {k: v[:, -max_length:] if v.shape[1] > max_length else v for k, v in batch.items()}
+        with self.as_actor(factors):
+            logits = self.actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return _mean_nll(logits, batch["labels"])
+
+
+def repeat_factors(factors: Factors | None, n: int) -> Factors | None:
+    """Each row's factors repeated ``n`` times (row i -> rows i*n .. i*n+n-1), for rollouts."""
+    if factors is None:
+        return None
+    return {k: (a.repeat_interleave(n, 0), b.repeat_interleave(n, 0)) for k, (a, b) in factors.items()}
+
+
+def _mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[bs]`` mean token NLL over positions whose label is not -100."""
+    logits = logits[:, :-1].float()  # [bs, T-1, V]
+    labels = labels[:, 1:]  # [bs, T-1]
+    mask = labels != -100
+    nll = nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")  # [bs, T-1]
+    return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)

@@ -1,0 +1,1 @@
+"""Training: the MetaTuner loop, rollouts and checkpoints."""

@@ -1,0 +1,299 @@
+"""The MetaTuner training loop, in named phases: setup, warm-up of M, warm-up of G, joint training.
+
+Joint training minimises, per METHOD.md section 4,
+
+    L = task(x, y)  +  alpha * reg(x, p*)
+
+- ``task``: mean NLL of the gold target under M with the query's generated LoRA and a prompt from the
+  frozen copy of the prompt decoder (gradients reach F and the shared encoder);
+- ``reg``: teacher-forced NLL under G of the query's expert prompt ``p*`` from the rollouts (gradients
+  reach the prompt decoder and the shared encoder).
+
+``schedule=joint`` (MetaTuner-J) steps on the sum; ``schedule=alternate`` (MetaTuner-I) steps on the task
+term at even steps and on the regularizer at odd ones. The loop runs on ``accelerate``: under
+``accelerate launch`` each process takes its share of every batch and gradients are averaged across
+processes before the step. Every loss term is logged by name to ``log.jsonl`` and TensorBoard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from metatuner.config import RunConfig
+from metatuner.errors import MetatunerError
+from metatuner.models.metatuner import MetaTuner
+from metatuner.tasks.base import Example, Task
+from metatuner.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from metatuner.training.rollouts import rollout
+
+
+def lr_lambda(schedule: str, total: int, warmup_ratio: float):
+    warm = max(1, round(warmup_ratio * total)) if warmup_ratio > 0 else 0
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total - warm)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return f
+
+
+class DataStream:
+    """An endless, seeded, resumable stream of training examples: a fresh shuffle every epoch."""
+
+    def __init__(self, examples: list[Example], seed: int, cursor: int = 0):
+        self.examples, self.seed, self.cursor = examples, seed, cursor
+        self._epoch, self._order = -1, []
+
+    def next(self, n: int) -> list[Example]:
+        out = []
+        for _ in range(n):
+            epoch, pos = divmod(self.cursor, len(self.examples))
+            if epoch != self._epoch:
+                self._order = list(range(len(self.examples)))
+                random.Random(self.seed * 100_003 + epoch).shuffle(self._order)
+                self._epoch = epoch
+            out.append(self.examples[self._order[pos]])
+            self.cursor += 1
+        return out
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, mt: MetaTuner, task: Task, train: list[Example], val: list[Example],
+                 run_dir: Path, progress: bool = True):
+        self.cfg, self.tc, self.mt, self.task = cfg, cfg.train, mt, task
+        self.train_set, self.val = train, val
+        self.run_dir = run_dir
+        self.progress = progress
+        self.acc = Accelerator(cpu=mt.actor.device.type == "cpu")
+        self.experts: dict[str, str] = {}  # D2: query id -> best prompt found by rollouts
+        self.prompt_cache: dict[str, str] = {}  # frozen-decoder prompts, cleared at each sync
+        self.step = 0
+        self.stream = DataStream(train, cfg.data.seed)
+        self._writer = None
+
+    # ---- phases ----------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> None:
+        ckpt = latest_checkpoint(self.run_dir) if resume else None
+        if resume and ckpt is None:
+            raise MetatunerError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+        if self.tc.actor_warmup_steps and ckpt is None:
+            self.warmup_actor()
+        elif self.tc.actor_warmup_steps:
+            self.mt.add_static_adapter(self.tc.static_rank, self.tc.static_alpha)
+            self._freeze_static()
+        self.setup_joint()
+        if ckpt is not None:
+            self.restore(ckpt)
+        else:
+            if self.tc.generator_warmup_queries and self.mt.use_prompt:
+                self.warmup_generator()
+            self.save()
+        self.train_joint()
+
+    def warmup_actor(self) -> None:
+        """M's static LoRA, fine-tuned on (p~, x) -> y: exactly the SFT baseline."""
+        self.mt.add_static_adapter(self.tc.static_rank, self.tc.static_alpha)
+        params = list(self.mt.m_lora.adapter_parameters("static"))
+        opt = torch.optim.AdamW(params, lr=self.tc.lr_static, weight_decay=self.tc.weight_decay)
+        stream = DataStream(self.train_set, self.cfg.data.seed + 1)
+        for step in tqdm(range(self.tc.actor_warmup_steps), desc="warm-up M (SFT)", disable=not self.progress):
+            batch = stream.next(self.tc.batch_size)
+            loss = self.mt.answer_nll(self.task, batch, [self.task.instruction] * len(batch), None,
+                                      self.tc.max_length).mean()
+            self._check_finite(step, {"sft": loss})
+            loss.backward()
+            self._clip(params)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            self.log({"phase": "warmup_actor", "step": step, "sft_loss": loss.item()})
+        self._freeze_static()
+
+    def _freeze_static(self) -> None:
+        for p in self.mt.m_lora.adapter_parameters("static"):
+            p.requires_grad_(False)
+
+    def warmup_generator(self) -> None:
+        """One round of rejection sampling: fine-tune G on each query's best sampled rewrite (or p~)."""
+        queries = DataStream(self.train_set, self.cfg.data.seed + 2).next(self.tc.generator_warmup_queries)
+        best: dict[str, str] = {}
+        for i in tqdm(range(0, len(queries), self.tc.batch_size), desc="warm-up G (rollouts)", disable=not self.progress):
+            batch = queries[i : i + self.tc.batch_size]
+            result = rollout(self.mt, self.task, batch, None, self.tc.rollouts, self.tc.temperature,
+                             self.tc.reward, self.tc.max_length)
+            best.update({ex.id: p for ex, p in zip(batch, result.best_prompts)})
+        params = self.groups["encoder"] + self.groups["decoder"]
+        opt = torch.optim.AdamW(params, lr=self.tc.lr_decoder)
+        stream = DataStream(queries, self.cfg.data.seed + 3)
+        for step in tqdm(range(self.tc.generator_warmup_steps), desc="warm-up G (SFT)", disable=not self.progress):
+            batch = stream.next(self.tc.batch_size)
+            loss = self.mt.prompt_nll(self.task, batch, [best[ex.id] for ex in batch]).mean()
+            self._check_finite(step, {"generator_sft": loss})
+            loss.backward()
+            self._clip(params)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            self.log({"phase": "warmup_generator", "step": step, "generator_sft_loss": loss.item()})
+        self.experts.update(best)
+        self.mt.sync_frozen_decoder()
+
+    def setup_joint(self) -> None:
+        self.groups = self.mt.parameter_groups()
+        lrs = {"encoder": self.tc.lr_encoder, "decoder": self.tc.lr_decoder, "hypernet": self.tc.lr_hypernet}
+        param_groups = [{"params": ps, "lr": lrs[name], "name": name} for name, ps in self.groups.items() if ps]
+        opt = torch.optim.AdamW(param_groups, weight_decay=self.tc.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.tc.lr_schedule, self.tc.steps, self.tc.warmup_ratio))
+        self.optimizer, self.scheduler = self.acc.prepare(opt, sched)
+
+    def train_joint(self) -> None:
+        tc, mt, task = self.tc, self.mt, self.task
+        bar = tqdm(total=tc.steps, initial=self.step, desc="joint training", disable=not self.progress)
+        while self.step < tc.steps:
+            start = time.perf_counter()
+            record: dict[str, Any] = {"phase": "joint", "step": self.step + 1}
+            terms = self.terms_for_step()
+            for _ in range(tc.grad_accum):
+                batch = self.stream.next(tc.batch_size)[self.acc.process_index :: self.acc.num_processes]
+                losses = self.losses(batch, terms, record)
+                self._check_finite(self.step + 1, losses)
+                total = sum(tc.alpha * v if k == "reg" else v for k, v in losses.items() if k in terms)
+                if isinstance(total, torch.Tensor) and total.requires_grad:
+                    (total / tc.grad_accum).backward()
+                for k, v in losses.items():
+                    record[f"{k}_loss"] = record.get(f"{k}_loss", 0.0) + v.item() / tc.grad_accum
+            self._sync_gradients()
+            self._clip([p for ps in self.groups.values() for p in ps])
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            if self.step % tc.sync_every == 0:
+                mt.sync_frozen_decoder()
+                self.prompt_cache.clear()
+            record.update({f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups})
+            record["seconds"] = time.perf_counter() - start
+            if self.step % tc.log_every == 0:
+                self.log(record)
+            if tc.eval_every and self.step % tc.eval_every == 0 and self.val:
+                self.evaluate_val()
+            if self.step % tc.save_every == 0 or self.step == tc.steps:
+                self.save()
+            bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k.endswith("_loss")})
+            bar.update(1)
+        bar.close()
+
+    # ---- one step's pieces -----------------------------------------------------------------------
+    def terms_for_step(self) -> set[str]:
+        """Which loss terms drive this step's update (both for J; alternating for I)."""
+        if self.tc.schedule == "alternate":
+            return {"task"} if self.step % 2 == 0 else {"reg"}
+        return {"task", "reg"}
+
+    def losses(self, batch: list[Example], terms: set[str], record: dict[str, Any]) -> dict[str, torch.Tensor]:
+        mt, task, tc = self.mt, self.task, self.tc
+        out: dict[str, torch.Tensor] = {}
+        need_factors = "task" in terms or (mt.use_prompt and self.step % tc.rollout_every == 0)
+        factors = mt.factors(mt.encode(task, batch)) if need_factors else None
+        if mt.use_prompt and self.step % tc.rollout_every == 0:
+            detached = {k: (a.detach(), b.detach()) for k, (a, b) in factors.items()} if factors else None
+            r = rollout(mt, task, batch, detached, tc.rollouts, tc.temperature, tc.reward, tc.max_length)
+            self.experts.update({ex.id: p for ex, p in zip(batch, r.best_prompts)})
+            record.update(reward_mean=r.mean_reward, reward_initial=r.initial_reward,
+                          reward_best=sum(r.best_rewards) / len(r.best_rewards))
+        if "task" in terms:
+            prompts = self.frozen_prompts(batch)
+            out["task"] = mt.answer_nll(task, batch, prompts, factors, tc.max_length).mean()
+        if "reg" in terms and mt.use_prompt:
+            have = [ex for ex in batch if ex.id in self.experts]
+            if have:
+                out["reg"] = mt.prompt_nll(task, have, [self.experts[ex.id] for ex in have]).mean()
+        return out
+
+    def frozen_prompts(self, batch: list[Example]) -> list[str]:
+        """Prompts from the frozen decoder, generated once per query between two syncs."""
+        missing = [ex for ex in batch if ex.id not in self.prompt_cache]
+        if missing:
+            new = self.mt.generate_prompts(self.task, missing, frozen=True)
+            self.prompt_cache.update({ex.id: p for ex, p in zip(missing, new)})
+        return [self.prompt_cache[ex.id] for ex in batch]
+
+    def _sync_gradients(self) -> None:
+        if self.acc.num_processes == 1:
+            return
+        for ps in self.groups.values():
+            for p in ps:
+                if p.grad is not None:
+                    p.grad = self.acc.reduce(p.grad, reduction="mean")
+
+    def _clip(self, params) -> None:
+        if self.tc.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.tc.max_grad_norm)
+
+    def _check_finite(self, step: int, losses: dict[str, torch.Tensor]) -> None:
+        bad = {k: v.item() for k, v in losses.items() if not torch.isfinite(v).all()}
+        if bad:
+            last = latest_checkpoint(self.run_dir)
+            raise MetatunerError(
+                f"non-finite loss at step {step} ({', '.join(f'{k}={v}' for k, v in bad.items())}); training "
+                f"stopped; last good checkpoint: {last or 'none'} (lower the learning rates or check the data)"
+            )
+
+    # ---- evaluation, logging, checkpoints ----------------------------------------------------------
+    def evaluate_val(self) -> None:
+        from metatuner.evaluation.harness import evaluate
+        from metatuner.training.predictor import MetaTunerPredictor
+
+        result = evaluate(MetaTunerPredictor(self.mt), self.task, self.val, batch_size=self.cfg.eval.batch_size,
+                          likelihood=False, progress=False)
+        samples = [{"id": r["id"], "prompt": r["instruction"], "output": r["output"]} for r in result.records[:3]]
+        self.log({"phase": "eval", "step": self.step, f"val_{result.primary_metric}": result.score,
+                  "sample_prompts": samples})
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.acc.is_main_process:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with (self.run_dir / "log.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.run_dir / "tb"))
+        step = record.get("step", 0)
+        for k, v in record.items():
+            if isinstance(v, float):
+                self._writer.add_scalar(f"{record['phase']}/{k}", v, step)
+        if "sample_prompts" in record:
+            text = "\n\n".join(f"**{s['id']}**: {s['prompt']}" for s in record["sample_prompts"])
+            self._writer.add_text("prompts", text, step)
+        self._writer.flush()
+
+    def save(self) -> None:
+        if not self.acc.is_main_process:
+            return
+        extra = {"cursor": self.stream.cursor, "experts": self.experts, "prompt_cache": self.prompt_cache,
+                 "has_static": self.mt.has_static}
+        save_checkpoint(self.run_dir, self.step, self.mt.trainable_state(), self.optimizer, self.scheduler, extra)
+
+    def restore(self, path: Path) -> None:
+        tensors, state = load_checkpoint(path, self.optimizer, self.scheduler)
+        self.mt.load_trainable_state(tensors)
+        self.step = state["step"]
+        extra = state["extra"]
+        self.stream.cursor = extra["cursor"]
+        self.experts = dict(extra["experts"])
+        self.prompt_cache = dict(extra["prompt_cache"])
