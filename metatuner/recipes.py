@@ -66,11 +66,14 @@ def eval_method(cfg: RunConfig, out_dir: Path | None) -> EvalResult:
     task = get_task(cfg.data.task, cfg.data.data_dir)
     task.load("test")  # fail on bad data before loading the model
     train, val = [], []
-    if getattr(method_cls, "needs_training", False):
+    if method_cls.needs_training:
         train, val = train_val_split(task.load("train"), cfg.data.train_limit, cfg.data.val_size, cfg.data.seed)
     seed_everything(cfg.seed)
     model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device)
-    return eval_predictor(method_cls(model, tok, cfg).fit(task, train, val), task, cfg, out_dir)
+    # a trained method's logs and checkpoints go beside the results folder, which appears only when complete
+    train_dir = out_dir.with_name(out_dir.name + "-train") if out_dir is not None and method_cls.needs_training else None
+    method = method_cls(model, tok, cfg, run_dir=train_dir)
+    return eval_predictor(method.fit(task, train, val), task, cfg, out_dir)
 
 
 # ---- MetaTuner ---------------------------------------------------------------------------------

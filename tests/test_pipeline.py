@@ -78,3 +78,16 @@ def test_export_gives_peft_the_same_logits(trained_run, tmp_path, tiny_model_dir
         theirs = PeftModel.from_pretrained(base, tmp_path / "adapter")(ids).logits
     assert not torch.allclose(ours, plain, atol=1e-4)  # the adapter does something
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["sft", "metatuner"])
+def test_trained_methods_through_eval(capsys, tmp_path, tiny_model_dir, method):
+    out = tmp_path / method
+    code = main(["eval", "--method", method, "--model", str(tiny_model_dir), "--limit", "2", "--out", str(out),
+                 *TRAIN, "train.steps=2"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["predictor"]["method"] == method and summary["n"] == 2
+    log = [json.loads(line) for line in (tmp_path / f"{method}-train" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["phase"] == "warmup_actor"] == [0, 1]  # train.actor_warmup_steps=2 / train.steps=2
+    assert any(r["phase"] == "joint" for r in log) == (method == "metatuner")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any
 
 from metatuner.evaluation.predictors import Predictor
@@ -14,11 +15,14 @@ class Method(ABC):
     """Fits a predictor for a task. Methods without training ignore ``train`` and ``val``."""
 
     name: str
+    #: whether ``fit`` needs training data (the recipes load the train split only then)
+    needs_training: bool = False
 
-    def __init__(self, model, tokenizer, config: Any = None):
+    def __init__(self, model, tokenizer, config: Any = None, run_dir: Path | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
+        self.run_dir = run_dir  # where training logs and checkpoints go (None: nowhere)
 
     @abstractmethod
     def fit(self, task: Task, train: list[Example], val: list[Example]) -> Predictor:

@@ -25,7 +25,7 @@ class MetaTunerPredictor(LMPredictor):
         ids = tuple(ex.id for ex in examples)
         if self._memo is None or self._memo[0] != ids:
             prompts = self.mt.generate_prompts(task, examples)
-            factors = self.mt.factors(self.mt.encode(task, examples))
+            factors = self.mt.factors(self.mt.encode(task, examples)) if self.mt.use_hypernet else None
             self._memo = (ids, prompts, factors)
         return self._memo[1], self._memo[2]
 

@@ -74,7 +74,7 @@ class DataStream:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, mt: MetaTuner, task: Task, train: list[Example], val: list[Example],
-                 run_dir: Path, progress: bool = True):
+                 run_dir: Path | None, progress: bool = True):
         self.cfg, self.tc, self.mt, self.task = cfg, cfg.train, mt, task
         self.train_set, self.val = train, val
         self.run_dir = run_dir
@@ -105,13 +105,14 @@ class Trainer:
             self.save()
         self.train_joint()
 
-    def warmup_actor(self) -> None:
+    def warmup_actor(self, steps: int | None = None) -> None:
         """M's static LoRA, fine-tuned on (p~, x) -> y: exactly the SFT baseline."""
+        steps = self.tc.actor_warmup_steps if steps is None else steps
         self.mt.add_static_adapter(self.tc.static_rank, self.tc.static_alpha)
         params = list(self.mt.m_lora.adapter_parameters("static"))
         opt = torch.optim.AdamW(params, lr=self.tc.lr_static, weight_decay=self.tc.weight_decay)
         stream = DataStream(self.train_set, self.cfg.data.seed + 1)
-        for step in tqdm(range(self.tc.actor_warmup_steps), desc="warm-up M (SFT)", disable=not self.progress):
+        for step in tqdm(range(steps), desc="warm-up M (SFT)", disable=not self.progress):
             batch = stream.next(self.tc.batch_size)
             loss = self.mt.answer_nll(self.task, batch, [self.task.instruction] * len(batch), None,
                                       self.tc.max_length).mean()
@@ -160,41 +161,46 @@ class Trainer:
         self.optimizer, self.scheduler = self.acc.prepare(opt, sched)
 
     def train_joint(self) -> None:
-        tc, mt, task = self.tc, self.mt, self.task
-        bar = tqdm(total=tc.steps, initial=self.step, desc="joint training", disable=not self.progress)
-        while self.step < tc.steps:
-            start = time.perf_counter()
-            record: dict[str, Any] = {"phase": "joint", "step": self.step + 1}
-            terms = self.terms_for_step()
-            for _ in range(tc.grad_accum):
-                batch = self.stream.next(tc.batch_size)[self.acc.process_index :: self.acc.num_processes]
-                losses = self.losses(batch, terms, record)
-                self._check_finite(self.step + 1, losses)
-                total = sum(tc.alpha * v if k == "reg" else v for k, v in losses.items() if k in terms)
-                if isinstance(total, torch.Tensor) and total.requires_grad:
-                    (total / tc.grad_accum).backward()
-                for k, v in losses.items():
-                    record[f"{k}_loss"] = record.get(f"{k}_loss", 0.0) + v.item() / tc.grad_accum
-            self._sync_gradients()
-            self._clip([p for ps in self.groups.values() for p in ps])
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            if self.step % tc.sync_every == 0:
-                mt.sync_frozen_decoder()
-                self.prompt_cache.clear()
-            record.update({f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups})
-            record["seconds"] = time.perf_counter() - start
-            if self.step % tc.log_every == 0:
+        bar = tqdm(total=self.tc.steps, initial=self.step, desc="joint training", disable=not self.progress)
+        while self.step < self.tc.steps:
+            record = self.train_step()
+            if self.step % self.tc.log_every == 0:
                 self.log(record)
-            if tc.eval_every and self.step % tc.eval_every == 0 and self.val:
+            if self.tc.eval_every and self.step % self.tc.eval_every == 0 and self.val:
                 self.evaluate_val()
-            if self.step % tc.save_every == 0 or self.step == tc.steps:
+            if self.step % self.tc.save_every == 0 or self.step == self.tc.steps:
                 self.save()
             bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k.endswith("_loss")})
             bar.update(1)
         bar.close()
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step (``grad_accum`` micro-batches); returns the step's log record."""
+        tc = self.tc
+        start = time.perf_counter()
+        record: dict[str, Any] = {"phase": "joint", "step": self.step + 1}
+        terms = self.terms_for_step()
+        for _ in range(tc.grad_accum):
+            batch = self.stream.next(tc.batch_size)[self.acc.process_index :: self.acc.num_processes]
+            losses = self.losses(batch, terms, record)
+            self._check_finite(self.step + 1, losses)
+            total = sum(tc.alpha * v if k == "reg" else v for k, v in losses.items() if k in terms)
+            if isinstance(total, torch.Tensor) and total.requires_grad:
+                (total / tc.grad_accum).backward()
+            for k, v in losses.items():
+                record[f"{k}_loss"] = record.get(f"{k}_loss", 0.0) + v.item() / tc.grad_accum
+        self._sync_gradients()
+        self._clip([p for ps in self.groups.values() for p in ps])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.step % tc.sync_every == 0:
+            self.mt.sync_frozen_decoder()
+            self.prompt_cache.clear()
+        record.update({f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups})
+        record["seconds"] = time.perf_counter() - start
+        return record
 
     # ---- one step's pieces -----------------------------------------------------------------------
     def terms_for_step(self) -> set[str]:
@@ -246,7 +252,7 @@ class Trainer:
     def _check_finite(self, step: int, losses: dict[str, torch.Tensor]) -> None:
         bad = {k: v.item() for k, v in losses.items() if not torch.isfinite(v).all()}
         if bad:
-            last = latest_checkpoint(self.run_dir)
+            last = latest_checkpoint(self.run_dir) if self.run_dir is not None else None
             raise MetatunerError(
                 f"non-finite loss at step {step} ({', '.join(f'{k}={v}' for k, v in bad.items())}); training "
                 f"stopped; last good checkpoint: {last or 'none'} (lower the learning rates or check the data)"
@@ -264,7 +270,7 @@ class Trainer:
                   "sample_prompts": samples})
 
     def log(self, record: dict[str, Any]) -> None:
-        if not self.acc.is_main_process:
+        if self.run_dir is None or not self.acc.is_main_process:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with (self.run_dir / "log.jsonl").open("a") as f:
@@ -283,7 +289,7 @@ class Trainer:
         self._writer.flush()
 
     def save(self) -> None:
-        if not self.acc.is_main_process:
+        if self.run_dir is None or not self.acc.is_main_process:
             return
         extra = {"cursor": self.stream.cursor, "experts": self.experts, "prompt_cache": self.prompt_cache,
                  "has_static": self.mt.has_static}
