@@ -71,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query", required=True, help="the question whose LoRA to export")
     p.add_argument("--out", required=True, help="adapter folder to create (loads with PeftModel.from_pretrained)")
 
+    p = sub.add_parser("bench", help="run a benchmark protocol: methods x tasks x seeds, resumable cell by cell")
+    p.add_argument("--config", required=True, metavar="FILE",
+                   help="protocol YAML, or a shipped one by name: cpu, gpu, tiny (metatuner/configs/bench/)")
+    p.add_argument("--out", help="grid folder (default: runs/bench-<protocol>); rerunning skips finished cells")
+    p.add_argument("--data-dir", help="folder with <task>/{train,test}.jsonl for every cell")
+    p.add_argument("--only", nargs="+", metavar="METHOD", help="run only these methods' cells")
+
+    p = sub.add_parser("report", help="rebuild the table (results.md) and plots of a grid from its results.json")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="grid folder written by `metatuner bench`")
+
     p = sub.add_parser(
         "run", help="the main job on built-in defaults: a quick MetaTuner run on the built-in task, "
         "scored against zero-shot on the same test items (configs/quick.yaml)",
@@ -219,9 +229,29 @@ def cmd_export(args) -> None:
     print(f"prompt: {prompt}\nadapter: {args.out} (PeftModel.from_pretrained(base_model, {args.out!r}))")
 
 
+def cmd_bench(args) -> None:
+    from metatuner.bench.grid import Protocol, run_grid
+    from metatuner.bench.report import report
+
+    protocol = Protocol.load(args.config)
+    out = Path(args.out) if args.out else Path("runs") / f"bench-{protocol.name}"
+    run_grid(protocol, out, args.data_dir, args.only)
+    md, plots = report(out)
+    print(md.read_text())
+    print(f"results: {out / 'results.json'}\ntable: {md}\nplots: {', '.join(str(p) for p in plots)}")
+
+
+def cmd_report(args) -> None:
+    from metatuner.bench.report import report
+
+    md, plots = report(Path(args.run_dir))
+    print(md.read_text())
+    print(f"plots: {', '.join(str(p) for p in plots)}")
+
+
 COMMANDS = {
     "tasks": cmd_tasks, "methods": cmd_methods, "config": cmd_config, "eval": cmd_eval, "train": cmd_train,
-    "run": cmd_run, "generate": cmd_generate, "export": cmd_export,
+    "run": cmd_run, "generate": cmd_generate, "export": cmd_export, "bench": cmd_bench, "report": cmd_report,
 }
 
 

@@ -1,0 +1,1 @@
+"""Benchmarking: the methods x tasks x seeds grid and its report (table and plots)."""

@@ -1,0 +1,161 @@
+"""The benchmark grid: methods x tasks x seeds under one protocol, resumable cell by cell.
+
+A protocol file (``metatuner/configs/bench/cpu.yaml``) names the tasks, the seeds, the methods with
+their config overrides, and the overrides every cell shares. Each cell is one ``eval_method`` run:
+the method is fitted on the task's train split (validation carved from train, seeded) and scored on
+the same test subset by the one evaluation harness. A cell's results folder appears only when the
+cell is complete, so a rerun skips finished cells and an interrupted grid loses at most the cell in
+progress. After every cell ``results.json`` is rebuilt from all finished cells.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from metatuner.config import RunConfig, from_dict, merge, to_dict
+from metatuner.errors import MetatunerError
+
+SHIPPED_BENCH = Path(__file__).resolve().parent.parent / "configs" / "bench"
+
+
+@dataclass
+class Protocol:
+    name: str
+    tasks: list[str]
+    seeds: list[int]
+    methods: dict[str, dict[str, Any]]
+    common: dict[str, Any] = field(default_factory=dict)
+    per_task: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Protocol":
+        p = Path(path)
+        if not p.is_file():
+            named = SHIPPED_BENCH / f"{Path(str(path)).stem}.yaml"
+            if not named.is_file():
+                names = ", ".join(sorted(f.stem for f in SHIPPED_BENCH.glob("*.yaml")))
+                raise MetatunerError(f"protocol file not found: {p} (shipped protocols: {names})")
+            p = named
+        data = yaml.safe_load(p.read_text()) or {}
+        allowed = {"name", "tasks", "seeds", "methods", "common", "per_task"}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise MetatunerError(f"{p}: unknown protocol key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+        for key in ("tasks", "seeds", "methods"):
+            if not data.get(key):
+                raise MetatunerError(f"{p}: protocol needs a non-empty {key!r}")
+        protocol = cls(
+            name=data.get("name", p.stem), tasks=list(data["tasks"]), seeds=[int(s) for s in data["seeds"]],
+            methods={k: dict(v or {}) for k, v in data["methods"].items()},
+            common=dict(data.get("common") or {}), per_task={k: dict(v or {}) for k, v in (data.get("per_task") or {}).items()},
+        )
+        for cell in protocol.cells():
+            protocol.config(*cell)  # every cell's config must be valid before any work starts
+        return protocol
+
+    def cells(self) -> list[tuple[str, str, int]]:
+        return [(t, m, s) for t in self.tasks for m in self.methods for s in self.seeds]
+
+    def config(self, task: str, method: str, seed: int):
+        """The resolved RunConfig of one cell: common, then per-task, then per-method overrides."""
+        overrides = merge(merge(_nest(self.common), _nest(self.per_task.get(task, {}))), _nest(self.methods[method]))
+        overrides.setdefault("method", method)
+        overrides = merge(overrides, {"data": {"task": task, "seed": seed}, "seed": seed})
+        return from_dict(RunConfig, overrides)
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"train.steps": 3}`` -> ``{"train": {"steps": 3}}`` (nested dicts pass through)."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = _nest(value) if isinstance(value, dict) else value
+    return out
+
+
+def cell_dir(out: Path, task: str, method: str, seed: int) -> Path:
+    return out / "cells" / f"{task}--{method}--seed{seed}"
+
+
+def run_grid(protocol: Protocol, out: Path, data_dir: str | None = None, only: list[str] | None = None) -> list[dict]:
+    """Runs every unfinished cell in order; returns the rows of ``results.json``."""
+    from metatuner.recipes import eval_method
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "protocol.yaml").write_text(yaml.safe_dump(to_protocol_dict(protocol), sort_keys=False))
+    cells = [c for c in protocol.cells() if not only or c[1] in only]
+    for i, (task, method, seed) in enumerate(cells, 1):
+        folder = cell_dir(out, task, method, seed)
+        if (folder / "summary.json").is_file():
+            print(f"[{i}/{len(cells)}] {task} {method} seed {seed}: done, skipped")
+            continue
+        cfg = protocol.config(task, method, seed)
+        if data_dir:
+            cfg.data.data_dir = data_dir
+        print(f"[{i}/{len(cells)}] {task} {method} seed {seed} ...", flush=True)
+        start = time.perf_counter()
+        try:
+            result = eval_method(cfg, folder)
+            total = time.perf_counter() - start
+            (folder / "cell.json").write_text(json.dumps(
+                {"total_seconds": total, "fit_seconds": total - result.seconds, "eval_seconds": result.seconds}))
+            print(f"    {result.line()}", flush=True)
+        except MetatunerError:
+            raise
+        except Exception as e:  # noqa: BLE001 - one failed cell must not lose the rest of the grid
+            error = {"task": task, "method": method, "seed": seed, "error": f"{type(e).__name__}: {e}",
+                     "traceback": traceback.format_exc(), "seconds": time.perf_counter() - start}
+            (out / "errors").mkdir(exist_ok=True)
+            (out / "errors" / f"{folder.name}.json").write_text(json.dumps(error, indent=2))
+            print(f"    FAILED: {error['error']} (see {out / 'errors'})", flush=True)
+        collect(out)
+    return collect(out)
+
+
+def collect(out: Path) -> list[dict]:
+    """Rebuilds ``results.json`` from every finished cell (atomically)."""
+    rows = []
+    for summary_path in sorted((out / "cells").glob("*/summary.json")):
+        s = json.loads(summary_path.read_text())
+        task, method, seed = summary_path.parent.name.split("--")
+        per_item = [r["scores"][s["primary_metric"]] for r in _records(summary_path.parent)]
+        train_log = summary_path.parent.with_name(summary_path.parent.name + "-train") / "log.jsonl"
+        rows.append({
+            "task": task, "method": method, "seed": int(seed.removeprefix("seed")), "n": s["n"],
+            "primary_metric": s["primary_metric"], "score": s["metrics"][s["primary_metric"]]["mean"],
+            "ci_low": s["metrics"][s["primary_metric"]]["ci_low"], "ci_high": s["metrics"][s["primary_metric"]]["ci_high"],
+            "metrics": s["metrics"], "eval_seconds": s["timing"]["seconds"],
+            "fit_seconds": _cell(summary_path.parent).get("fit_seconds"), "new_tokens": s["timing"]["new_tokens"],
+            "item_ids": [r["id"] for r in _records(summary_path.parent)], "item_scores": per_item,
+            "train_log": str(train_log.relative_to(out)) if train_log.is_file() else None,
+            "predictor": s.get("predictor", {}), "environment": s.get("environment", {}),
+        })
+    tmp = out / f".results.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(rows, indent=1))
+    os.replace(tmp, out / "results.json")
+    return rows
+
+
+def _records(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
+
+
+def _cell(folder: Path) -> dict[str, Any]:
+    path = folder / "cell.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def to_protocol_dict(p: Protocol) -> dict[str, Any]:
+    return {"name": p.name, "tasks": p.tasks, "seeds": p.seeds, "methods": p.methods, "common": p.common,
+            "per_task": p.per_task}

@@ -1,0 +1,89 @@
+"""The benchmark grid on a tiny model: cells run once, reruns skip them, the report rebuilds from JSON."""
+
+import json
+
+import pytest
+import yaml
+
+from metatuner.bench import grid
+from metatuner.bench.grid import Protocol, run_grid
+from metatuner.bench.report import aggregate, report, table
+from metatuner.errors import MetatunerError
+
+
+@pytest.fixture()
+def protocol_file(tmp_path, tiny_model_dir):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "toy",
+        "tasks": ["arithmetic"],
+        "seeds": [0, 1],
+        "methods": {"zero-shot": {}, "cot": {"eval.max_new_tokens": 3}, "sft": {"train.steps": 1}},
+        "common": {"model": {"name": str(tiny_model_dir)}, "eval": {"limit": 3, "max_new_tokens": 4},
+                   "data": {"train_limit": 4}, "train": {"batch_size": 2}},
+    }))
+    return path
+
+
+def test_grid_runs_every_cell_once_and_rerun_skips(protocol_file, tmp_path, monkeypatch):
+    out = tmp_path / "grid"
+    rows = run_grid(Protocol.load(protocol_file), out)
+    assert sorted((r["method"], r["seed"]) for r in rows) == sorted(
+        (m, s) for m in ("zero-shot", "cot", "sft") for s in (0, 1))
+    assert all(r["n"] == 3 and len(r["item_scores"]) == 3 for r in rows)
+    assert next(r for r in rows if r["method"] == "sft")["train_log"]
+
+    import metatuner.recipes as recipes
+
+    calls = []
+    monkeypatch.setattr(recipes, "eval_method", lambda cfg, out_dir: calls.append(cfg) or pytest.fail("re-ran"))
+    assert len(run_grid(Protocol.load(protocol_file), out)) == 6 and calls == []
+
+
+def test_an_unfinished_cell_is_the_only_one_rerun(protocol_file, tmp_path):
+    import shutil
+
+    out = tmp_path / "grid"
+    run_grid(Protocol.load(protocol_file), out)
+    shutil.rmtree(grid.cell_dir(out, "arithmetic", "cot", 1))
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*/summary.json")}
+    run_grid(Protocol.load(protocol_file), out)
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*/summary.json")}
+    assert before == {k: v for k, v in after.items() if k in before}
+    assert (grid.cell_dir(out, "arithmetic", "cot", 1) / "summary.json").is_file()
+
+
+def test_report_rebuilds_the_same_table_from_results_json(protocol_file, tmp_path):
+    out = tmp_path / "grid"
+    rows = run_grid(Protocol.load(protocol_file), out)
+    md, plots = report(out)
+    assert md.read_text().strip() == table(json.loads((out / "results.json").read_text())).strip()
+    assert md.read_text().strip() == table(rows).strip()
+    assert {p.name for p in plots} >= {"bar-arithmetic.png", "curves-arithmetic.png"}
+    assert all(p.stat().st_size > 1000 for p in plots)
+
+
+def test_table_averages_seeds_and_reports_gain_over_bettertogether():
+    def row(method, seed, scores):
+        return {"task": "t", "method": method, "seed": seed, "primary_metric": "acc", "score": sum(scores) / len(scores),
+                "item_ids": [f"i{k}" for k in range(len(scores))], "item_scores": scores}
+
+    rows = [row("bettertogether", 0, [1, 0, 0, 0]), row("bettertogether", 1, [1, 1, 0, 0]),
+            row("metatuner", 0, [1, 1, 1, 0]), row("metatuner", 1, [1, 1, 0, 0])]
+    agg = aggregate(rows)
+    assert agg[("bettertogether", "t")]["mean"] == pytest.approx(0.375)
+    assert agg[("metatuner", "t")]["mean"] == pytest.approx(0.625)
+    text = table(rows)
+    assert "| metatuner | 62.5" in text and "+66.7%" in text
+
+
+def test_bad_protocols_are_rejected(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"tasks": ["arithmetic"], "seeds": [0], "methods": {"zero-shot": {}}, "extra": 1}))
+    with pytest.raises(MetatunerError, match="unknown protocol key 'extra'"):
+        Protocol.load(bad)
+    bad.write_text(yaml.safe_dump({"tasks": ["arithmetic"], "seeds": [0], "methods": {"zero-shot": {"eval.limit": 0}}}))
+    with pytest.raises(MetatunerError, match="eval.limit must be >= 1"):
+        Protocol.load(bad)
+    with pytest.raises(MetatunerError, match="protocol file not found"):
+        Protocol.load(tmp_path / "nope.yaml")
