@@ -156,6 +156,101 @@ class TrainConfig:
 
 
 @dataclass
+class DPOMethodConfig:
+    """The DPO baseline: self-sampled preference pairs, then LoRA DPO with TRL."""
+
+    queries: int = option(64, "training queries to sample answers for (the first ones of the train split)")
+    samples_per_query: int = option(4, "answers sampled per query (k)")
+    temperature: float = option(1.0, "sampling temperature of the answers")
+    max_new_tokens: int | None = option(None, "new-token budget of a sampled answer (unset: the task's)")
+    sample_batch_size: int = option(32, "rows per sampling batch")
+    max_pairs: int = option(128, "cap on preference pairs, taken round-robin over queries")
+    gold_fallback: bool = option(True, "when no sample of a query is correct, the gold target is the chosen answer")
+    steps: int = option(30, "DPO optimizer steps")
+    batch_size: int = option(4, "pairs per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(2e-4, "learning rate of the LoRA")
+    lr_schedule: str = option("cosine", "learning-rate schedule after warm-up", ("constant", "linear", "cosine"))
+    warmup_ratio: float = option(0.1, "fraction of steps with a linear learning-rate warm-up")
+    beta: float = option(0.1, "DPO beta: how strongly the policy is held to the reference (adapter-off) model")
+    rank: int = option(8, "LoRA rank")
+    alpha: float = option(16.0, "LoRA alpha (scale alpha / rank)")
+    targets: list[str] = option(None, "LoRA target modules", factory=lambda: ["q_proj", "v_proj"])
+    max_length: int = option(512, "truncate prompt + answer to this many tokens")
+
+    def __post_init__(self):
+        for name in ("queries", "samples_per_query", "max_new_tokens", "sample_batch_size", "max_pairs", "steps",
+                     "batch_size", "grad_accum", "rank", "max_length"):
+            _at_least(f"dpo.{name}", getattr(self, name), 1)
+        for name in ("temperature", "lr", "beta"):
+            if getattr(self, name) <= 0:
+                raise MetatunerError(f"dpo.{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise MetatunerError(f"dpo.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class OPROConfig:
+    """OPRO's search budget and its optimizer LM."""
+
+    rounds: int = option(5, "optimization rounds; each samples proposals_per_round instructions")
+    proposals_per_round: int = option(4, "instructions sampled from the optimizer LM per round")
+    score_size: int = option(32, "training queries every instruction is scored on (seeded subset)")
+    temperature: float = option(1.0, "sampling temperature of the optimizer LM")
+    max_new_tokens: int = option(64, "cap on the length of a proposed instruction")
+    history: int = option(20, "best earlier instructions (with scores) shown in the meta-prompt")
+    shown_examples: int = option(3, "training queries with gold answers shown in the meta-prompt")
+    optimizer: str | None = option(None, "optimizer LM (alias, hub id or folder); unset: the task model itself")
+
+    def __post_init__(self):
+        for name in ("proposals_per_round", "score_size", "max_new_tokens", "history"):
+            _at_least(f"opro.{name}", getattr(self, name), 1)
+        for name in ("rounds", "shown_examples"):
+            _at_least(f"opro.{name}", getattr(self, name), 0)
+        if self.temperature <= 0:
+            raise MetatunerError(f"opro.temperature must be > 0, got {self.temperature}")
+
+
+STEPS = {"p": "prompt optimization", "w": "fine-tuning on own correct traces"}
+
+
+def parse_strategy(strategy: str) -> list[str]:
+    """``"p -> w -> p"`` -> ``["p", "w", "p"]``; anything but p and w joined by ``->`` is an error."""
+    steps = [s.strip() for s in strategy.split("->")]
+    bad = [s for s in steps if s not in STEPS]
+    if bad:
+        allowed = ", ".join(f"{k} ({v})" for k, v in STEPS.items())
+        raise MetatunerError(
+            f"bettertogether.strategy {strategy!r} has unknown step {bad[0]!r}; allowed steps: {allowed}, "
+            f"joined by '->' (e.g. 'p -> w -> p')"
+        )
+    return steps
+
+
+@dataclass
+class BetterTogetherConfig:
+    """BetterTogether's strategy and the budgets of its steps."""
+
+    strategy: str = option("p -> w -> p", "steps in order, joined by '->': p = prompt optimization, w = fine-tuning")
+    prompt_optimizer: str = option(
+        "demos", "p step: bootstrapped few-shot demos chosen by random search, or OPRO (opro.*)", ("demos", "opro")
+    )
+    demos: int = option(3, "few-shot demos per program (size of each random-search subset)")
+    trials: int = option(8, "random demo subsets scored per p step, besides the current demos")
+    score_size: int = option(32, "training queries each p-step candidate is scored on (held out from the demo pool)")
+    traces: int = option(64, "training queries the program answers per step (demo pool, fine-tuning traces)")
+    min_score: float = option(1.0, "a trace counts as correct when its primary-metric score is at least this")
+    w_steps: int | None = option(None, "SFT steps per w step (unset: train.steps, as the sft baseline)")
+    val_size: int = option(32, "validation items each program is scored on; carved from train when val is empty")
+
+    def __post_init__(self):
+        parse_strategy(self.strategy)
+        for name in ("demos", "score_size", "traces", "val_size", "w_steps"):
+            _at_least(f"bettertogether.{name}", getattr(self, name), 1)
+        _at_least("bettertogether.trials", self.trials, 0)
+
+
+@dataclass
 class RunConfig:
     """The root config. Sections are added here as the system grows (see configs/ for examples)."""
 
@@ -166,6 +261,9 @@ class RunConfig:
     generator: GeneratorConfig = option(None, "MetaTuner's prompt generator G", factory=GeneratorConfig)
     hypernet: HypernetConfig = option(None, "MetaTuner's parameter generator F", factory=HypernetConfig)
     train: TrainConfig = option(None, "MetaTuner training", factory=TrainConfig)
+    dpo: DPOMethodConfig = option(None, "the DPO baseline", factory=DPOMethodConfig)
+    opro: OPROConfig = option(None, "the OPRO baseline (and bettertogether's p step when prompt_optimizer=opro)", factory=OPROConfig)
+    bettertogether: BetterTogetherConfig = option(None, "the BetterTogether baseline", factory=BetterTogetherConfig)
     out_dir: str = option("runs", "parent folder of run folders")
     seed: int = option(0, "global seed (torch, python, numpy)")
 

@@ -20,3 +20,35 @@ def rewrite_messages(instruction: str, query: str) -> list[dict[str, str]]:
         {"role": "system", "content": REWRITE["system"]},
         {"role": "user", "content": REWRITE["user"].format(instruction=instruction, query=query)},
     ]
+
+
+# OPRO's meta-prompt (Yang et al., "Large Language Models as Optimizers", 2023), in the form the paper
+# gives for instruction-tuned optimizers: earlier instructions with their scores (0-100) in ascending
+# order, a few training queries with gold answers, and a request for a better instruction in brackets.
+OPRO = {
+    "header": (
+        "I have some texts along with their corresponding scores. The texts are arranged in ascending order "
+        "based on their scores, where higher scores indicate better quality."
+    ),
+    "scored": "text:\n{instruction}\nscore:\n{score}",
+    "examples": (
+        "The following exemplars show how to apply your text: you replace <INS> in each input with your text, "
+        "then read the input and give an output. We say your output is wrong if your output is different from "
+        "the given output, and we say your output is correct if they are the same."
+    ),
+    "example": "input:\nQ: <INS>\n{query}\nA:\noutput:\n{answer}",
+    "footer": (
+        "Write your new text that is different from the old ones and has a score as high as possible. "
+        "Write the text in square brackets."
+    ),
+}
+
+
+def opro_meta_prompt(scored: list[tuple[str, int]], examples: list[tuple[str, str]]) -> str:
+    """OPRO's meta-prompt from (instruction, score 0-100) pairs, already ordered, and (query, answer) pairs."""
+    parts = [OPRO["header"]]
+    parts += [OPRO["scored"].format(instruction=i, score=s) for i, s in scored]
+    parts.append(OPRO["examples"])
+    parts += [OPRO["example"].format(query=q, answer=a) for q, a in examples]
+    parts.append(OPRO["footer"])
+    return "\n\n".join(parts)

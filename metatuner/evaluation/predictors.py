@@ -50,16 +50,22 @@ class Predictor(ABC):
 
 
 class LMPredictor(Predictor):
-    """A causal LM answering with a fixed instruction (the zero-shot and CoT baselines as they are)."""
+    """A causal LM answering with a fixed instruction (the zero-shot and CoT baselines as they are).
+
+    ``demos`` (optional few-shot examples) go before the query as earlier exchanges: each demo is the
+    task's user turn for its query followed by an assistant turn holding its ``target``.
+    """
 
     def __init__(
-        self, model, tokenizer, instruction: str | None = None, name: str = "zero-shot", cot: bool = False
+        self, model, tokenizer, instruction: str | None = None, name: str = "zero-shot", cot: bool = False,
+        demos: list[Example] | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.instruction = instruction
         self.name = name
         self.cot = cot
+        self.demos = list(demos or [])
 
     def budget(self, task: Task) -> int:
         return task.cot_max_new_tokens if self.cot else task.max_new_tokens
@@ -73,9 +79,18 @@ class LMPredictor(Predictor):
         """Context in which the model carries the weights for this batch (default: as loaded)."""
         yield
 
+    def messages(self, task: Task, instruction: str, example: Example) -> list[dict[str, str]]:
+        """The task's chat messages for one query, with the demos inserted just before the query turn."""
+        messages = task.messages(instruction, example)
+        shots = [
+            turn for d in self.demos
+            for turn in (task.messages(instruction, d)[-1], {"role": "assistant", "content": d.target})
+        ]
+        return messages[:-1] + shots + messages[-1:]
+
     def _inputs(self, task: Task, examples: list[Example]) -> tuple[list[str], list[str]]:
         instructions = self.instructions(task, examples)
-        rendered = [render_chat(self.tokenizer, task.messages(i, ex)) for i, ex in zip(instructions, examples)]
+        rendered = [render_chat(self.tokenizer, self.messages(task, i, ex)) for i, ex in zip(instructions, examples)]
         return instructions, rendered
 
     def predict(self, task: Task, examples: list[Example], max_new_tokens: int) -> list[Prediction]:
@@ -105,4 +120,4 @@ class LMPredictor(Predictor):
             "method": self.name,
             "model": getattr(self.model.config, "_name_or_path", None),
             "instruction": self.instruction,
-        }
+        } | ({"demos": [d.id for d in self.demos]} if self.demos else {})

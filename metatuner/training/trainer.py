@@ -105,16 +105,20 @@ class Trainer:
             self.save()
         self.train_joint()
 
-    def warmup_actor(self, steps: int | None = None) -> None:
-        """M's static LoRA, fine-tuned on (p~, x) -> y: exactly the SFT baseline."""
+    def warmup_actor(self, steps: int | None = None, instruction: str | None = None) -> None:
+        """M's static LoRA, fine-tuned on (p~, x) -> y: exactly the SFT baseline.
+
+        ``instruction`` replaces ``p~`` in the inputs (BetterTogether fine-tunes under its current prompt).
+        """
         steps = self.tc.actor_warmup_steps if steps is None else steps
+        instruction = self.task.instruction if instruction is None else instruction
         self.mt.add_static_adapter(self.tc.static_rank, self.tc.static_alpha)
         params = list(self.mt.m_lora.adapter_parameters("static"))
         opt = torch.optim.AdamW(params, lr=self.tc.lr_static, weight_decay=self.tc.weight_decay)
         stream = DataStream(self.train_set, self.cfg.data.seed + 1)
         for step in tqdm(range(steps), desc="warm-up M (SFT)", disable=not self.progress):
             batch = stream.next(self.tc.batch_size)
-            loss = self.mt.answer_nll(self.task, batch, [self.task.instruction] * len(batch), None,
+            loss = self.mt.answer_nll(self.task, batch, [instruction] * len(batch), None,
                                       self.tc.max_length).mean()
             self._check_finite(step, {"sft": loss})
             loss.backward()

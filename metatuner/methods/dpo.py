@@ -1,0 +1,157 @@
+"""The DPO baseline: a LoRA on M trained with TRL's ``DPOTrainer`` on pairs of M's own sampled answers.
+
+Pairs (on-policy, scored by the task itself): each of the first ``queries`` training queries is rendered
+with the task's initial instruction p~ exactly as the harness renders it, M samples ``samples_per_query``
+answers, and each answer is scored with ``task.score(task.extract(answer))[task.primary_metric]``; full
+marks count as correct. A query gives one pair per distinct incorrect answer, chosen = a distinct correct
+answer (cycled), rejected = the incorrect one. With no correct sample the gold ``target`` is the chosen
+answer (``gold_fallback``); with no incorrect sample there is nothing to reject and the query gives no
+pair. Pairs are taken round-robin over queries up to ``max_pairs``, so a few queries cannot fill the budget.
+
+Training (TRL, sigmoid loss), with pi = M + LoRA and pi_ref = the same model with the adapter disabled
+(so no second model copy is kept):
+
+    L = -log sigmoid(beta * [(log pi(y+|x) - log pi_ref(y+|x)) - (log pi(y-|x) - log pi_ref(y-|x))])
+
+The data is plain text (prompt = the rendered chat input, so no chat template is applied twice); TRL
+appends the EOS token to both answers. The LoRA is trained on a deep copy of M (PEFT injects its layers
+in place) and merged into that copy, which the returned :class:`DPOPredictor` answers with, under p~.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import json
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from metatuner.config import DPOMethodConfig
+from metatuner.errors import MetatunerError
+from metatuner.evaluation.generation import generate, render_chat
+from metatuner.evaluation.predictors import LMPredictor
+from metatuner.methods.base import METHODS, Method
+from metatuner.tasks.base import Example, Task
+
+
+@dataclass
+class Pair:
+    id: str  # the query's example id
+    prompt: str  # the rendered model input
+    chosen: str
+    rejected: str
+    gold: bool  # chosen is the gold target (no sampled answer was correct)
+
+
+def sample_answers(model, tokenizer, task: Task, prompts: list[str], cfg: DPOMethodConfig) -> list[list[str]]:
+    """``cfg.samples_per_query`` sampled answers per prompt; rows are batched ``cfg.sample_batch_size`` at a time."""
+    k, bs = cfg.samples_per_query, cfg.sample_batch_size
+    rows = [p for p in prompts for _ in range(k)]
+    budget = cfg.max_new_tokens or task.max_new_tokens
+    texts: list[str] = []
+    for b in range(0, len(rows), bs):
+        gens = generate(model, tokenizer, rows[b : b + bs], budget, task.stop,
+                        do_sample=True, temperature=cfg.temperature)
+        texts += [g.text for g in gens]
+    return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
+def query_pairs(task: Task, ex: Example, prompt: str, answers: list[str], gold_fallback: bool) -> list[Pair]:
+    """One query's pairs: each distinct incorrect answer against a correct one (the gold target if none)."""
+    scores = {a: task.score(task.extract(a), ex)[task.primary_metric] for a in dict.fromkeys(answers)}
+    correct = [a for a, s in scores.items() if s >= 1.0]
+    wrong = [a for a, s in scores.items() if s < 1.0]
+    gold = not correct
+    if gold:
+        if not gold_fallback:
+            return []
+        correct = [ex.target]
+    return [Pair(ex.id, prompt, correct[i % len(correct)], r, gold) for i, r in enumerate(wrong)]
+
+
+def preference_pairs(model, tokenizer, task: Task, examples: list[Example], cfg: DPOMethodConfig) -> list[Pair]:
+    """Samples, scores and pairs answers for ``examples``; at most ``cfg.max_pairs``, round-robin over queries."""
+    prompts = [render_chat(tokenizer, task.messages(task.instruction, ex)) for ex in examples]
+    answers = sample_answers(model, tokenizer, task, prompts, cfg)
+    per_query = [query_pairs(task, ex, p, a, cfg.gold_fallback) for ex, p, a in zip(examples, prompts, answers)]
+    rounds = itertools.zip_longest(*per_query)  # the 1st pair of every query, then the 2nd, ...
+    return [p for rnd in rounds for p in rnd if p is not None][: cfg.max_pairs]
+
+
+def train_dpo(model, tokenizer, pairs: list[Pair], cfg: DPOMethodConfig, seed: int = 0,
+              out_dir: Path | None = None) -> tuple[Any, dict[str, float]]:
+    """Trains a LoRA on ``model`` (modified in place) with TRL; returns the merged model and the losses.
+
+    Nothing is written unless ``out_dir`` is given; then TRL's output (the adapter at the last step) goes there.
+    """
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    # TRL turns activation (gradient) checkpointing on by default; transformers 5 renamed the option
+    names = {f.name for f in fields(DPOConfig)}
+    no_ckpt = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    data = Dataset.from_list([{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs])
+    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.targets), lora_dropout=0.0,
+                      task_type="CAUSAL_LM")
+    # the Trainer always creates its output_dir, so without a run folder it gets a throwaway one
+    where = contextlib.nullcontext(str(out_dir)) if out_dir is not None else tempfile.TemporaryDirectory()
+    with where as output_dir:
+        args = DPOConfig(
+            output_dir=output_dir, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_schedule,
+            warmup_steps=cfg.warmup_ratio, beta=cfg.beta, max_length=cfg.max_length, seed=seed,
+            # TRL defaults to bf16 autocast; the harness runs M in its own dtype
+            bf16=False, fp16=False, **{no_ckpt: False}, use_cpu=model.device.type == "cpu",
+            logging_steps=1, report_to="none", disable_tqdm=True,
+            save_strategy="steps" if out_dir is not None else "no", save_steps=cfg.steps, save_only_model=True,
+        )
+        trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora)
+        result = trainer.train()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().eval()
+    vars(merged).pop("forward", None)  # TRL's fused log-prob forward, patched onto the instance for its loss only
+    return merged, {"final_loss": logged[-1], "mean_loss": result.training_loss}
+
+
+class DPOPredictor(LMPredictor):
+    """M with the merged DPO LoRA answering under p~; ``describe`` adds how it was trained."""
+
+    def __init__(self, model, tokenizer, instruction: str, training: dict[str, Any]):
+        super().__init__(model, tokenizer, instruction, name="dpo")
+        self.training = training
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "training": self.training}
+
+
+@METHODS.register("dpo")
+class DPO(Method):
+    """LoRA DPO on pairs of M's own answers (config: ``dpo.*``, else :class:`DPOMethodConfig` defaults)."""
+
+    needs_training = True
+
+    def fit(self, task: Task, train: list[Example], val: list[Example]) -> DPOPredictor:
+        cfg = getattr(self.config, "dpo", None) or DPOMethodConfig()
+        queries = train[: cfg.queries]
+        if not queries:
+            raise MetatunerError("dpo needs training queries to sample answers for, but the train split is empty")
+        pairs = preference_pairs(self.model, self.tokenizer, task, queries, cfg)
+        if not pairs:
+            raise MetatunerError(
+                f"dpo built no preference pair from {len(queries)} queries x {cfg.samples_per_query} samples (a pair "
+                f"needs an incorrect sample, and a correct one or dpo.gold_fallback=true); raise dpo.queries"
+            )
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with (self.run_dir / "dpo_pairs.jsonl").open("w") as f:
+                f.writelines(json.dumps(asdict(p), ensure_ascii=False) + "\n" for p in pairs)
+        out_dir = self.run_dir / "dpo" if self.run_dir is not None else None
+        model, losses = train_dpo(copy.deepcopy(self.model), self.tokenizer, pairs, cfg,
+                                  getattr(self.config, "seed", 0), out_dir)
+        training = {"queries": len(queries), "pairs": len(pairs), "gold_fallback": sum(p.gold for p in pairs),
+                    "steps": cfg.steps, **losses}
+        return DPOPredictor(model, self.tokenizer, task.instruction, training)
