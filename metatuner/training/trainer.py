@@ -113,20 +113,29 @@ class Trainer:
         steps = self.tc.actor_warmup_steps if steps is None else steps
         instruction = self.task.instruction if instruction is None else instruction
         self.mt.add_static_adapter(self.tc.static_rank, self.tc.static_alpha)
-        params = list(self.mt.m_lora.adapter_parameters("static"))
-        opt = torch.optim.AdamW(params, lr=self.tc.lr_static, weight_decay=self.tc.weight_decay)
         stream = DataStream(self.train_set, self.cfg.data.seed + 1)
-        for step in tqdm(range(steps), desc="warm-up M (SFT)", disable=not self.progress):
-            batch = stream.next(self.tc.batch_size)
-            loss = self.mt.answer_nll(self.task, batch, [instruction] * len(batch), None,
-                                      self.tc.max_length).mean()
-            self._check_finite(step, {"sft": loss})
+
+        def loss(batch: list[Example]) -> torch.Tensor:
+            return self.mt.answer_nll(self.task, batch, [instruction] * len(batch), None, self.tc.max_length).mean()
+
+        params = list(self.mt.m_lora.adapter_parameters("static"))
+        self._supervised("warmup_actor", "sft", params, self.tc.lr_static, steps, stream, loss)
+        self._freeze_static()
+
+    def _supervised(self, phase: str, name: str, params: list, lr: float, steps: int, stream: DataStream,
+                    loss_fn) -> None:
+        """A plain fine-tuning loop (the warm-ups): AdamW on ``params`` over ``steps`` batches of ``stream``."""
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.tc.weight_decay)
+        for step in tqdm(range(steps), desc=phase.replace("_", " "), disable=not self.progress):
+            start = time.perf_counter()
+            loss = loss_fn(stream.next(self.tc.batch_size))
+            self._check_finite(step, {name: loss})
             loss.backward()
             self._clip(params)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            self.log({"phase": "warmup_actor", "step": step, "sft_loss": loss.item()})
-        self._freeze_static()
+            self.log({"phase": phase, "step": step, f"{name}_loss": loss.item(),
+                      "seconds": time.perf_counter() - start})
 
     def _freeze_static(self) -> None:
         for p in self.mt.m_lora.adapter_parameters("static"):
@@ -141,18 +150,14 @@ class Trainer:
             result = rollout(self.mt, self.task, batch, None, self.tc.rollouts, self.tc.temperature,
                              self.tc.reward, self.tc.max_length)
             best.update({ex.id: p for ex, p in zip(batch, result.best_prompts)})
-        params = self.groups["encoder"] + self.groups["decoder"]
-        opt = torch.optim.AdamW(params, lr=self.tc.lr_decoder)
         stream = DataStream(queries, self.cfg.data.seed + 3)
-        for step in tqdm(range(self.tc.generator_warmup_steps), desc="warm-up G (SFT)", disable=not self.progress):
-            batch = stream.next(self.tc.batch_size)
-            loss = self.mt.prompt_nll(self.task, batch, [best[ex.id] for ex in batch]).mean()
-            self._check_finite(step, {"generator_sft": loss})
-            loss.backward()
-            self._clip(params)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            self.log({"phase": "warmup_generator", "step": step, "generator_sft_loss": loss.item()})
+
+        def loss(batch: list[Example]) -> torch.Tensor:
+            return self.mt.prompt_nll(self.task, batch, [best[ex.id] for ex in batch]).mean()
+
+        params = self.groups["encoder"] + self.groups["decoder"]
+        self._supervised("warmup_generator", "generator_sft", params, self.tc.lr_decoder,
+                         self.tc.generator_warmup_steps, stream, loss)
         self.experts.update(best)
         self.mt.sync_frozen_decoder()
 
