@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="grid folder (default: runs/bench-<protocol>); rerunning skips finished cells")
     p.add_argument("--data-dir", help="folder with <task>/{train,test}.jsonl for every cell")
     p.add_argument("--only", nargs="+", metavar="METHOD", help="run only these methods' cells")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="overrides of protocol keys, e.g. seeds=[0] common.eval.limit=4 tasks=[gsm8k]")
 
     p = sub.add_parser("report", help="rebuild the table (results.md) and plots of a grid from its results.json")
     p.add_argument("run_dir", metavar="RUN_DIR", help="grid folder written by `metatuner bench`")
@@ -233,7 +235,7 @@ def cmd_bench(args) -> None:
     from metatuner.bench.grid import Protocol, run_grid
     from metatuner.bench.report import report
 
-    protocol = Protocol.load(args.config)
+    protocol = Protocol.load(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / f"bench-{protocol.name}"
     run_grid(protocol, out, args.data_dir, args.only)
     md, plots = report(out)

@@ -87,3 +87,17 @@ def test_bad_protocols_are_rejected(tmp_path):
         Protocol.load(bad)
     with pytest.raises(MetatunerError, match="protocol file not found"):
         Protocol.load(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_shipped_protocols_load_and_resolve_every_cell(name):
+    protocol = Protocol.load(name)
+    cells = protocol.cells()
+    assert len(cells) == 4 * 11 * 2
+    cfg = protocol.config("gsm8k", "wo-s", 1)
+    assert (cfg.method, cfg.train.ablation, cfg.data.task, cfg.seed) == ("metatuner", "no_share", "gsm8k", 1)
+
+
+def test_protocol_overrides(tmp_path, protocol_file):
+    protocol = Protocol.load(protocol_file, ["seeds=[3]", "common.eval.limit=1"])
+    assert protocol.seeds == [3] and protocol.config("arithmetic", "cot", 3).eval.limit == 1

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from metatuner.config import RunConfig, from_dict, merge, to_dict
+from metatuner.config import RunConfig, from_dict, merge, parse_overrides, to_dict
 from metatuner.errors import MetatunerError
 
 SHIPPED_BENCH = Path(__file__).resolve().parent.parent / "configs" / "bench"
@@ -36,7 +36,9 @@ class Protocol:
     per_task: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Protocol":
+    def load(cls, path: str | Path, overrides: list[str] = ()) -> "Protocol":
+        """Reads a protocol file (or a shipped one by name); ``overrides`` are ``key=value`` on its keys,
+        e.g. ``common.eval.limit=4`` or ``seeds=[0]``."""
         p = Path(path)
         if not p.is_file():
             named = SHIPPED_BENCH / f"{Path(str(path)).stem}.yaml"
@@ -44,7 +46,7 @@ class Protocol:
                 names = ", ".join(sorted(f.stem for f in SHIPPED_BENCH.glob("*.yaml")))
                 raise MetatunerError(f"protocol file not found: {p} (shipped protocols: {names})")
             p = named
-        data = yaml.safe_load(p.read_text()) or {}
+        data = merge(yaml.safe_load(p.read_text()) or {}, parse_overrides(list(overrides)))
         allowed = {"name", "tasks", "seeds", "methods", "common", "per_task"}
         unknown = sorted(set(data) - allowed)
         if unknown:
