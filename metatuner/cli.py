@@ -211,7 +211,7 @@ def cmd_generate(args) -> None:
         for b in range(0, len(examples), args.batch_size):
             batch = examples[b : b + args.batch_size]
             for ex, p in zip(batch, predictor.predict(task, batch, predictor.budget(task))):
-                answer = task.extract(p.output)["flexible"]
+                answer = task.grade(p.output, ex)[0]["flexible"]
                 if sink:
                     sink.write(json.dumps({"id": ex.id, "prompt": p.instruction, "output": p.output, "answer": answer}) + "\n")
                 else:

@@ -151,5 +151,5 @@ def main_job(cfg: RunConfig, run_dir: Path) -> tuple[EvalResult, EvalResult]:
 
     mt, task = train_metatuner(cfg, run_dir)
     tuned = eval_predictor(MetaTunerPredictor(mt), task, cfg, run_dir / "eval-metatuner")
-    base = LMPredictor(mt.actor, mt.tokenizer, task.instruction, name="zero-shot")  # no adapter is active
+    base = LMPredictor(mt.actor, mt.tokenizer, None, name="zero-shot")  # p~, and no adapter is active
     return tuned, eval_predictor(base, task, cfg, run_dir / "eval-zero-shot")

@@ -101,3 +101,9 @@ def test_shipped_protocols_load_and_resolve_every_cell(name):
 def test_protocol_overrides(tmp_path, protocol_file):
     protocol = Protocol.load(protocol_file, ["seeds=[3]", "common.eval.limit=1"])
     assert protocol.seeds == [3] and protocol.config("arithmetic", "cot", 3).eval.limit == 1
+
+
+def test_cross_task_protocol_resolves():
+    protocol = Protocol.load("cross")
+    cfg = protocol.config("math+hotpotqa+cosmosqa>gsm8k", "metatuner-j", 0)
+    assert cfg.method == "metatuner" and cfg.data.task == "math+hotpotqa+cosmosqa>gsm8k"

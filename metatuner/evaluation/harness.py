@@ -123,7 +123,7 @@ def evaluate(
         preds = predictor.predict(task, batch, budget)
         choice_lp = predictor.choice_logprobs(task, batch) if likelihood else None
         for j, (i, ex, p) in enumerate(zip(idx, batch, preds, strict=True)):
-            extracted = task.extract(p.output)
+            extracted, scores = task.grade(p.output, ex)
             rec = {
                 "id": ex.id,
                 "instruction": p.instruction,
@@ -131,7 +131,7 @@ def evaluate(
                 "output": p.output,
                 "extracted": extracted,
                 "gold": ex.answer,
-                "scores": task.score(extracted, ex),
+                "scores": scores,
             }
             if choice_lp is not None:
                 rec["choice_logprobs"] = choice_lp[j]

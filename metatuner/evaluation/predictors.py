@@ -72,7 +72,7 @@ class LMPredictor(Predictor):
 
     def instructions(self, task: Task, examples: list[Example]) -> list[str]:
         """The instruction for each query (default: the fixed one, else the task's initial prompt)."""
-        return [self.instruction or task.instruction] * len(examples)
+        return [self.instruction or task.instruction_for(ex) for ex in examples]
 
     @contextlib.contextmanager
     def weights(self, task: Task, examples: list[Example]) -> Iterator[None]:

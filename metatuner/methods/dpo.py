@@ -2,7 +2,7 @@
 
 Pairs (on-policy, scored by the task itself): each of the first ``queries`` training queries is rendered
 with the task's initial instruction p~ exactly as the harness renders it, M samples ``samples_per_query``
-answers, and each answer is scored with ``task.score(task.extract(answer))[task.primary_metric]``; full
+answers, and each answer is scored with ``task.grade(answer, example)``; full
 marks count as correct. A query gives one pair per distinct incorrect answer, chosen = a distinct correct
 answer (cycled), rejected = the incorrect one. With no correct sample the gold ``target`` is the chosen
 answer (``gold_fallback``); with no incorrect sample there is nothing to reject and the query gives no
@@ -61,7 +61,7 @@ def sample_answers(model, tokenizer, task: Task, prompts: list[str], cfg: DPOMet
 
 def query_pairs(task: Task, ex: Example, prompt: str, answers: list[str], gold_fallback: bool) -> list[Pair]:
     """One query's pairs: each distinct incorrect answer against a correct one (the gold target if none)."""
-    scores = {a: task.score(task.extract(a), ex)[task.primary_metric] for a in dict.fromkeys(answers)}
+    scores = {a: task.grade(a, ex)[1][task.primary_metric] for a in dict.fromkeys(answers)}
     correct = [a for a, s in scores.items() if s >= 1.0]
     wrong = [a for a, s in scores.items() if s < 1.0]
     gold = not correct
@@ -74,7 +74,7 @@ def query_pairs(task: Task, ex: Example, prompt: str, answers: list[str], gold_f
 
 def preference_pairs(model, tokenizer, task: Task, examples: list[Example], cfg: DPOMethodConfig) -> list[Pair]:
     """Samples, scores and pairs answers for ``examples``; at most ``cfg.max_pairs``, round-robin over queries."""
-    prompts = [render_chat(tokenizer, task.messages(task.instruction, ex)) for ex in examples]
+    prompts = [render_chat(tokenizer, task.messages(task.instruction_for(ex), ex)) for ex in examples]
     answers = sample_answers(model, tokenizer, task, prompts, cfg)
     per_query = [query_pairs(task, ex, p, a, cfg.gold_fallback) for ex, p, a in zip(examples, prompts, answers)]
     rounds = itertools.zip_longest(*per_query)  # the 1st pair of every query, then the 2nd, ...

@@ -12,7 +12,7 @@ class ZeroShot(Method):
     """The base model answering with the task's initial instruction ``p~``."""
 
     def fit(self, task: Task, train: list[Example], val: list[Example]) -> LMPredictor:
-        return LMPredictor(self.model, self.tokenizer, task.instruction, name="zero-shot")
+        return LMPredictor(self.model, self.tokenizer, None, name="zero-shot")  # each query's own p~
 
 
 @METHODS.register("cot")

@@ -144,7 +144,9 @@ class MetaTuner(nn.Module):
 
     # ---- G: meta encoder and prompt decoder --------------------------------------------------
     def rewrite_texts(self, task: Task, examples: list[Example]) -> list[str]:
-        return [render_chat(self.gen_tokenizer, rewrite_messages(task.instruction, ex.query)) for ex in examples]
+        return [
+            render_chat(self.gen_tokenizer, rewrite_messages(task.instruction_for(ex), ex.query)) for ex in examples
+        ]
 
     def encode(self, task: Task, examples: list[Example]) -> torch.Tensor:
         """The meta encoder's pooled layer-k state for each query's rewrite input: ``[bs, d]``.
@@ -186,14 +188,15 @@ class MetaTuner(nn.Module):
     ) -> list[str]:
         """Rewrites the task instruction for each query (``n`` per query, grouped by query)."""
         if not self.use_prompt:
-            return [task.instruction] * (len(examples) * n)
+            return [task.instruction_for(ex) for ex in examples for _ in range(n)]
         texts = [t for t in self.rewrite_texts(task, examples) for _ in range(n)]
         with self.g_lora.use(("enc", "dec_frozen" if frozen else "dec")):
             gens = generate(
                 self.generator, self.gen_tokenizer, texts, self.gen_cfg.max_prompt_tokens,
                 do_sample=sample, temperature=temperature,
             )
-        return [g.text or task.instruction for g in gens]
+        initial = [task.instruction_for(ex) for ex in examples for _ in range(n)]
+        return [g.text or p for g, p in zip(gens, initial)]
 
     def prompt_nll(self, task: Task, examples: list[Example], prompts: list[str]) -> torch.Tensor:
         """Per-query mean NLL of ``prompts`` under G (teacher forced): the regularization loss terms."""

@@ -101,6 +101,15 @@ class Task(ABC):
             {"role": "user", "content": example.query},
         ]
 
+    def instruction_for(self, example: Example) -> str:
+        """The initial prompt ``p~`` for this example (one per task, except in a cross-task mix)."""
+        return self.instruction
+
+    def grade(self, output: str, example: Example) -> tuple[dict[str, str | None], dict[str, float]]:
+        """Extracts the answer from ``output`` and scores it: ``(extracted, scores)``."""
+        extracted = self.extract(output)
+        return extracted, self.score(extracted, example)
+
     def choices(self, example: Example) -> list[str] | None:
         """For multiple-choice tasks, the answer continuations compared by likelihood; else None."""
         return None
@@ -179,5 +188,9 @@ TASKS: Registry[type[Task]] = Registry("task")
 
 
 def get_task(name: str, data_dir: str | os.PathLike | None = None) -> Task:
-    """Instantiates a registered task by name."""
+    """Instantiates a registered task by name, or a cross-task mix such as ``math+hotpotqa>gsm8k``."""
+    if ">" in name:
+        from metatuner.tasks.cross import parse_cross
+
+        return parse_cross(name, data_dir)
     return TASKS.get(name)(data_dir=data_dir)

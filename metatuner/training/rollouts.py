@@ -39,7 +39,7 @@ def score_prompts(
         return -mt.answer_nll(task, examples, prompts, factors, max_length)
     with mt.as_actor(factors):
         gens = generate(mt.actor, mt.tokenizer, mt.actor_inputs(task, examples, prompts), task.max_new_tokens, task.stop)
-    scores = [task.score(task.extract(g.text), ex)[task.primary_metric] for g, ex in zip(gens, examples)]
+    scores = [task.grade(g.text, ex)[1][task.primary_metric] for g, ex in zip(gens, examples)]
     return torch.tensor(scores)
 
 
@@ -50,7 +50,9 @@ def rollout(
 ) -> RolloutResult:
     """Samples ``n`` rewrites per query, scores them and ``p~``, and returns the best per query."""
     sampled = mt.generate_prompts(task, examples, sample=True, n=n, temperature=temperature)
-    candidates = [c for i in range(len(examples)) for c in (*sampled[i * n : (i + 1) * n], task.instruction)]
+    candidates = [
+        c for i, ex in enumerate(examples) for c in (*sampled[i * n : (i + 1) * n], task.instruction_for(ex))
+    ]
     per_query = n + 1
     reps = [ex for ex in examples for _ in range(per_query)]
     rewards = score_prompts(

@@ -111,12 +111,13 @@ class Trainer:
         ``instruction`` replaces ``p~`` in the inputs (BetterTogether fine-tunes under its current prompt).
         """
         steps = self.tc.actor_warmup_steps if steps is None else steps
-        instruction = self.task.instruction if instruction is None else instruction
+
         self.mt.add_static_adapter(self.tc.static_rank, self.tc.static_alpha)
         stream = DataStream(self.train_set, self.cfg.data.seed + 1)
 
         def loss(batch: list[Example]) -> torch.Tensor:
-            return self.mt.answer_nll(self.task, batch, [instruction] * len(batch), None, self.tc.max_length).mean()
+            prompts = [instruction or self.task.instruction_for(ex) for ex in batch]
+            return self.mt.answer_nll(self.task, batch, prompts, None, self.tc.max_length).mean()
 
         params = list(self.mt.m_lora.adapter_parameters("static"))
         self._supervised("warmup_actor", "sft", params, self.tc.lr_static, steps, stream, loss)
