@@ -194,3 +194,32 @@ def test_non_finite_loss_stops_with_a_clear_message(tiny_tokenizer, tmp_path, mo
 def test_impossible_settings_are_rejected_before_any_work(tiny_tokenizer, override, message):
     with pytest.raises(MetatunerError, match=message.replace("(", r"\(").replace("[", r"\[")):
         setup(tiny_tokenizer, [override])
+
+
+def test_generator_can_be_a_different_checkpoint(tiny_tokenizer, tmp_path):
+    from metatuner.models.lora import LoRALinear
+
+    other = tmp_path / "other"
+    make_model(tiny_tokenizer, layers=2, seed=5).save_pretrained(other)
+    tiny_tokenizer.save_pretrained(other)
+    cfg = load_config(None, [*FAST, f"generator.model={other}", "train.steps=1"])
+    actor = make_model(tiny_tokenizer)
+    base = {n: p.detach().clone() for n, p in actor.named_parameters()}
+    mt = build_metatuner(cfg, actor, tiny_tokenizer)
+    assert mt.generator is not mt.actor and mt.g_lora.num_layers == 2 and mt.k == round(0.25 * 2)
+    task = get_task("arithmetic")
+    Trainer(cfg, mt, task, task.load("train")[:4], [], tmp_path / "run", progress=False).run()
+    g_adapters = {a for m in mt.generator.modules() if isinstance(m, LoRALinear) for a in m.lora_A}
+    m_adapters = {a for m in mt.actor.modules() if isinstance(m, LoRALinear) for a in m.lora_A}
+    assert g_adapters == {"enc", "dec", "dec_frozen"} - ({"enc"} if mt.k == 0 else set()) and m_adapters == set()
+    for n, p in mt.actor.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base[n.replace(".base.", ".")]), n
+
+
+def test_g_and_m_share_one_copy_of_the_base_weights(tiny_tokenizer):
+    cfg, mt, task, train = setup(tiny_tokenizer)
+    assert mt.generator is mt.actor and mt.g_lora is mt.m_lora
+    base_numel = sum(p.numel() for n, p in mt.actor.named_parameters() if "lora_" not in n)
+    frozen_in_mt = sum(p.numel() for n, p in mt.named_parameters() if "lora_" not in n and not n.startswith("hypernet."))
+    assert frozen_in_mt == base_numel  # the MetaTuner module holds the base weights once
