@@ -314,6 +314,12 @@ def _coerce(key: str, value: Any, hint: Any, choices: tuple | None) -> Any:
             raise MetatunerError(f"{key} must be a list, got {value!r}")
         elem = typing.get_args(base)[0]
         return [_coerce(f"{key}[{i}]", v, elem, None) for i, v in enumerate(value)]
+    if base in (int, float) and isinstance(value, str):
+        # YAML reads "1e-3" (no dot) as a string; numbers written that way are still numbers
+        try:
+            value = base(value)
+        except ValueError:
+            pass
     if ok is None or not ok(value):
         raise MetatunerError(f"{key} must be {getattr(base, '__name__', base)}, got {value!r}")
     value = base(value)

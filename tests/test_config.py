@@ -49,3 +49,10 @@ def test_every_field_has_help():
 
 def test_parse_overrides_nests():
     assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+def test_numbers_in_exponent_form_are_numbers():
+    cfg = load_config(None, ["train.lr_static=1e-3", "train.steps=10"])
+    assert cfg.train.lr_static == 1e-3 and isinstance(cfg.train.lr_static, float)
+    with pytest.raises(MetatunerError, match="train.steps must be int"):
+        load_config(None, ["train.steps=1.5e1x"])
