@@ -40,6 +40,8 @@ from metatuner.methods.opro import best_of, default_proposer, opro_config, optim
 from metatuner.tasks.base import Example, Task
 
 logger = logging.getLogger(__name__)
+
+
 @dataclass
 class Program:
     instruction: str
