@@ -112,3 +112,18 @@ def test_select_first_and_seeded_random():
     assert select(items, 5, "random", seed=3) == select(items, 5, "random", seed=3)
     assert select(items, 5, "random", seed=3) != select(items, 5, "random", seed=4)
     assert select(items, None) == items
+
+
+def test_label_logprobs_equal_the_full_logits_computation(tiny_model, tiny_tokenizer):
+    import torch
+
+    from metatuner.evaluation.generation import encode_pairs, token_logprobs
+
+    batch = encode_pairs(tiny_tokenizer, ["abc ", "a longer context "], ["xyz", "q"], tiny_model.device)
+    total, count = token_logprobs(tiny_model, batch)
+    logp = torch.log_softmax(tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    full = (logp[:, :-1].gather(-1, labels.clamp(min=0)[..., None])[..., 0] * mask).sum(-1)
+    torch.testing.assert_close(total, full, atol=1e-5, rtol=1e-5)
+    assert count.tolist() == [3, 1]

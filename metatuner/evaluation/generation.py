@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 
 def render_chat(tokenizer, messages: list[dict[str, str]]) -> str:
@@ -91,13 +92,19 @@ def encode_pairs(tokenizer, contexts: list[str], continuations: list[str], devic
 
 
 def token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row sum of label log-probabilities and label-token counts (differentiable)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1].float()  # [bs, T-1, V]
-    labels = batch["labels"][:, 1:]  # [bs, T-1]
+    """Per-row sum of label log-probabilities and label-token counts (differentiable).
+
+    The output head runs only on the positions that predict a label: a full ``[bs, T, vocab]`` logits
+    tensor (hundreds of MB for a 49k vocabulary) is never built.
+    """
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+    labels = batch["labels"][:, 1:]  # [bs, T-1]: position t predicts token t + 1
     mask = labels != -100
-    lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (lp * mask).sum(-1), mask.sum(-1)
+    rows = mask.nonzero()[:, 0]  # [N]
+    logits = model.get_output_embeddings()(hidden[:, :-1][mask]).float()  # [N, vocab]
+    lp = -nn.functional.cross_entropy(logits, labels[mask], reduction="none")  # [N]
+    total = torch.zeros(labels.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
+    return total, mask.sum(-1)
 
 
 @torch.no_grad()

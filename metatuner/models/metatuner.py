@@ -24,7 +24,7 @@ from torch import nn
 
 from metatuner.config import GeneratorConfig, HypernetConfig
 from metatuner.errors import MetatunerError
-from metatuner.evaluation.generation import encode_pairs, generate, render_chat
+from metatuner.evaluation.generation import encode_pairs, generate, render_chat, token_logprobs
 from metatuner.models.hypernet import LoRAHypernet
 from metatuner.models.lora import LoRAModel
 from metatuner.prompts import rewrite_messages
@@ -204,8 +204,7 @@ class MetaTuner(nn.Module):
         batch = encode_pairs(self.gen_tokenizer, self.rewrite_texts(task, examples), [p + eos for p in prompts],
                              self.generator.device)
         with self.g_lora.use(("enc", "dec")):
-            logits = self.generator(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return _mean_nll(logits, batch["labels"])
+            return _mean_nll(self.generator, batch)
 
     # ---- F and M -------------------------------------------------------------------------------
     def factors(self, h: torch.Tensor) -> Factors | None:
@@ -231,8 +230,7 @@ class MetaTuner(nn.Module):
         )
         batch = {k: v[:, -max_length:] if v.shape[1] > max_length else v for k, v in batch.items()}
         with self.as_actor(factors):
-            logits = self.actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return _mean_nll(logits, batch["labels"])
+            return _mean_nll(self.actor, batch)
 
 
 def repeat_factors(factors: Factors | None, n: int) -> Factors | None:
@@ -242,10 +240,7 @@ def repeat_factors(factors: Factors | None, n: int) -> Factors | None:
     return {k: (a.repeat_interleave(n, 0), b.repeat_interleave(n, 0)) for k, (a, b) in factors.items()}
 
 
-def _mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``[bs]`` mean token NLL over positions whose label is not -100."""
-    logits = logits[:, :-1].float()  # [bs, T-1, V]
-    labels = labels[:, 1:]  # [bs, T-1]
-    mask = labels != -100
-    nll = nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")  # [bs, T-1]
-    return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
+def _mean_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[bs]`` mean token NLL of the labelled positions (label != -100)."""
+    total, count = token_logprobs(model, batch)
+    return -total / count.clamp(min=1)
