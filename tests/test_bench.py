@@ -32,6 +32,7 @@ def test_grid_runs_every_cell_once_and_rerun_skips(protocol_file, tmp_path, monk
         (m, s) for m in ("zero-shot", "cot", "sft") for s in (0, 1))
     assert all(r["n"] == 3 and len(r["item_scores"]) == 3 for r in rows)
     assert next(r for r in rows if r["method"] == "sft")["train_log"]
+    assert [r["method"] for r in rows][::2] == ["zero-shot", "cot", "sft"]  # the protocol's order
 
     import metatuner.recipes as recipes
 

@@ -154,3 +154,16 @@ def test_fit_saves_pairs_and_the_adapter_into_the_run_folder(tmp_path, tiny_mode
     lines = (tmp_path / "run" / "dpo_pairs.jsonl").read_text().splitlines()
     assert len(lines) >= 1 and '"chosen"' in lines[0]
     assert (tmp_path / "run" / "dpo" / "checkpoint-1" / "adapter_model.safetensors").is_file()
+
+
+def test_pairs_longer_than_max_length_are_dropped_with_a_clear_error_when_none_fit(tiny_model, tiny_tokenizer):
+    from metatuner.config import DPOMethodConfig, RunConfig
+    from metatuner.errors import MetatunerError
+    from metatuner.methods.dpo import DPO
+    from metatuner.tasks import get_task
+
+    cfg = RunConfig()
+    cfg.dpo = DPOMethodConfig(queries=2, samples_per_query=2, max_new_tokens=4, steps=1, max_length=16)
+    task = get_task("arithmetic")
+    with pytest.raises(MetatunerError, match="longer than dpo.max_length=16"):
+        DPO(tiny_model, tiny_tokenizer, cfg).fit(task, task.load("train")[:2], [])

@@ -143,6 +143,12 @@ def collect(out: Path) -> list[dict]:
             "train_log": str(train_log.relative_to(out)) if train_log.is_file() else None,
             "predictor": s.get("predictor", {}), "environment": s.get("environment", {}),
         })
+    saved = out / "protocol.yaml"
+    if saved.is_file():  # the table follows the protocol's order of tasks and methods
+        spec = yaml.safe_load(saved.read_text())
+        task_rank = {t: i for i, t in enumerate(spec["tasks"])}
+        method_rank = {m: i for i, m in enumerate(spec["methods"])}
+        rows.sort(key=lambda r: (method_rank.get(r["method"], 99), task_rank.get(r["task"], 99), r["seed"]))
     tmp = out / f".results.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(rows, indent=1))
     os.replace(tmp, out / "results.json")

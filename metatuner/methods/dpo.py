@@ -117,6 +117,12 @@ def train_dpo(model, tokenizer, pairs: list[Pair], cfg: DPOMethodConfig, seed: i
     return merged, {"final_loss": logged[-1], "mean_loss": result.training_loss}
 
 
+def _fits(tokenizer, pair: Pair, max_length: int) -> bool:
+    """Whether prompt + the longer answer fit: TRL cuts longer rows, which can leave a pair with no answer."""
+    n = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    return n(pair.prompt) + max(n(pair.chosen), n(pair.rejected)) + 1 <= max_length
+
+
 class DPOPredictor(LMPredictor):
     """M with the merged DPO LoRA answering under p~; ``describe`` adds how it was trained."""
 
@@ -145,6 +151,13 @@ class DPO(Method):
                 f"dpo built no preference pair from {len(queries)} queries x {cfg.samples_per_query} samples (a pair "
                 f"needs an incorrect sample, and a correct one or dpo.gold_fallback=true); raise dpo.queries"
             )
+        built = len(pairs)
+        pairs = [p for p in pairs if _fits(self.tokenizer, p, cfg.max_length)]
+        if not pairs:
+            raise MetatunerError(
+                f"all {built} dpo preference pairs are longer than dpo.max_length={cfg.max_length} tokens "
+                f"(prompt + answer); raise dpo.max_length"
+            )
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with (self.run_dir / "dpo_pairs.jsonl").open("w") as f:
@@ -152,6 +165,7 @@ class DPO(Method):
         out_dir = self.run_dir / "dpo" if self.run_dir is not None else None
         model, losses = train_dpo(copy.deepcopy(self.model), self.tokenizer, pairs, cfg,
                                   getattr(self.config, "seed", 0), out_dir)
-        training = {"queries": len(queries), "pairs": len(pairs), "gold_fallback": sum(p.gold for p in pairs),
+        training = {"queries": len(queries), "pairs": len(pairs), "too_long": built - len(pairs),
+                    "gold_fallback": sum(p.gold for p in pairs),
                     "steps": cfg.steps, **losses}
         return DPOPredictor(model, self.tokenizer, task.instruction, training)
