@@ -21,7 +21,7 @@ def protocol_file(tmp_path, tiny_model_dir):
         "methods": {"zero-shot": {}, "cot": {"eval.max_new_tokens": 3}, "sft": {"train.steps": 1}},
         "common": {"model": {"name": str(tiny_model_dir)}, "eval": {"limit": 3, "max_new_tokens": 4},
                    "data": {"train_limit": 4}, "train": {"batch_size": 2}},
-    }))
+    }, sort_keys=False))
     return path
 
 
