@@ -14,4 +14,7 @@ mt=.venv/bin/metatuner
 [ -f "$OUT/sft/summary.json" ] || $mt eval --method sft "${COMMON[@]}" --out "$OUT/sft"
 [ -f "$OUT/metatuner-j/eval-test/summary.json" ] || $mt train --config quick "${COMMON[@]}" \
   train.save_every=5 train.sync_every=5 --out "$OUT/metatuner-j"
+# the same MetaTuner-J run with the prompt branch off (w/o P): isolates the per-query LoRA
+[ -f "$OUT/metatuner-j-wo-p/eval-test/summary.json" ] || $mt train --config quick "${COMMON[@]}" \
+  train.save_every=5 train.sync_every=5 train.ablation=no_prompt --out "$OUT/metatuner-j-wo-p"
 .venv/bin/python scripts/summarize_results.py "$OUT"

@@ -192,11 +192,7 @@ class Trainer:
         terms = self.terms_for_step()
         for _ in range(tc.grad_accum):
             batch = self.stream.next(tc.batch_size)[self.acc.process_index :: self.acc.num_processes]
-            losses = self.losses(batch, terms, record)
-            self._check_finite(self.step + 1, losses)
-            total = sum(tc.alpha * v if k == "reg" else v for k, v in losses.items() if k in terms)
-            if isinstance(total, torch.Tensor) and total.requires_grad:
-                (total / tc.grad_accum).backward()
+            losses = self.forward_backward(batch, terms, record)
             for k, v in losses.items():
                 record[f"{k}_loss"] = record.get(f"{k}_loss", 0.0) + v.item() / tc.grad_accum
         self._sync_gradients()
@@ -219,9 +215,21 @@ class Trainer:
             return {"task"} if self.step % 2 == 0 else {"reg"}
         return {"task", "reg"}
 
-    def losses(self, batch: list[Example], terms: set[str], record: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def forward_backward(self, batch: list[Example], terms: set[str], record: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Computes the step's loss terms on one micro-batch and back-propagates those in ``terms``.
+
+        Each term is back-propagated as soon as it is computed, so the task loss's graph is freed before
+        the regularizer's is built: the gradient of the weighted sum, at the peak memory of one term.
+        """
         mt, task, tc = self.mt, self.task, self.tc
         out: dict[str, torch.Tensor] = {}
+
+        def backward(name: str, weight: float = 1.0) -> None:
+            self._check_finite(self.step + 1, {name: out[name]})
+            if name in terms and out[name].requires_grad:
+                (weight * out[name] / tc.grad_accum).backward()
+            out[name] = out[name].detach()
+
         need_factors = "task" in terms or (mt.use_prompt and self.step % tc.rollout_every == 0)
         factors = mt.factors(mt.encode(task, batch)) if need_factors else None
         if mt.use_prompt and self.step % tc.rollout_every == 0:
@@ -233,10 +241,12 @@ class Trainer:
         if "task" in terms:
             prompts = self.frozen_prompts(batch)
             out["task"] = mt.answer_nll(task, batch, prompts, factors, tc.max_length).mean()
+            backward("task")
         if "reg" in terms and mt.use_prompt:
             have = [ex for ex in batch if ex.id in self.experts]
             if have:
                 out["reg"] = mt.prompt_nll(task, have, [self.experts[ex.id] for ex in have]).mean()
+                backward("reg", tc.alpha)
         return out
 
     def frozen_prompts(self, batch: list[Example]) -> list[str]:
