@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query", required=True, help="the question whose LoRA to export")
     p.add_argument("--out", required=True, help="adapter folder to create (loads with PeftModel.from_pretrained)")
 
+    p = sub.add_parser("rescore", help="grade a results folder's stored outputs again with the current task code")
+    p.add_argument("results", nargs="+", metavar="DIR", help="results folders written by eval / train / bench")
+    p.add_argument("--data-dir", help="folder with <task>/{train,test}.jsonl (default: $METATUNER_DATA_DIR, else the hub)")
+
     p = sub.add_parser("bench", help="run a benchmark protocol: methods x tasks x seeds, resumable cell by cell")
     p.add_argument("--config", required=True, metavar="FILE",
                    help="protocol YAML, or a shipped one by name: cpu, gpu, tiny (metatuner/configs/bench/)")
@@ -231,6 +235,18 @@ def cmd_export(args) -> None:
     print(f"prompt: {prompt}\nadapter: {args.out} (PeftModel.from_pretrained(base_model, {args.out!r}))")
 
 
+def cmd_rescore(args) -> None:
+    from metatuner.evaluation.harness import rescore
+    from metatuner.tasks import get_task
+
+    for folder in args.results:
+        summary = Path(folder) / "summary.json"
+        if not summary.is_file():
+            raise MetatunerError(f"{folder} is not a results folder (no summary.json)")
+        task = get_task(json.loads(summary.read_text())["task"], args.data_dir)
+        _print_result(f"rescored {folder}", rescore(folder, task))
+
+
 def cmd_bench(args) -> None:
     from metatuner.bench.grid import Protocol, run_grid
     from metatuner.bench.report import report
@@ -254,6 +270,7 @@ def cmd_report(args) -> None:
 COMMANDS = {
     "tasks": cmd_tasks, "methods": cmd_methods, "config": cmd_config, "eval": cmd_eval, "train": cmd_train,
     "run": cmd_run, "generate": cmd_generate, "export": cmd_export, "bench": cmd_bench, "report": cmd_report,
+    "rescore": cmd_rescore,
 }
 
 

@@ -127,3 +127,22 @@ def test_label_logprobs_equal_the_full_logits_computation(tiny_model, tiny_token
     full = (logp[:, :-1].gather(-1, labels.clamp(min=0)[..., None])[..., 0] * mask).sum(-1)
     torch.testing.assert_close(total, full, atol=1e-5, rtol=1e-5)
     assert count.tolist() == [3, 1]
+
+
+def test_rescore_grades_stored_outputs_again(tmp_path, monkeypatch):
+    task = get_task("arithmetic")
+    items = task.load("test")[:4]
+    outputs = {ex.id: f"so it is {ex.answer} in the end" for ex in items}  # no "The answer is": strict misses
+    evaluate(Scripted(outputs), task, items, out_dir=tmp_path / "r", progress=False)
+    from metatuner.evaluation.harness import rescore
+
+    monkeypatch.setattr(type(task), "extract", lambda self, out: {"strict": out.split()[3], "flexible": None})
+    monkeypatch.setattr(type(task), "version", "9")
+    result = rescore(tmp_path / "r", task)
+    assert result.metrics["exact_match_strict"]["mean"] == 1.0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["task_version"] == "9" and "rescored" in summary
+    assert summary["metrics"]["exact_match_strict"]["mean"] == 1.0
+    assert json.loads((tmp_path / "r" / "records.jsonl").read_text().splitlines()[0])["extracted"]["flexible"] is None
+    with pytest.raises(MetatunerError, match="not 'gsm8k'"):
+        rescore(tmp_path / "r", get_task("gsm8k"))

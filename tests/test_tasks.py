@@ -406,3 +406,12 @@ def test_every_task_declares_its_prompts_and_primary_metric():
         assert task.instruction and task.cot_instruction and task.cot_instruction != task.instruction
         scores = task.score(task.extract(""), _example("B", ("x", "y", "z", "w")))
         assert task.primary_metric in scores and set(scores.values()) == {0.0}
+
+
+def test_hotpotqa_sentence_after_a_number_and_leading_yes_no():
+    task = get_task("hotpotqa")
+    assert task.extract("The answer is 10. The arena can seat 10 people.")["strict"] == "10"
+    assert task.extract("The answer is 3.5 million.")["strict"] == "3.5 million"
+    assert task.extract("No, the two mosques are in different districts.")["flexible"] == "no"
+    assert task.extract("Yes.")["flexible"] == "yes"
+    assert task.extract("Nobody knows.")["flexible"] == "Nobody knows"

@@ -166,6 +166,42 @@ def evaluate(
     return result
 
 
+def rescore(results_dir: str | os.PathLike, task: Task) -> EvalResult:
+    """Re-extracts and re-scores a results folder's outputs with the task's current code, in place.
+
+    Generation is not repeated: after a fix to answer extraction or to a metric, the stored outputs are
+    graded again. Option log-probabilities, where stored, are kept and re-scored too. The summary
+    records the task version used and that it was re-scored.
+    """
+    folder = Path(results_dir)
+    if not (folder / "summary.json").is_file():
+        raise MetatunerError(f"{folder} is not a results folder (no summary.json)")
+    summary = json.loads((folder / "summary.json").read_text())
+    if summary["task"] != task.name:
+        raise MetatunerError(f"{folder} holds results of task {summary['task']!r}, not {task.name!r}")
+    records = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
+    examples = {ex.id: ex for ex in task.load("test")}
+    missing = [r["id"] for r in records if r["id"] not in examples]
+    if missing:
+        raise MetatunerError(f"{folder}: {len(missing)} record ids (e.g. {missing[0]}) are not in the test split")
+    for rec in records:
+        ex = examples[rec["id"]]
+        rec["extracted"], rec["scores"] = task.grade(rec["output"], ex)
+        if "choice_logprobs" in rec:
+            best = max(range(len(rec["choice_logprobs"])), key=rec["choice_logprobs"].__getitem__)
+            rec["scores"]["accuracy_likelihood"] = float(best == ex.meta["label"])
+    metrics = summarize(records)
+    summary.update(metrics=metrics, task_version=task.version,
+                   rescored={"at": time.strftime("%Y-%m-%d %H:%M:%S"), "environment": environment()})
+    for name, text in (("records.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)),
+                       ("summary.json", json.dumps(summary, indent=2))):
+        tmp = folder / f".{name}.tmp-{os.getpid()}"
+        tmp.write_text(text)
+        os.replace(tmp, folder / name)
+    return EvalResult(task.name, len(records), metrics, task.primary_metric, summary["timing"]["seconds"],
+                      records, folder)
+
+
 def write_results_folder(final: Path, records: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     """Writes records and summary under a temporary name, then renames the folder into place."""
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,8 @@
 
 Rows have ``question``, ``answer`` and ``type`` (bridge / comparison); the supporting paragraphs are
 not given to the model. Scoring is the official HotpotQA exact match and token F1 on normalised answers.
+Strict extraction takes the text after "The answer is" up to the end of its sentence; flexible falls
+back to a leading yes/no, else the first line.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from typing import Any
 from metatuner.tasks.base import TASKS, Example, HubSource, Task
 
 _ANSWER_IS_RE = re.compile(r"the answer is\s*:?\s*", re.IGNORECASE)
-# a full stop after a word of four or more letters, then a capital: a new sentence. Shorter words are
-# mostly abbreviations inside an answer ("St. Louis", "Mr. Church", "Guardians of the Galaxy Vol. 2")
-_SENTENCE_END_RE = re.compile(r"(?<=[^\W\d_]{4})\.\s+(?=[A-Z])")
+# a full stop after a word of four or more letters or after a number, then a capital: a new sentence.
+# Shorter words are mostly abbreviations inside an answer ("St. Louis", "Mr. Church", "Vol. 2")
+_SENTENCE_END_RE = re.compile(r"(?:(?<=[^\W\d_]{4})|(?<=\d))\.\s+(?=[A-Z])")
+# a reply that opens with yes or no answers a yes/no question, whatever explanation follows
+_YES_NO_RE = re.compile(r"^\s*(yes|no)\b", re.IGNORECASE)
 _ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
 _CLOSED_ANSWERS = ("yes", "no", "noanswer")
@@ -64,6 +68,7 @@ class HotpotQA(Task):
     """Closed-book multi-hop QA; scored by exact match and token F1."""
 
     name = "hotpotqa"
+    version = "2"  # 2: sentence ends after numbers; flexible takes a leading yes/no
     instruction = "Answer the question with a short phrase, in the form 'The answer is X.'"
     cot_instruction = (
         "Let's think step by step about what the question asks, "
@@ -93,9 +98,12 @@ class HotpotQA(Task):
     def extract(self, output: str) -> dict[str, str | None]:
         stated = after_last_answer_is(output)
         strict = _clean(_SENTENCE_END_RE.split(stated, maxsplit=1)[0]) if stated is not None else None
+        if strict is not None:
+            return {"strict": strict, "flexible": strict}
+        yes_no = _YES_NO_RE.match(output)
         lines = [line for line in output.splitlines() if line.strip()]
-        first_line = _clean(lines[0]) if lines else None
-        return {"strict": strict, "flexible": strict if strict is not None else first_line}
+        flexible = yes_no.group(1).lower() if yes_no else (_clean(lines[0]) if lines else None)
+        return {"strict": None, "flexible": flexible}
 
     def score(self, extracted: dict[str, str | None], example: Example) -> dict[str, float]:
         return {
