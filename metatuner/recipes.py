@@ -97,10 +97,6 @@ def train_metatuner(cfg: RunConfig, run_dir: Path, resume: bool = False, progres
 
     task = get_task(cfg.data.task, cfg.data.data_dir)
     train, val = train_val_split(task.load("train"), cfg.data.train_limit, cfg.data.val_size, cfg.data.seed)
-    if resume:
-        saved = run_dir / "config.yaml"
-        if not saved.is_file():
-            raise MetatunerError(f"--resume: {saved} not found; is {run_dir} a training run folder?")
     seed_everything(cfg.seed)
     model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device)
     mt = build_metatuner(cfg, model, tok)
