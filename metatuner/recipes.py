@@ -108,12 +108,8 @@ def train_metatuner(cfg: RunConfig, run_dir: Path, resume: bool = False, progres
 
 def load_run(run_dir: str | Path, overrides: list[str] = ()):
     """Rebuilds a trained MetaTuner from a run folder: its config (plus overrides) and newest checkpoint."""
-    import json
-
-    from safetensors.torch import load_file
-
     from metatuner.config import load_config
-    from metatuner.training.checkpoint import latest_checkpoint
+    from metatuner.training.checkpoint import latest_checkpoint, read_trainable
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -124,10 +120,10 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()):
     cfg = load_config(run_dir / "config.yaml", list(overrides))
     model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device)
     mt = build_metatuner(cfg, model, tok)
-    state = json.loads((ckpt / "state.json").read_text())
+    tensors, state = read_trainable(ckpt)
     if state["extra"].get("has_static"):
         mt.add_static_adapter(cfg.train.static_rank, cfg.train.static_alpha)
-    mt.load_trainable_state(load_file(ckpt / "trainable.safetensors"))
+    mt.load_trainable_state(tensors)
     return mt, cfg
 
 

@@ -117,7 +117,7 @@ class MetaTuner(nn.Module):
         """Everything learned (never the frozen base): G's adapters, the frozen copy, static LoRA, F."""
         state = {}
         for name in ("enc", "dec", "dec_frozen") + (("static",) if self.has_static else ()):
-            state.update({f"{name}.{k}": v for k, v in self.g_lora_or_m(name).adapter_state(name).items()})
+            state.update({f"{name}.{k}": v for k, v in self._lora_holding(name).adapter_state(name).items()})
         state.update({f"hypernet.{k}": v for k, v in self.hypernet.state_dict().items()})
         return state
 
@@ -130,7 +130,8 @@ class MetaTuner(nn.Module):
         for k, v in own.items():
             v.copy_(state[k])
 
-    def g_lora_or_m(self, adapter: str) -> LoRAModel:
+    def _lora_holding(self, adapter: str) -> LoRAModel:
+        """The LoRAModel an adapter lives in: M's static one in M, the rest in G."""
         return self.m_lora if adapter == "static" else self.g_lora
 
     def add_static_adapter(self, rank: int, alpha: float) -> None:

@@ -136,6 +136,15 @@ def _match_types(saved, current):
     return tuple(saved) if isinstance(current, tuple) and isinstance(saved, list) else saved
 
 
+def read_trainable(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The trained tensors and ``state.json`` of a checkpoint, for inference (no optimizer, no RNG)."""
+    path = Path(path)
+    try:
+        return load_file(path / "trainable.safetensors"), json.loads((path / "state.json").read_text())
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise MetatunerError(f"cannot load checkpoint {path}: {exc}") from None
+
+
 def load_checkpoint(path: Path, optimizer, scheduler) -> tuple[dict[str, torch.Tensor], dict]:
     """Restore ``optimizer``, ``scheduler`` and all RNG states from ``path``; return (tensors, state.json).
 
