@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run a benchmark protocol: methods x tasks x seeds, resumable cell by cell")
     p.add_argument("--config", required=True, metavar="FILE",
-                   help="protocol YAML, or a shipped one by name: cpu, gpu, tiny (metatuner/configs/bench/)")
+                   help=f"protocol YAML, or a shipped one by name: {', '.join(_shipped_protocols())} "
+                   "(metatuner/configs/bench/)")
     p.add_argument("--out", help="grid folder (default: runs/bench-<protocol>); rerunning skips finished cells")
     p.add_argument("--data-dir", help="folder with <task>/{train,test}.jsonl for every cell")
     p.add_argument("--only", nargs="+", metavar="METHOD", help="run only these methods' cells")
@@ -94,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_flags(p)
     _common(p)
     return parser
+
+
+def _shipped_protocols() -> list[str]:
+    return sorted(f.stem for f in (Path(__file__).resolve().parent / "configs" / "bench").glob("*.yaml"))
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:

@@ -108,3 +108,20 @@ def test_cross_task_protocol_resolves():
     protocol = Protocol.load("cross")
     cfg = protocol.config("math+hotpotqa+cosmosqa>gsm8k", "metatuner-j", 0)
     assert cfg.method == "metatuner" and cfg.data.task == "math+hotpotqa+cosmosqa>gsm8k"
+
+
+def test_arithmetic_protocol_has_every_method_on_the_builtin_task():
+    protocol = Protocol.load("arithmetic")
+    assert len(protocol.cells()) == 11 * 2 and protocol.tasks == ["arithmetic"]
+    cfg = protocol.config("arithmetic", "wo-p", 0)
+    assert (cfg.method, cfg.train.ablation, cfg.train.steps, cfg.data.train_limit) == ("metatuner", "no_prompt", 20, 400)
+
+
+def test_bench_help_lists_every_shipped_protocol(capsys):
+    from metatuner.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for name in ("arithmetic", "cpu", "cross", "gpu"):
+        assert name in out
