@@ -171,7 +171,10 @@ def cmd_eval(args) -> None:
 
 
 def cmd_train(args) -> None:
+    from accelerate.utils import broadcast_object_list
+
     from metatuner.config import load_config
+    from metatuner.models.loading import process_state
     from metatuner.recipes import eval_predictor, new_run_dir, train_metatuner
     from metatuner.training.predictor import MetaTunerPredictor
 
@@ -182,10 +185,17 @@ def cmd_train(args) -> None:
         cfg = load_config(run_dir / "config.yaml", [*args.overrides, *_flag_overrides(args)])
     else:
         cfg = _config(args)
+        process_state(cfg.model.device)  # under `accelerate launch` / `torchrun`: one of the processes that train
         run_dir = Path(args.out) if args.out else new_run_dir(cfg.out_dir, "metatuner", cfg.data.task)
+        run_dir = Path(broadcast_object_list([str(run_dir)])[0])  # the main process's name (time-stamped)
         if run_dir.exists():
             raise MetatunerError(f"run folder {run_dir} already exists; use --resume {run_dir} to continue it")
+    state = process_state(cfg.model.device)
+    state.wait_for_everyone()  # every process has checked the folder before the main one creates it
     mt, task = train_metatuner(cfg, run_dir, resume=bool(args.resume))
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return  # the main process scores the trained model and prints; the others are done
     print(f"trained: {run_dir}")
     if not args.no_eval:
         _print_result("metatuner", eval_predictor(MetaTunerPredictor(mt), task, cfg, run_dir / "eval-test"))
@@ -289,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
     try:
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        if processes > 1 and args.command != "train":
+            raise MetatunerError(
+                f"`metatuner {args.command}` runs in one process, not {processes}; start only `metatuner train` "
+                "with accelerate launch / torchrun"
+            )
         COMMANDS[args.command](args)
     except MetatunerError as e:
         print(f"metatuner: error: {e}", file=sys.stderr)

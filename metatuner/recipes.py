@@ -17,7 +17,7 @@ from metatuner.config import RunConfig, save_config, to_dict
 from metatuner.errors import MetatunerError
 from metatuner.evaluation.harness import EvalResult, evaluate, select
 from metatuner.methods import get_method
-from metatuner.models.loading import load_model
+from metatuner.models.loading import load_model, process_state
 from metatuner.tasks import Example, get_task
 
 
@@ -100,8 +100,9 @@ def train_metatuner(cfg: RunConfig, run_dir: Path, resume: bool = False, progres
     seed_everything(cfg.seed)
     model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device)
     mt = build_metatuner(cfg, model, tok)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if process_state(cfg.model.device).is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
     Trainer(cfg, mt, task, train, val, run_dir, progress=progress).run(resume=resume)
     return mt, task
 

@@ -99,9 +99,22 @@ def _convert_gguf(gguf_dir: Path, filename: str, out: Path) -> None:
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    """``auto``: this process's GPU when there is one (``LOCAL_RANK`` under ``accelerate launch`` /
+    ``torchrun``, else GPU 0), otherwise the CPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
     return torch.device(device)
+
+
+def process_state(device: str = "auto"):
+    """accelerate's view of the processes of this run: one, unless started by ``accelerate launch`` or
+    ``torchrun``. Call it before anything else builds an ``Accelerator``: on a CPU, accelerate joins the
+    processes into one group (gloo) only when its first state is made with ``cpu=True``."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=pick_device(device).type == "cpu")
 
 
 def load_tokenizer(name_or_path: str):

@@ -11,8 +11,10 @@ Joint training minimises, per METHOD.md section 4,
 
 ``schedule=joint`` (MetaTuner-J) steps on the sum; ``schedule=alternate`` (MetaTuner-I) steps on the task
 term at even steps and on the regularizer at odd ones. The loop runs on ``accelerate``: under
-``accelerate launch`` each process takes its share of every batch and gradients are averaged across
-processes before the step. Every loss term is logged by name to ``log.jsonl`` and TensorBoard.
+``accelerate launch`` each process takes its share of every batch (warm-ups included), gradients are
+averaged across processes in one all-reduce before each step, and the rollouts' expert prompts are
+gathered so every process (and the checkpoint) holds all of D2. Only the main process writes logs and
+checkpoints. Every loss term is logged by name to ``log.jsonl`` and TensorBoard.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from metatuner.config import RunConfig
@@ -80,6 +83,11 @@ class Trainer:
         self.run_dir = run_dir
         self.progress = progress
         self.acc = Accelerator(cpu=mt.actor.device.type == "cpu")
+        if self.tc.batch_size < self.acc.num_processes:
+            raise MetatunerError(
+                f"train.batch_size={self.tc.batch_size} is smaller than the {self.acc.num_processes} processes: "
+                "every process needs at least one query of each batch"
+            )
         self.experts: dict[str, str] = {}  # D2: query id -> best prompt found by rollouts
         self.prompt_cache: dict[str, str] = {}  # frozen-decoder prompts, cleared at each sync
         self.step = 0
@@ -129,9 +137,10 @@ class Trainer:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.tc.weight_decay)
         for step in tqdm(range(steps), desc=phase.replace("_", " "), disable=not self.progress):
             start = time.perf_counter()
-            loss = loss_fn(stream.next(self.tc.batch_size))
+            loss = loss_fn(self._share(stream.next(self.tc.batch_size)))
             self._check_finite(step, {name: loss})
             loss.backward()
+            self._sync_gradients(params)
             self._clip(params)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -147,10 +156,10 @@ class Trainer:
         queries = DataStream(self.train_set, self.cfg.data.seed + 2).next(self.tc.generator_warmup_queries)
         best: dict[str, str] = {}
         for i in tqdm(range(0, len(queries), self.tc.batch_size), desc="warm-up G (rollouts)", disable=not self.progress):
-            batch = queries[i : i + self.tc.batch_size]
+            batch = self._share(queries[i : i + self.tc.batch_size])
             result = rollout(self.mt, self.task, batch, None, self.tc.rollouts, self.tc.temperature,
-                             self.tc.reward, self.tc.max_length)
-            best.update({ex.id: p for ex, p in zip(batch, result.best_prompts)})
+                             self.tc.reward, self.tc.max_length) if batch else None
+            best.update(self._gather(zip([ex.id for ex in batch], result.best_prompts) if batch else ()))
         stream = DataStream(queries, self.cfg.data.seed + 3)
 
         def loss(batch: list[Example]) -> torch.Tensor:
@@ -168,7 +177,9 @@ class Trainer:
         param_groups = [{"params": ps, "lr": lrs[name], "name": name} for name, ps in self.groups.items() if ps]
         opt = torch.optim.AdamW(param_groups, weight_decay=self.tc.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.tc.lr_schedule, self.tc.steps, self.tc.warmup_ratio))
-        self.optimizer, self.scheduler = self.acc.prepare(opt, sched)
+        # the scheduler stays unwrapped: accelerate's wrapper would step it once per process, but each process
+        # here takes a share of one batch, so one optimizer step is one scheduler step
+        self.optimizer, self.scheduler = self.acc.prepare(opt), sched
 
     def train_joint(self) -> None:
         bar = tqdm(total=self.tc.steps, initial=self.step, desc="joint training", disable=not self.progress)
@@ -191,11 +202,11 @@ class Trainer:
         record: dict[str, Any] = {"phase": "joint", "step": self.step + 1}
         terms = self.terms_for_step()
         for _ in range(tc.grad_accum):
-            batch = self.stream.next(tc.batch_size)[self.acc.process_index :: self.acc.num_processes]
+            batch = self._share(self.stream.next(tc.batch_size))
             losses = self.forward_backward(batch, terms, record)
             for k, v in losses.items():
                 record[f"{k}_loss"] = record.get(f"{k}_loss", 0.0) + v.item() / tc.grad_accum
-        self._sync_gradients()
+        self._sync_gradients([p for ps in self.groups.values() for p in ps])
         self._clip([p for ps in self.groups.values() for p in ps])
         self.optimizer.step()
         self.scheduler.step()
@@ -235,7 +246,7 @@ class Trainer:
         if mt.use_prompt and self.step % tc.rollout_every == 0:
             detached = {k: (a.detach(), b.detach()) for k, (a, b) in factors.items()} if factors else None
             r = rollout(mt, task, batch, detached, tc.rollouts, tc.temperature, tc.reward, tc.max_length)
-            self.experts.update({ex.id: p for ex, p in zip(batch, r.best_prompts)})
+            self.experts.update(self._gather(zip([ex.id for ex in batch], r.best_prompts)))
             record.update(reward_mean=r.mean_reward, reward_initial=r.initial_reward,
                           reward_best=sum(r.best_rewards) / len(r.best_rewards))
         if "task" in terms:
@@ -257,13 +268,38 @@ class Trainer:
             self.prompt_cache.update({ex.id: p for ex, p in zip(missing, new)})
         return [self.prompt_cache[ex.id] for ex in batch]
 
-    def _sync_gradients(self) -> None:
+    # ---- several processes (accelerate launch) ----------------------------------------------------
+    def _share(self, batch: list[Example]) -> list[Example]:
+        """This process's share of a batch every process drew alike (the same seeded stream)."""
+        return batch[self.acc.process_index :: self.acc.num_processes]
+
+    def _gather(self, pairs) -> list[tuple[str, str]]:
+        """``(query id, prompt)`` pairs from every process (collective: every process must call it)."""
+        pairs = list(pairs)
+        return list(gather_object(pairs)) if self.acc.num_processes > 1 else pairs
+
+    def _sync_gradients(self, params: list[torch.Tensor]) -> None:
+        """Averages gradients across processes with one all-reduce of a flat buffer.
+
+        A parameter's gradient is the mean over the processes that produced one (a process whose share had
+        no expert prompt yet gives the decoder none), and stays ``None`` where none did, as in one process.
+        Every process calls this with the same parameters, so the collective never waits on a missing one.
+        """
         if self.acc.num_processes == 1:
             return
-        for ps in self.groups.values():
-            for p in ps:
-                if p.grad is not None:
-                    p.grad = self.acc.reduce(p.grad, reduction="mean")
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            return
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+        present = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+        flat = self.acc.reduce(torch.cat([*grads, present]), reduction="sum")
+        counts = flat[-len(params):]
+        offset = 0
+        for p, count in zip(params, counts.tolist()):
+            n = p.numel()
+            if count > 0:
+                p.grad = (flat[offset : offset + n] / count).view_as(p).to(p.dtype)
+            offset += n
 
     def _clip(self, params) -> None:
         if self.tc.max_grad_norm > 0:
@@ -309,9 +345,12 @@ class Trainer:
         self._writer.flush()
 
     def save(self) -> None:
-        if self.run_dir is None or not self.acc.is_main_process:
+        if self.run_dir is None:
             return
-        extra = {"cursor": self.stream.cursor, "experts": self.experts, "prompt_cache": self.prompt_cache,
+        prompt_cache = dict(self._gather(self.prompt_cache.items()))  # each process cached its own share
+        if not self.acc.is_main_process:
+            return
+        extra = {"cursor": self.stream.cursor, "experts": self.experts, "prompt_cache": prompt_cache,
                  "has_static": self.mt.has_static}
         save_checkpoint(self.run_dir, self.step, self.mt.trainable_state(), self.optimizer, self.scheduler, extra)
 
