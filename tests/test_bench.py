@@ -114,7 +114,7 @@ def test_arithmetic_protocol_has_every_method_on_the_builtin_task():
     protocol = Protocol.load("arithmetic")
     assert len(protocol.cells()) == 11 * 2 and protocol.tasks == ["arithmetic"]
     cfg = protocol.config("arithmetic", "wo-p", 0)
-    assert (cfg.method, cfg.train.ablation, cfg.train.steps, cfg.data.train_limit) == ("metatuner", "no_prompt", 20, 400)
+    assert (cfg.method, cfg.train.ablation, cfg.train.steps, cfg.data.train_limit) == ("metatuner", "no_prompt", 12, 400)
 
 
 def test_bench_help_lists_every_shipped_protocol(capsys):
