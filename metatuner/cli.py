@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="grid folder (default: runs/bench-<protocol>); rerunning skips finished cells")
     p.add_argument("--data-dir", help="folder with <task>/{train,test}.jsonl for every cell")
     p.add_argument("--only", nargs="+", metavar="METHOD", help="run only these methods' cells")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="run N cells at once, one process each, sharing the CPU threads (default 1); a grid "
+                   "folder may also be worked on by several bench commands at once: cells are claimed")
+    p.add_argument("--no-report", action="store_true", help="skip writing the table and plots at the end")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="overrides of protocol keys, e.g. seeds=[0] common.eval.limit=4 tasks=[gsm8k]")
 
@@ -268,7 +272,11 @@ def cmd_bench(args) -> None:
 
     protocol = Protocol.load(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / f"bench-{protocol.name}"
-    run_grid(protocol, out, args.data_dir, args.only)
+    if args.workers < 1:
+        raise MetatunerError(f"--workers must be at least 1, got {args.workers}")
+    run_grid(protocol, out, args.data_dir, args.only, args.workers)
+    if args.no_report:
+        return
     md, plots = report(out)
     print(md.read_text())
     print(f"results: {out / 'results.json'}\ntable: {md}\nplots: {', '.join(str(p) for p in plots)}")

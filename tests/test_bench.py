@@ -125,3 +125,34 @@ def test_bench_help_lists_every_shipped_protocol(capsys):
     out = " ".join(capsys.readouterr().out.split())
     for name in ("arithmetic", "cpu", "cross", "gpu"):
         assert name in out
+
+
+def test_a_cell_held_by_a_live_process_is_skipped_and_a_dead_ones_claim_is_taken_over(protocol_file, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "grid"
+    held, stale = grid.cell_dir(out, "arithmetic", "cot", 0), grid.cell_dir(out, "arithmetic", "sft", 1)
+    (out / "claims").mkdir(parents=True)
+    (out / "claims" / f"{held.name}.claim").write_text(f"{socket.gethostname()} {os.getppid()}")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / "claims" / f"{stale.name}.claim").write_text(f"{socket.gethostname()} {dead.pid}")
+    rows = run_grid(Protocol.load(protocol_file), out)
+    assert sorted((r["method"], r["seed"]) for r in rows) == sorted(
+        [(m, s) for m in ("zero-shot", "cot", "sft") for s in (0, 1) if (m, s) != ("cot", 0)])
+    assert (stale / "summary.json").is_file() and not (held / "summary.json").exists()
+    assert sorted(p.name for p in (out / "claims").iterdir()) == [f"{held.name}.claim"]  # ours were released
+
+
+def test_workers_run_every_cell_exactly_once(protocol_file, tmp_path):
+    out = tmp_path / "grid"
+    rows = run_grid(Protocol.load(protocol_file), out, workers=2)
+    assert sorted((r["method"], r["seed"]) for r in rows) == sorted(
+        (m, s) for m in ("zero-shot", "cot", "sft") for s in (0, 1))
+    logs = [(out / "logs" / f"worker-{k}.log").read_text() for k in range(2)]
+    started = [line for log in logs for line in log.splitlines() if line.endswith(" ...")]
+    assert len(started) == 6 and len(set(started)) == 6  # each cell started by one worker only
+    assert not list((out / "claims").iterdir())

@@ -6,12 +6,19 @@ the method is fitted on the task's train split (validation carved from train, se
 the same test subset by the one evaluation harness. A cell's results folder appears only when the
 cell is complete, so a rerun skips finished cells and an interrupted grid loses at most the cell in
 progress. After every cell ``results.json`` is rebuilt from all finished cells.
+
+Several grid processes may work on one folder at once (``--workers N`` starts them; separate
+invocations work too): a process claims a cell with a file created exclusively under ``claims/``
+holding its pid, skips cells another live process holds, and takes over claims of processes that died.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -90,17 +97,65 @@ def cell_dir(out: Path, task: str, method: str, seed: int) -> Path:
     return out / "cells" / f"{task}--{method}--seed{seed}"
 
 
-def run_grid(protocol: Protocol, out: Path, data_dir: str | None = None, only: list[str] | None = None) -> list[dict]:
-    """Runs every unfinished cell in order; returns the rows of ``results.json``."""
+def claim(out: Path, folder: Path) -> bool:
+    """Claims a cell for this process; False when another live process on this machine holds it."""
+    claims = out / "claims"
+    claims.mkdir(parents=True, exist_ok=True)
+    path = claims / f"{folder.name}.claim"
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                host, pid = path.read_text().split()
+            except (OSError, ValueError):  # being written or removed right now: look again
+                time.sleep(0.1)
+                continue
+            if host != socket.gethostname() or _alive(int(pid)):
+                return False
+            path.unlink(missing_ok=True)  # its process died: take the cell over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return True
+    return False
+
+
+def release(out: Path, folder: Path) -> None:
+    (out / "claims" / f"{folder.name}.claim").unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_grid(protocol: Protocol, out: Path, data_dir: str | None = None, only: list[str] | None = None,
+             workers: int = 1) -> list[dict]:
+    """Runs every unfinished cell in order (``workers`` processes at once); returns the rows of ``results.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "protocol.yaml", yaml.safe_dump(to_protocol_dict(protocol), sort_keys=False))
+    if workers > 1:
+        return _run_workers(protocol, out, data_dir, only, workers)
     from metatuner.recipes import eval_method
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "protocol.yaml").write_text(yaml.safe_dump(to_protocol_dict(protocol), sort_keys=False))
     cells = [c for c in protocol.cells() if not only or c[1] in only]
     for i, (task, method, seed) in enumerate(cells, 1):
         folder = cell_dir(out, task, method, seed)
         if (folder / "summary.json").is_file():
             print(f"[{i}/{len(cells)}] {task} {method} seed {seed}: done, skipped")
+            continue
+        if not claim(out, folder):
+            print(f"[{i}/{len(cells)}] {task} {method} seed {seed}: running in another process, skipped")
+            continue
+        if (folder / "summary.json").is_file():  # finished by another process just before the claim
+            release(out, folder)
             continue
         cfg = protocol.config(task, method, seed)
         if data_dir:
@@ -121,8 +176,59 @@ def run_grid(protocol: Protocol, out: Path, data_dir: str | None = None, only: l
             (out / "errors").mkdir(exist_ok=True)
             (out / "errors" / f"{folder.name}.json").write_text(json.dumps(error, indent=2))
             print(f"    FAILED: {error['error']} (see {out / 'errors'})", flush=True)
+        finally:
+            release(out, folder)
         collect(out)
     return collect(out)
+
+
+def _run_workers(protocol: Protocol, out: Path, data_dir: str | None, only: list[str] | None,
+                 workers: int) -> list[dict]:
+    """Starts ``workers`` grid processes on ``out`` (each claims cells as it goes), shows progress over
+    all of them, and waits. Each worker's output goes to ``out/logs/worker-<k>.log``; CPU threads are
+    split between them unless ``OMP_NUM_THREADS`` is set."""
+    from tqdm.auto import tqdm
+
+    cells = [c for c in protocol.cells() if not only or c[1] in only]
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    cmd = [sys.executable, "-m", "metatuner.cli", "bench", "--config", str(out / "protocol.yaml"), "--out", str(out),
+           "--no-report"]
+    if data_dir:
+        cmd += ["--data-dir", data_dir]
+    if only:
+        cmd += ["--only", *only]
+    procs = []
+    for k in range(workers):
+        with (logs / f"worker-{k}.log").open("a") as log:
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
+            time.sleep(1.0)  # staggered starts: each claims a different first cell
+    done = lambda: sum((cell_dir(out, *c) / "summary.json").is_file() for c in cells)  # noqa: E731
+    bar = tqdm(total=len(cells), initial=done(), desc=f"cells ({workers} workers, logs in {logs})", unit="cell")
+    try:
+        while any(p.poll() is None for p in procs):
+            time.sleep(5)
+            bar.update(done() - bar.n)
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        raise
+    bar.update(done() - bar.n)
+    bar.close()
+    failed = [k for k, p in enumerate(procs) if p.returncode != 0]
+    if failed:
+        raise MetatunerError(f"grid worker(s) {failed} exited with an error; see {logs}")
+    return collect(out)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    if path.is_file() and path.read_text() == text:
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def collect(out: Path) -> list[dict]:
@@ -149,9 +255,7 @@ def collect(out: Path) -> list[dict]:
         task_rank = {t: i for i, t in enumerate(spec["tasks"])}
         method_rank = {m: i for i, m in enumerate(spec["methods"])}
         rows.sort(key=lambda r: (method_rank.get(r["method"], 99), task_rank.get(r["task"], 99), r["seed"]))
-    tmp = out / f".results.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(rows, indent=1))
-    os.replace(tmp, out / "results.json")
+    _write_atomic(out / "results.json", json.dumps(rows, indent=1))
     return rows
 
 
