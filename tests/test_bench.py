@@ -156,3 +156,21 @@ def test_workers_run_every_cell_exactly_once(protocol_file, tmp_path):
     started = [line for log in logs for line in log.splitlines() if line.endswith(" ...")]
     assert len(started) == 6 and len(set(started)) == 6  # each cell started by one worker only
     assert not list((out / "claims").iterdir())
+
+
+def test_paired_difference_is_over_shared_items_and_seeds():
+    from metatuner.bench.report import paired_difference
+
+    def row(method, seed, scores, ids=None):
+        return {"task": "t", "method": method, "seed": seed, "primary_metric": "acc", "score": sum(scores) / len(scores),
+                "item_ids": ids or [f"i{k}" for k in range(len(scores))], "item_scores": scores}
+
+    rows = [row("metatuner-j", 0, [1, 1, 1, 0]), row("metatuner-j", 1, [1, 1, 0, 0]),
+            row("sft", 0, [1, 0, 0, 0]), row("sft", 1, [1, 0, 0, 0], ["i0", "i1", "i2", "other"])]
+    d = paired_difference(rows, "metatuner-j", "sft", "t")
+    # per item, averaged over the seeds both have: i0 0, i1 1, i2 (1 + 0) / 2, i3 (seed 0 only) 0
+    assert d["n"] == 4 and d["mean"] == pytest.approx(0.375)
+    assert (d["better"], d["worse"]) == (2, 0) and d["ci_low"] < d["mean"] < d["ci_high"]
+    text = table(rows)
+    assert "Paired difference, metatuner-j minus each method" in text and "| sft | +37.5 [" in text
+    assert paired_difference(rows, "metatuner-j", "nobody", "t") is None

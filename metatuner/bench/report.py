@@ -3,8 +3,10 @@
 Per method and task the table gives the primary metric's mean over seeds and a 95% confidence interval
 over test items (each item's score averaged over seeds first, so the interval reflects the finite test
 set, which dominates the noise here), then the average over tasks and the relative gain of that
-average over BetterTogether, as the paper reports. Plots: one bar chart per task (with the intervals)
-and the training curves (loss by step) of the trained methods.
+average over BetterTogether, as the paper reports. Below it, MetaTuner-J's paired difference from every
+other method per task: the same test items and seeds scored by both, so item difficulty cancels and the
+interval is much narrower than the two unpaired ones suggest. Plots: one bar chart per task (with the
+intervals) and the training curves (loss by step) of the trained methods.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 from metatuner.evaluation.harness import confidence_interval
 
 REFERENCE = "bettertogether"
+FOCUS = "metatuner-j"  # the method the paired differences are about
+Z95 = 1.959964
 
 
 def aggregate(rows: list[dict]) -> dict[tuple[str, str], dict]:
@@ -68,7 +72,53 @@ def table(rows: list[dict]) -> str:
     ns = sorted({c["n"] for c in agg.values()})
     lines.append("")
     lines.append(f"Scores in %, mean over seeds {seeds}; 95% CI over test items (n = {', '.join(map(str, ns))} per cell).")
+    lines += _paired_table(rows, methods, tasks)
     return "\n".join(lines)
+
+
+def paired_difference(rows: list[dict], method: str, other: str, task: str) -> dict | None:
+    """``method`` minus ``other`` on ``task``, paired by test item and seed: each item's difference is
+    averaged over the seeds both have, then the mean over items gets a normal 95% interval. None when
+    they share no scored item."""
+    def scores(m: str) -> dict[tuple[int, str], float]:
+        return {(r["seed"], i): s for r in rows if r["method"] == m and r["task"] == task
+                for i, s in zip(r["item_ids"], r["item_scores"])}
+
+    a, b = scores(method), scores(other)
+    per_item: dict[str, list[float]] = defaultdict(list)
+    for key in a.keys() & b.keys():
+        per_item[key[1]].append(a[key] - b[key])
+    diffs = [sum(v) / len(v) for v in per_item.values()]
+    if not diffs:
+        return None
+    n = len(diffs)
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / max(n - 1, 1)
+    half = Z95 * math.sqrt(var / n)
+    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": n,
+            "better": sum(d > 0 for d in diffs), "worse": sum(d < 0 for d in diffs)}
+
+
+def _paired_table(rows: list[dict], methods: list[str], tasks: list[str]) -> list[str]:
+    if FOCUS not in methods:
+        return []
+    lines = ["", f"Paired difference, {FOCUS} minus each method (points; 95% CI over test items, paired by item "
+             "and seed; * where the interval excludes 0; items better/worse):", "",
+             "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for m in methods:
+        if m == FOCUS:
+            continue
+        row = [m]
+        for t in tasks:
+            d = paired_difference(rows, FOCUS, m, t)
+            if d is None:
+                row.append("-")
+                continue
+            star = "*" if d["ci_low"] > 0 or d["ci_high"] < 0 else ""
+            row.append(f"{100 * d['mean']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]{star} "
+                       f"{d['better']}/{d['worse']}")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 
 def plot(rows: list[dict], out: Path) -> list[Path]:
