@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from metatuner.errors import MetatunerError
 from metatuner.evaluation import LMPredictor, Prediction, Predictor, evaluate, select
@@ -51,6 +52,21 @@ def test_batched_generation_matches_one_by_one(tiny_model, tiny_tokenizer):
     batched = generate(tiny_model, tiny_tokenizer, texts, 12)
     single = [generate(tiny_model, tiny_tokenizer, [t], 12)[0] for t in texts]
     assert [g.text for g in batched] == [g.text for g in single]
+
+
+def test_samples_sharing_one_prefill_continue_exactly_as_separate_copies(tiny_tokenizer):
+    from conftest import make_model
+
+    model = make_model(tiny_tokenizer, init_range=0.3)  # a peaked random model: varied greedy outputs
+    texts = ["<|im_start|>user\nshort<|im_end|>\n", "<|im_start|>user\na much longer input text<|im_end|>\n",
+             "<|im_start|>user\nmid size one<|im_end|>\n"]
+    shared = generate(model, tiny_tokenizer, texts, 10, num_samples=3)
+    copies = generate(model, tiny_tokenizer, [t for t in texts for _ in range(3)], 10)
+    assert [g.text for g in shared] == [g.text for g in copies]
+    assert len({g.text for g in copies}) == 3  # the three texts continue differently: the check has teeth
+    torch.manual_seed(0)
+    sampled = generate(model, tiny_tokenizer, texts, 10, do_sample=True, num_samples=4)
+    assert len(sampled) == 12 and len({g.text for g in sampled}) > 3
 
 
 def test_stop_strings_cut_the_output():

@@ -42,11 +42,19 @@ def generate(
     stop: tuple[str, ...] = (),
     do_sample: bool = False,
     temperature: float = 1.0,
+    num_samples: int = 1,
 ) -> list[Generation]:
-    """Generates a continuation for every text of one batch (greedy unless ``do_sample``)."""
+    """Generates ``num_samples`` continuations for every text of one batch (greedy unless ``do_sample``),
+    grouped by text. With several samples the texts are prefilled once and the KV cache is shared by
+    their samples, instead of prefilling every copy (the model must not carry per-row adapters then)."""
     tokenizer.padding_side = "left"
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     kwargs = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if do_sample else dict(do_sample=False)
+    if num_samples > 1:
+        cache = _prefill(model, enc["input_ids"], enc["attention_mask"])
+        cache.batch_repeat_interleave(num_samples)
+        enc = {k: v.repeat_interleave(num_samples, dim=0) for k, v in enc.items()}
+        kwargs["cache"] = cache
     out = model.generate(
         **enc,
         max_new_tokens=max_new_tokens,
@@ -65,6 +73,18 @@ def generate(
         text = tokenizer.decode(ids[:n], skip_special_tokens=True)
         results.append(Generation(cut_at_stop(text, stop).strip(), n))
     return results
+
+
+def _prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """The KV cache of every row but its last token, with the positions ``generate`` gives left-padded
+    rows, so that ``generate`` continues from it exactly as from its own prefill."""
+    from transformers import DynamicCache
+
+    positions = attention_mask.long().cumsum(-1) - 1
+    positions.masked_fill_(attention_mask == 0, 1)
+    out = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
+                cache=DynamicCache(config=model.config), use_cache=True)
+    return out.cache
 
 
 def _end_ids(model, tokenizer) -> set[int]:

@@ -190,11 +190,10 @@ class MetaTuner(nn.Module):
         """Rewrites the task instruction for each query (``n`` per query, grouped by query)."""
         if not self.use_prompt:
             return [task.instruction_for(ex) for ex in examples for _ in range(n)]
-        texts = [t for t in self.rewrite_texts(task, examples) for _ in range(n)]
         with self.g_lora.use(("enc", "dec_frozen" if frozen else "dec")):
-            gens = generate(
-                self.generator, self.gen_tokenizer, texts, self.gen_cfg.max_prompt_tokens,
-                do_sample=sample, temperature=temperature,
+            gens = generate(  # the n samples of a query share one prefill of its rewrite text
+                self.generator, self.gen_tokenizer, self.rewrite_texts(task, examples), self.gen_cfg.max_prompt_tokens,
+                do_sample=sample, temperature=temperature, num_samples=n,
             )
         initial = [task.instruction_for(ex) for ex in examples for _ in range(n)]
         return [g.text or p for g, p in zip(gens, initial)]
