@@ -50,6 +50,9 @@ class HubSource:
     path: str
     configs: tuple[str | None, ...] = (None,)
     splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "test": "test"})
+    #: a git revision of the dataset repo, e.g. ``refs/convert/parquet`` for a script-based dataset
+    #: (``datasets`` >= 4 no longer runs loading scripts)
+    revision: str | None = None
 
 
 class Task(ABC):
@@ -149,8 +152,9 @@ class Task(ABC):
 
             rows: list[dict[str, Any]] = []
             for config in self.hub.configs:
-                ds = datasets.load_dataset(self.hub.path, config, split=self.hub.splits[split])
-                rows.extend(self.hub_row(dict(r), i) for i, r in enumerate(ds))
+                ds = datasets.load_dataset(self.hub.path, config, split=self.hub.splits[split],
+                                           revision=self.hub.revision)
+                rows.extend(self.hub_row(dict(r), split, i) for i, r in enumerate(ds))
         except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear line
             raise MetatunerError(
                 f"could not load task {self.name!r} from the hub ({self.hub.path}): {type(e).__name__}: "
@@ -159,9 +163,10 @@ class Task(ABC):
             ) from None
         return rows, where
 
-    def hub_row(self, row: dict[str, Any], index: int) -> dict[str, Any]:
-        """Maps a hub row to the local JSONL layout (override when field names differ)."""
-        row.setdefault("id", f"{self.name}-{index}")
+    def hub_row(self, row: dict[str, Any], split: str, index: int) -> dict[str, Any]:
+        """Maps a hub row to the local JSONL layout (override when field names differ); rows without an
+        id get ``<task>-<split>-<index>``, as in the local files."""
+        row.setdefault("id", f"{self.name}-{split}-{index}")
         return row
 
 

@@ -60,7 +60,9 @@ class CosmosQA(Task):
     cot_max_new_tokens = 192
     required_fields = ("id", "context", "question", "answer0", "answer1", "answer2", "answer3", "label")
     primary_metric = "accuracy_flexible"
-    hub = HubSource("allenai/cosmos_qa", splits={"train": "train", "test": "validation"})
+    # the hub repo is script-based; its parquet conversion loads with datasets >= 4
+    hub = HubSource("allenai/cosmos_qa", splits={"train": "train", "test": "validation"},
+                    revision="refs/convert/parquet")
 
     def example_from_row(self, row: dict[str, Any]) -> Example:
         options = tuple(row[f"answer{i}"] for i in range(len(LETTERS)))

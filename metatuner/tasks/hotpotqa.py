@@ -82,7 +82,7 @@ class HotpotQA(Task):
         "hotpotqa/hotpot_qa", configs=("distractor",), splits={"train": "train", "test": "validation"}
     )
 
-    def hub_row(self, row: dict[str, Any], index: int) -> dict[str, Any]:
+    def hub_row(self, row: dict[str, Any], split: str, index: int) -> dict[str, Any]:
         # the local layout is closed book: the context paragraphs and supporting facts are dropped
         return {"id": row["id"], "question": row["question"], "answer": row["answer"], "type": row["type"]}
 

@@ -87,10 +87,10 @@ class Math(Task):
         ),
     )
 
-    def hub_row(self, row: dict[str, Any], index: int) -> dict[str, Any]:
-        # indices restart in every config, so the subject keeps ids unique
+    def hub_row(self, row: dict[str, Any], split: str, index: int) -> dict[str, Any]:
+        # indices restart in every config, so the subject keeps ids unique (as in the local files)
         subject = row["type"].lower().replace(" & ", "_and_").replace(" ", "_")
-        return {"id": f"math-{subject}-{index}", **row}
+        return {"id": f"math-{split}-{subject}-{index}", **row}
 
     def example_from_row(self, row: dict[str, Any]) -> Example:
         answer = last_boxed(row["solution"])
