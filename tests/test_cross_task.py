@@ -55,3 +55,11 @@ def test_metatuner_trains_on_a_mix(shared_data, tiny_tokenizer, tmp_path):
     assert get_task("hotpotqa").instruction in texts[0] and get_task("cosmosqa").instruction in texts[1]
     Trainer(cfg, mt, task, train, [], tmp_path, progress=False).run()
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-000001"
+
+
+def test_a_cross_task_cell_folder_is_a_portable_path(tmp_path):
+    from metatuner.bench.grid import cell_dir
+
+    folder = cell_dir(tmp_path, "math+hotpotqa+cosmosqa>gsm8k", "sft", 0)
+    assert folder.name == "math+hotpotqa+cosmosqa-to-gsm8k--sft--seed0"
+    assert not set(folder.name) & set('<>:"|?*\\\\')  # characters Windows forbids in file names

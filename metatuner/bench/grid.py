@@ -94,7 +94,8 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
 
 
 def cell_dir(out: Path, task: str, method: str, seed: int) -> Path:
-    return out / "cells" / f"{task}--{method}--seed{seed}"
+    # a cross-task mix's '>' is not allowed in Windows paths: math+cosmosqa>gsm8k -> math+cosmosqa-to-gsm8k
+    return out / "cells" / f"{task.replace('>', '-to-')}--{method}--seed{seed}"
 
 
 def claim(out: Path, folder: Path) -> bool:
@@ -236,7 +237,8 @@ def collect(out: Path) -> list[dict]:
     rows = []
     for summary_path in sorted((out / "cells").glob("*/summary.json")):
         s = json.loads(summary_path.read_text())
-        task, method, seed = summary_path.parent.name.split("--")
+        _, method, seed = summary_path.parent.name.split("--")
+        task = s["task"]
         per_item = [r["scores"][s["primary_metric"]] for r in _records(summary_path.parent)]
         train_log = summary_path.parent.with_name(summary_path.parent.name + "-train") / "log.jsonl"
         rows.append({
