@@ -63,3 +63,18 @@ def test_a_cross_task_cell_folder_is_a_portable_path(tmp_path):
     folder = cell_dir(tmp_path, "math+hotpotqa+cosmosqa>gsm8k", "sft", 0)
     assert folder.name == "math+hotpotqa+cosmosqa-to-gsm8k--sft--seed0"
     assert not set(folder.name) & set('<>:"|?*\\\\')  # characters Windows forbids in file names
+
+
+def test_a_validation_set_carved_from_the_mix_is_scored_on_one_metric(shared_data, tiny_model, tiny_tokenizer):
+    # BetterTogether and OPRO score programs on validation items drawn from the training mix
+    from metatuner.evaluation import LMPredictor, evaluate
+
+    task = get_task("math+hotpotqa+cosmosqa>gsm8k", shared_data)
+    train = task.load("train")
+    val = [next(ex for ex in train if ex.meta["task"] == t) for t in ("math", "hotpotqa", "cosmosqa")]
+    hotpot = val[1]
+    assert task.grade(f"The answer is {hotpot.answer}.", hotpot)[1]["exact_match_flexible"] == 1.0  # its F1
+    result = evaluate(LMPredictor(tiny_model, tiny_tokenizer), task, val, batch_size=3, max_new_tokens=2,
+                      likelihood=False, progress=False)
+    assert result.primary_metric == "exact_match_flexible" and 0.0 <= result.score <= 1.0
+    assert result.metrics["f1_flexible"]["n"] == 1 and "n" not in result.metrics["exact_match_flexible"]

@@ -93,9 +93,14 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def file_name(task: str) -> str:
+    """A task name usable in a path everywhere: a cross-task mix's '>' is not allowed in Windows paths
+    (``math+cosmosqa>gsm8k`` -> ``math+cosmosqa-to-gsm8k``)."""
+    return task.replace(">", "-to-")
+
+
 def cell_dir(out: Path, task: str, method: str, seed: int) -> Path:
-    # a cross-task mix's '>' is not allowed in Windows paths: math+cosmosqa>gsm8k -> math+cosmosqa-to-gsm8k
-    return out / "cells" / f"{task.replace('>', '-to-')}--{method}--seed{seed}"
+    return out / "cells" / f"{file_name(task)}--{method}--seed{seed}"
 
 
 def claim(out: Path, folder: Path) -> bool:

@@ -16,6 +16,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from metatuner.bench.grid import file_name
 from metatuner.evaluation.harness import confidence_interval
 
 REFERENCE = "bettertogether"
@@ -142,7 +143,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         ax.set_ylabel(f"{agg[(ms[0], task)]['metric']} (%)")
         ax.set_title(f"{task}: mean over seeds, 95% CI")
         fig.tight_layout()
-        path = out / f"bar-{task}.png"
+        path = out / f"bar-{file_name(task)}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
@@ -170,7 +171,7 @@ def _curves(rows: list[dict], out: Path, plt) -> list[Path]:
         ax.set_title(f"{task}: training curves")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = out / f"curves-{task}.png"
+        path = out / f"curves-{file_name(task)}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)

@@ -84,12 +84,16 @@ def confidence_interval(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    names = list(records[0]["scores"])
+    """Mean and 95% CI of every metric, each over the records that have it (a cross-task validation set
+    mixes tasks with different metrics; all of them have the primary one)."""
+    names = list(dict.fromkeys(name for r in records for name in r["scores"]))
     out = {}
     for name in names:
-        values = [r["scores"][name] for r in records]
+        values = [r["scores"][name] for r in records if name in r["scores"]]
         lo, hi = confidence_interval(values)
         out[name] = {"mean": sum(values) / len(values), "ci_low": lo, "ci_high": hi}
+        if len(values) < len(records):
+            out[name]["n"] = len(values)
     return out
 
 

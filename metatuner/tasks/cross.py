@@ -4,7 +4,9 @@
 splits of the tasks left of ``>`` and whose test split is the test split of the task on its right.
 Every example remembers where it came from (``meta["task"]``), and keeps its own task's initial
 instruction ``p~`` and its own answer extraction and metric, so a MATH item is still graded by its
-``\\boxed{}`` answer while the test items are graded as GSM8K. Reports use the test task's metrics.
+``\\boxed{}`` answer while the test items are graded as GSM8K. Reports use the test task's metrics; on
+training items (a validation split carved from train) the test task's primary metric name carries each
+item's own task's primary score.
 """
 
 from __future__ import annotations
@@ -44,7 +46,14 @@ class CrossTask(Task):
         return self.source(example).instruction
 
     def grade(self, output: str, example: Example) -> tuple[dict[str, str | None], dict[str, float]]:
-        return self.source(example).grade(output, example)
+        """The example's own task grades it; an item of a training task also gets its task's primary score
+        under the mix's primary metric name, so a validation split carved from the training mix (model
+        selection, OPRO and BetterTogether scoring, ``em`` rewards) has one metric across its tasks."""
+        source = self.source(example)
+        extracted, scores = source.grade(output, example)
+        if source is not self.test_task:
+            scores = {**scores, self.primary_metric: scores[source.primary_metric]}
+        return extracted, scores
 
     def choices(self, example: Example) -> list[str] | None:
         return self.source(example).choices(example)
