@@ -35,6 +35,8 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from metatuner.bench.grid import shipped_protocols
+
     parser = argparse.ArgumentParser(
         prog="metatuner",
         description="Per-query prompt and LoRA co-optimization for language models (MetaTuner).",
@@ -77,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run a benchmark protocol: methods x tasks x seeds, resumable cell by cell")
     p.add_argument("--config", required=True, metavar="FILE",
-                   help=f"protocol YAML, or a shipped one by name: {', '.join(_shipped_protocols())} "
+                   help=f"protocol YAML, or a shipped one by name: {', '.join(shipped_protocols())} "
                    "(metatuner/configs/bench/)")
     p.add_argument("--out", help="grid folder (default: runs/bench-<protocol>); rerunning skips finished cells")
     p.add_argument("--data-dir", help="folder with <task>/{train,test}.jsonl for every cell")
@@ -99,10 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_flags(p)
     _common(p)
     return parser
-
-
-def _shipped_protocols() -> list[str]:
-    return sorted(f.stem for f in (Path(__file__).resolve().parent / "configs" / "bench").glob("*.yaml"))
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -189,12 +187,12 @@ def cmd_train(args) -> None:
         cfg = load_config(run_dir / "config.yaml", [*args.overrides, *_flag_overrides(args)])
     else:
         cfg = _config(args)
-        process_state(cfg.model.device)  # under `accelerate launch` / `torchrun`: one of the processes that train
+    state = process_state(cfg.model.device)  # under `accelerate launch` / `torchrun`: one of the processes that train
+    if not args.resume:
         run_dir = Path(args.out) if args.out else new_run_dir(cfg.out_dir, "metatuner", cfg.data.task)
         run_dir = Path(broadcast_object_list([str(run_dir)])[0])  # the main process's name (time-stamped)
         if run_dir.exists():
             raise MetatunerError(f"run folder {run_dir} already exists; use --resume {run_dir} to continue it")
-    state = process_state(cfg.model.device)
     state.wait_for_everyone()  # every process has checked the folder before the main one creates it
     mt, task = train_metatuner(cfg, run_dir, resume=bool(args.resume))
     state.wait_for_everyone()

@@ -27,8 +27,9 @@ from typing import Any
 
 import yaml
 
-from metatuner.config import RunConfig, from_dict, merge, parse_overrides, to_dict
+from metatuner.config import RunConfig, from_dict, merge, parse_overrides
 from metatuner.errors import MetatunerError
+from metatuner.files import write_text_atomic
 
 SHIPPED_BENCH = Path(__file__).resolve().parent.parent / "configs" / "bench"
 
@@ -50,7 +51,7 @@ class Protocol:
         if not p.is_file():
             named = SHIPPED_BENCH / f"{Path(str(path)).stem}.yaml"
             if not named.is_file():
-                names = ", ".join(sorted(f.stem for f in SHIPPED_BENCH.glob("*.yaml")))
+                names = ", ".join(shipped_protocols())
                 raise MetatunerError(f"protocol file not found: {p} (shipped protocols: {names})")
             p = named
         data = merge(yaml.safe_load(p.read_text()) or {}, parse_overrides(list(overrides)))
@@ -70,8 +71,9 @@ class Protocol:
             protocol.config(*cell)  # every cell's config must be valid before any work starts
         return protocol
 
-    def cells(self) -> list[tuple[str, str, int]]:
-        return [(t, m, s) for t in self.tasks for m in self.methods for s in self.seeds]
+    def cells(self, only: list[str] | None = None) -> list[tuple[str, str, int]]:
+        """``(task, method, seed)`` of every cell, or of the cells of the methods in ``only``."""
+        return [(t, m, s) for t in self.tasks for m in self.methods for s in self.seeds if not only or m in only]
 
     def config(self, task: str, method: str, seed: int):
         """The resolved RunConfig of one cell: common, then per-task, then per-method overrides."""
@@ -91,6 +93,11 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
             node = node.setdefault(p, {})
         node[leaf] = _nest(value) if isinstance(value, dict) else value
     return out
+
+
+def shipped_protocols() -> list[str]:
+    """Names of the protocols shipped in ``metatuner/configs/bench/``."""
+    return sorted(f.stem for f in SHIPPED_BENCH.glob("*.yaml"))
 
 
 def file_name(task: str) -> str:
@@ -146,12 +153,14 @@ def run_grid(protocol: Protocol, out: Path, data_dir: str | None = None, only: l
              workers: int = 1) -> list[dict]:
     """Runs every unfinished cell in order (``workers`` processes at once); returns the rows of ``results.json``."""
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "protocol.yaml", yaml.safe_dump(to_protocol_dict(protocol), sort_keys=False))
+    spec = yaml.safe_dump(to_protocol_dict(protocol), sort_keys=False)
+    if not (out / "protocol.yaml").is_file() or (out / "protocol.yaml").read_text() != spec:  # workers rewrite it
+        write_text_atomic(out / "protocol.yaml", spec)
     if workers > 1:
         return _run_workers(protocol, out, data_dir, only, workers)
     from metatuner.recipes import eval_method
 
-    cells = [c for c in protocol.cells() if not only or c[1] in only]
+    cells = protocol.cells(only)
     for i, (task, method, seed) in enumerate(cells, 1):
         folder = cell_dir(out, task, method, seed)
         if (folder / "summary.json").is_file():
@@ -195,7 +204,7 @@ def _run_workers(protocol: Protocol, out: Path, data_dir: str | None, only: list
     split between them unless ``OMP_NUM_THREADS`` is set."""
     from tqdm.auto import tqdm
 
-    cells = [c for c in protocol.cells() if not only or c[1] in only]
+    cells = protocol.cells(only)
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
     env = dict(os.environ)
@@ -229,14 +238,6 @@ def _run_workers(protocol: Protocol, out: Path, data_dir: str | None, only: list
     return collect(out)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    if path.is_file() and path.read_text() == text:
-        return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def collect(out: Path) -> list[dict]:
     """Rebuilds ``results.json`` from every finished cell (atomically)."""
     rows = []
@@ -262,7 +263,7 @@ def collect(out: Path) -> list[dict]:
         task_rank = {t: i for i, t in enumerate(spec["tasks"])}
         method_rank = {m: i for i, m in enumerate(spec["methods"])}
         rows.sort(key=lambda r: (method_rank.get(r["method"], 99), task_rank.get(r["task"], 99), r["seed"]))
-    _write_atomic(out / "results.json", json.dumps(rows, indent=1))
+    write_text_atomic(out / "results.json", json.dumps(rows, indent=1))
     return rows
 
 

@@ -17,11 +17,10 @@ from collections import defaultdict
 from pathlib import Path
 
 from metatuner.bench.grid import file_name
-from metatuner.evaluation.harness import confidence_interval
+from metatuner.evaluation.harness import confidence_interval, normal_interval
 
 REFERENCE = "bettertogether"
 FOCUS = "metatuner-j"  # the method the paired differences are about
-Z95 = 1.959964
 
 
 def aggregate(rows: list[dict]) -> dict[tuple[str, str], dict]:
@@ -92,11 +91,8 @@ def paired_difference(rows: list[dict], method: str, other: str, task: str) -> d
     diffs = [sum(v) / len(v) for v in per_item.values()]
     if not diffs:
         return None
-    n = len(diffs)
-    mean = sum(diffs) / n
-    var = sum((d - mean) ** 2 for d in diffs) / max(n - 1, 1)
-    half = Z95 * math.sqrt(var / n)
-    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": n,
+    lo, hi = normal_interval(diffs)
+    return {"mean": sum(diffs) / len(diffs), "ci_low": lo, "ci_high": hi, "n": len(diffs),
             "better": sum(d > 0 for d in diffs), "worse": sum(d < 0 for d in diffs)}
 
 

@@ -31,6 +31,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from metatuner.errors import MetatunerError
+from metatuner.files import write_text_atomic
 from metatuner.evaluation.predictors import Predictor
 from metatuner.tasks.base import Example, Task
 
@@ -68,19 +69,30 @@ def select(examples: list[Example], limit: int | None, subset: str = "first", se
     return random.Random(seed).sample(list(examples), limit)
 
 
+Z95 = 1.959964  # the normal distribution's two-sided 95% quantile
+
+
+def normal_interval(values: list[float]) -> tuple[float, float]:
+    """The normal 95% interval of the mean, unclamped (for differences, which may be negative)."""
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / max(n - 1, 1)
+    half = Z95 * math.sqrt(var / n)
+    return mean - half, mean + half
+
+
 def confidence_interval(values: list[float]) -> tuple[float, float]:
     """95% interval of the mean: Wilson's score interval for 0/1 scores, the normal one otherwise."""
     n = len(values)
     mean = sum(values) / n
-    z = 1.959964
+    z = Z95
     if all(v in (0.0, 1.0) for v in values):
         denom = 1 + z * z / n
         centre = (mean + z * z / (2 * n)) / denom
         half = z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / denom
         return max(0.0, centre - half), min(1.0, centre + half)
-    var = sum((v - mean) ** 2 for v in values) / max(n - 1, 1)
-    half = z * math.sqrt(var / n)
-    return max(0.0, mean - half), min(1.0, mean + half)
+    lo, hi = normal_interval(values)
+    return max(0.0, lo), min(1.0, hi)
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -197,11 +209,8 @@ def rescore(results_dir: str | os.PathLike, task: Task) -> EvalResult:
     metrics = summarize(records)
     summary.update(metrics=metrics, task_version=task.version,
                    rescored={"at": time.strftime("%Y-%m-%d %H:%M:%S"), "environment": environment()})
-    for name, text in (("records.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)),
-                       ("summary.json", json.dumps(summary, indent=2))):
-        tmp = folder / f".{name}.tmp-{os.getpid()}"
-        tmp.write_text(text)
-        os.replace(tmp, folder / name)
+    write_text_atomic(folder / "records.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_text_atomic(folder / "summary.json", json.dumps(summary, indent=2))
     return EvalResult(task.name, len(records), metrics, task.primary_metric, summary["timing"]["seconds"],
                       records, folder)
 

@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from metatuner.errors import MetatunerError
+from metatuner.files import write_text_atomic
 
 STEP_DIR = re.compile(r"step-(\d+)")
 
@@ -52,12 +53,6 @@ def _to_json(obj, what: str) -> str:
         return json.dumps(obj)
     except (TypeError, ValueError) as exc:
         raise MetatunerError(f"checkpoint {what} is not JSON-serialisable: {exc}") from None
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
@@ -111,7 +106,7 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text_atomic(root / "latest", name + "\n")
+    write_text_atomic(root / "latest", name + "\n")
 
     steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.fullmatch(p.name)) and p.is_dir())
     for _, old in steps[:-keep]:

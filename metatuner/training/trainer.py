@@ -156,10 +156,10 @@ class Trainer:
         queries = DataStream(self.train_set, self.cfg.data.seed + 2).next(self.tc.generator_warmup_queries)
         best: dict[str, str] = {}
         for i in tqdm(range(0, len(queries), self.tc.batch_size), desc="warm-up G (rollouts)", disable=not self.progress):
-            batch = self._share(queries[i : i + self.tc.batch_size])
-            result = rollout(self.mt, self.task, batch, None, self.tc.rollouts, self.tc.temperature,
-                             self.tc.reward, self.tc.max_length) if batch else None
-            best.update(self._gather(zip([ex.id for ex in batch], result.best_prompts) if batch else ()))
+            batch = self._share(queries[i : i + self.tc.batch_size])  # the last chunk may leave a process none
+            prompts = rollout(self.mt, self.task, batch, None, self.tc.rollouts, self.tc.temperature,
+                              self.tc.reward, self.tc.max_length).best_prompts if batch else []
+            best.update(self._gather(zip([ex.id for ex in batch], prompts)))
         stream = DataStream(queries, self.cfg.data.seed + 3)
 
         def loss(batch: list[Example]) -> torch.Tensor:
@@ -206,8 +206,9 @@ class Trainer:
             losses = self.forward_backward(batch, terms, record)
             for k, v in losses.items():
                 record[f"{k}_loss"] = record.get(f"{k}_loss", 0.0) + v.item() / tc.grad_accum
-        self._sync_gradients([p for ps in self.groups.values() for p in ps])
-        self._clip([p for ps in self.groups.values() for p in ps])
+        params = [p for ps in self.groups.values() for p in ps]
+        self._sync_gradients(params)
+        self._clip(params)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
