@@ -39,7 +39,7 @@ def main() -> None:
     from metatuner.config import load_config
     from metatuner.evaluation.generation import generate
     from metatuner.models.loading import load_model
-    from metatuner.recipes import build_metatuner
+    from metatuner.training.build import build_metatuner
     from metatuner.tasks import get_task
 
     cfg = load_config(None, [f"generator.max_prompt_tokens={args.prompt_tokens}"])

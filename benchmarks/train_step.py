@@ -32,7 +32,7 @@ import torch
 def build(args):
     from metatuner.config import load_config
     from metatuner.models.loading import load_model
-    from metatuner.recipes import build_metatuner
+    from metatuner.training.build import build_metatuner
     from metatuner.tasks import get_task
     from metatuner.training.trainer import Trainer
 

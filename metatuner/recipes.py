@@ -19,6 +19,7 @@ from metatuner.evaluation.harness import EvalResult, evaluate, select
 from metatuner.methods import get_method
 from metatuner.models.loading import load_model, process_state
 from metatuner.tasks import Example, get_task
+from metatuner.training.build import build_metatuner  # noqa: F401 - re-exported: callers import it from here too
 
 
 def seed_everything(seed: int) -> None:
@@ -77,20 +78,6 @@ def eval_method(cfg: RunConfig, out_dir: Path | None) -> EvalResult:
 
 
 # ---- MetaTuner ---------------------------------------------------------------------------------
-def build_metatuner(cfg: RunConfig, model, tokenizer):
-    """G, F and M from the config; G shares M's base weights unless ``generator.model`` names another."""
-    from metatuner.models.metatuner import MetaTuner
-
-    generator = gen_tok = None
-    if cfg.generator.model not in (None, cfg.model.name):
-        generator, gen_tok = load_model(cfg.generator.model, cfg.model.dtype, cfg.model.device)
-    ablation = cfg.train.ablation
-    return MetaTuner(
-        model, tokenizer, cfg.generator, cfg.hypernet, generator=generator, gen_tokenizer=gen_tok,
-        no_share=ablation == "no_share", use_hypernet=ablation != "no_hypernet", use_prompt=ablation != "no_prompt",
-    )
-
-
 def train_metatuner(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True):
     """Warm-up and joint training into ``run_dir``; returns the trained MetaTuner and the task."""
     from metatuner.training.trainer import Trainer

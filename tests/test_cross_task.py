@@ -43,7 +43,7 @@ def test_unknown_task_in_a_mix_lists_the_available_ones():
 def test_metatuner_trains_on_a_mix(shared_data, tiny_tokenizer, tmp_path):
     from conftest import make_model
     from metatuner.config import load_config
-    from metatuner.recipes import build_metatuner
+    from metatuner.training.build import build_metatuner
     from metatuner.training.trainer import Trainer
 
     cfg = load_config(None, ["train.steps=1", "train.batch_size=2", "train.rollouts=1",

@@ -37,7 +37,7 @@ class MetaTunerMethod(Method):
     needs_training = True
 
     def fit(self, task: Task, train: list[Example], val: list[Example]):
-        from metatuner.recipes import build_metatuner
+        from metatuner.training.build import build_metatuner
         from metatuner.training.predictor import MetaTunerPredictor
         from metatuner.training.trainer import Trainer
 

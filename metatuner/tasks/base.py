@@ -190,12 +190,3 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 TASKS: Registry[type[Task]] = Registry("task")
-
-
-def get_task(name: str, data_dir: str | os.PathLike | None = None) -> Task:
-    """Instantiates a registered task by name, or a cross-task mix such as ``math+hotpotqa>gsm8k``."""
-    if ">" in name:
-        from metatuner.tasks.cross import parse_cross
-
-        return parse_cross(name, data_dir)
-    return TASKS.get(name)(data_dir=data_dir)

@@ -1,0 +1,130 @@
+"""The package's dependencies point one way: no import cycle between ``metatuner`` modules.
+
+The graph is read from the source with ``ast`` (nothing is imported), and counts every import of a
+``metatuner`` module, also those inside functions: a lazy import hides a cycle from Python but not
+from the design (config -> tasks -> models -> evaluation -> training -> methods -> recipes/bench -> cli).
+
+An import of ``a.b.c`` also runs ``a/__init__`` and ``a/b/__init__``; those implicit edges are left
+out, since a package's ``__init__`` re-exporting its own submodules would otherwise always be a cycle.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "metatuner"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+
+
+def imported(node: ast.AST, name: str, is_package: bool, known: set[str]) -> list[str]:
+    """The ``metatuner`` modules one import statement of module ``name`` names."""
+    def resolve(target: str) -> str | None:  # the longest known module that ``target`` is, or lies in
+        while target and target not in known:
+            target = target.rpartition(".")[0]
+        return target or None
+
+    if isinstance(node, ast.Import):
+        return [m for a in node.names if (m := resolve(a.name))]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    base = node.module or ""
+    if node.level:  # relative: from the module's own package, one level up per extra dot
+        package = name if is_package else name.rpartition(".")[0]
+        for _ in range(node.level - 1):
+            package = package.rpartition(".")[0]
+        base = f"{package}.{base}" if base else package
+    found = []
+    for a in node.names:
+        sub = f"{base}.{a.name}"
+        m = sub if sub in known else resolve(base)
+        if m:
+            found.append(m)
+    return found
+
+
+def import_graph(sources: dict[str, str]) -> dict[str, set[str]]:
+    """``{module: modules it imports}`` for modules given by name and source text (packages end in ``.__init__``)."""
+    names = {n.removesuffix(".__init__"): n.endswith(".__init__") for n in sources}
+    known = set(names)
+    graph: dict[str, set[str]] = {}
+    for raw, text in sources.items():
+        name = raw.removesuffix(".__init__")
+        deps = set()
+        for node in ast.walk(ast.parse(text, filename=raw)):
+            deps.update(imported(node, name, names[name], known))
+        graph[name] = deps - {name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle ``[a, b, ..., a]`` of ``graph``, or None (depth-first search, three colours)."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                return path[path.index(dep):] + [dep]
+            if dep not in state and (cycle := visit(dep)):
+                return cycle
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def all_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Cycles found one after another, dropping each one's closing edge, so one report lists every knot."""
+    graph = {k: set(v) for k, v in graph.items()}
+    cycles = []
+    while cycle := find_cycle(graph):
+        cycles.append(cycle)
+        graph[cycle[-2]].discard(cycle[-1])
+    return cycles
+
+
+def package_sources() -> dict[str, str]:
+    return {(module_name(p) + ".__init__" if p.name == "__init__.py" else module_name(p)): p.read_text(encoding="utf-8")
+            for p in modules().values()}
+
+
+def test_metatuner_modules_import_each_other_without_a_cycle():
+    graph = import_graph(package_sources())
+    assert "metatuner.config" in graph and graph["metatuner.methods.dpo"]  # the graph was read
+    cycles = all_cycles(graph)
+    assert not cycles, "import cycle(s) between metatuner modules:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_graph_sees_lazy_relative_and_from_package_imports():
+    sources = {
+        "metatuner.__init__": "",
+        "metatuner.a.__init__": "from metatuner.a import b\n",
+        "metatuner.a.b": "def f():\n    from metatuner.a.c import g\n",
+        "metatuner.a.c": "from . import d\nimport metatuner.e.x\n",
+        "metatuner.a.d": "from ..e import thing\n",
+        "metatuner.e": "",
+    }
+    graph = import_graph(sources)
+    assert graph == {"metatuner": set(), "metatuner.a": {"metatuner.a.b"}, "metatuner.a.b": {"metatuner.a.c"},
+                     "metatuner.a.c": {"metatuner.a.d", "metatuner.e"}, "metatuner.a.d": {"metatuner.e"},
+                     "metatuner.e": set()}
+    assert find_cycle(graph) is None
+    # a lazy import back into the package (the shape of the old tasks.base <-> tasks.cross cycle) is one
+    sources["metatuner.e"] = "def h():\n    from metatuner.a.b import f\n"
+    cycle = ["metatuner.a.b", "metatuner.a.c", "metatuner.a.d", "metatuner.e", "metatuner.a.b"]
+    assert find_cycle(import_graph(sources)) == cycle and all_cycles(import_graph(sources)) == [cycle]
