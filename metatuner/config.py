@@ -169,9 +169,7 @@ class DPOMethodConfig:
     steps: int = option(30, "DPO optimizer steps")
     batch_size: int = option(4, "pairs per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step")
-    lr: float = option(2e-4, "learning rate of the LoRA")
-    lr_schedule: str = option("cosine", "learning-rate schedule after warm-up", ("constant", "linear", "cosine"))
-    warmup_ratio: float = option(0.1, "fraction of steps with a linear learning-rate warm-up")
+    lr: float = option(2e-4, "learning rate of the LoRA (schedule and warm-up: train.lr_schedule, train.warmup_ratio)")
     beta: float = option(0.1, "DPO beta: how strongly the policy is held to the reference (adapter-off) model")
     rank: int = option(8, "LoRA rank")
     alpha: float = option(16.0, "LoRA alpha (scale alpha / rank)")
@@ -185,8 +183,6 @@ class DPOMethodConfig:
         for name in ("temperature", "lr", "beta"):
             if getattr(self, name) <= 0:
                 raise MetatunerError(f"dpo.{name} must be > 0, got {getattr(self, name)}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise MetatunerError(f"dpo.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
 @dataclass

@@ -167,3 +167,31 @@ def test_pairs_longer_than_max_length_are_dropped_with_a_clear_error_when_none_f
     task = get_task("arithmetic")
     with pytest.raises(MetatunerError, match="longer than dpo.max_length=16"):
         DPO(tiny_model, tiny_tokenizer, cfg).fit(task, task.load("train")[:2], [])
+
+
+# round(ratio * steps) warm-up steps, where TRL's own reading of a ratio (ceil) would give one more
+@pytest.mark.parametrize("schedule, warmup_ratio, warmup_steps", [("cosine", 0.4, 2), ("constant", 0.2, 1)])
+def test_dpo_follows_the_shared_learning_rate_schedule(monkeypatch, tiny_model, tiny_tokenizer,
+                                                       schedule, warmup_ratio, warmup_steps):
+    from metatuner.config import TrainConfig
+    from metatuner.training.schedule import make_scheduler
+
+    # scripted wrong answers: 2 queries x 2 gold-fallback pairs, no sampling from the model
+    scripted(monkeypatch, {q: ["The answer is 1.", "The answer is 2."] for q in ("a", "b")})
+    steps, lr = 6, 1e-2
+    train = TrainConfig(lr_schedule=schedule, warmup_ratio=warmup_ratio)
+    config = types.SimpleNamespace(dpo=dpo.DPOMethodConfig(**{**TINY, "steps": steps, "lr": lr}), train=train, seed=0)
+
+    training = dpo.DPO(tiny_model, tiny_tokenizer, config).fit(get_task("arithmetic"), [ex("a"), ex("b")], []).training
+
+    # the rates our own loops get from make_scheduler: the one before each of its steps is the one that step uses
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = make_scheduler(opt, train, steps)
+    expected = []
+    for _ in range(steps):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert training["warmup_steps"] == warmup_steps and expected[warmup_steps - 1] < lr  # a real warm-up
+    # TRL logs, at optimizer step k, the rate it took step k with (read before its scheduler steps)
+    assert training["lrs"] == pytest.approx(expected, rel=1e-6, abs=1e-12)

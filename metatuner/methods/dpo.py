@@ -13,6 +13,9 @@ Training (TRL, sigmoid loss), with pi = M + LoRA and pi_ref = the same model wit
 
     L = -log sigmoid(beta * [(log pi(y+|x) - log pi_ref(y+|x)) - (log pi(y-|x) - log pi_ref(y-|x))])
 
+The learning rate ``dpo.lr`` follows ``train.lr_schedule`` with a warm-up of ``train.warmup_ratio`` of the
+``dpo.steps`` optimizer steps, the one policy of every trained method (:mod:`metatuner.training.schedule`).
+
 The data is plain text (prompt = the rendered chat input, so no chat template is applied twice); TRL
 appends the EOS token to both answers. The LoRA is trained on a deep copy of M (PEFT injects its layers
 in place) and merged into that copy, which the returned :class:`DPOPredictor` answers with, under p~.
@@ -29,12 +32,13 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from metatuner.config import DPOMethodConfig
+from metatuner.config import DPOMethodConfig, TrainConfig
 from metatuner.errors import MetatunerError
 from metatuner.evaluation.generation import generate, render_chat
 from metatuner.evaluation.predictors import LMPredictor
 from metatuner.methods.base import METHODS, Method
 from metatuner.tasks.base import Example, Task
+from metatuner.training.schedule import hf_schedule
 
 
 @dataclass
@@ -81,10 +85,13 @@ def preference_pairs(model, tokenizer, task: Task, examples: list[Example], cfg:
     return [p for rnd in rounds for p in rnd if p is not None][: cfg.max_pairs]
 
 
-def train_dpo(model, tokenizer, pairs: list[Pair], cfg: DPOMethodConfig, seed: int = 0,
-              out_dir: Path | None = None) -> tuple[Any, dict[str, float]]:
-    """Trains a LoRA on ``model`` (modified in place) with TRL; returns the merged model and the losses.
+def train_dpo(model, tokenizer, pairs: list[Pair], cfg: DPOMethodConfig, lr_schedule: str, warmup_steps: int,
+              seed: int = 0, out_dir: Path | None = None) -> tuple[Any, dict[str, Any]]:
+    """Trains a LoRA on ``model`` (modified in place) with TRL; returns the merged model and its training record.
 
+    ``lr_schedule`` (a ``transformers`` scheduler name) and ``warmup_steps`` (optimizer steps) come from
+    :func:`metatuner.training.schedule.hf_schedule`, the policy every trained method shares. The record
+    holds the final and mean loss and ``lrs``, the learning rate of each optimizer step as TRL applied it.
     Nothing is written unless ``out_dir`` is given; then TRL's output (the adapter at the last step) goes there.
     """
     from datasets import Dataset
@@ -102,8 +109,8 @@ def train_dpo(model, tokenizer, pairs: list[Pair], cfg: DPOMethodConfig, seed: i
     with where as output_dir:
         args = DPOConfig(
             output_dir=output_dir, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_schedule,
-            warmup_steps=cfg.warmup_ratio, beta=cfg.beta, max_length=cfg.max_length, seed=seed,
+            gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type=lr_schedule,
+            warmup_steps=int(warmup_steps), beta=cfg.beta, max_length=cfg.max_length, seed=seed,
             # TRL defaults to bf16 autocast; the harness runs M in its own dtype
             bf16=False, fp16=False, **{no_ckpt: False}, use_cpu=model.device.type == "cpu",
             logging_steps=1, report_to="none", disable_tqdm=True,
@@ -112,9 +119,11 @@ def train_dpo(model, tokenizer, pairs: list[Pair], cfg: DPOMethodConfig, seed: i
         trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora)
         result = trainer.train()
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    # one entry per optimizer step (logging_steps=1); the Trainer logs the rate the step was taken with
+    lrs = {h["step"]: h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h}
     merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().eval()
     vars(merged).pop("forward", None)  # TRL's fused log-prob forward, patched onto the instance for its loss only
-    return merged, {"final_loss": logged[-1], "mean_loss": result.training_loss}
+    return merged, {"final_loss": logged[-1], "mean_loss": result.training_loss, "lrs": [lrs[k] for k in sorted(lrs)]}
 
 
 def _fits(tokenizer, pair: Pair, max_length: int) -> bool:
@@ -163,9 +172,11 @@ class DPO(Method):
             with (self.run_dir / "dpo_pairs.jsonl").open("w") as f:
                 f.writelines(json.dumps(asdict(p), ensure_ascii=False) + "\n" for p in pairs)
         out_dir = self.run_dir / "dpo" if self.run_dir is not None else None
-        model, losses = train_dpo(copy.deepcopy(self.model), self.tokenizer, pairs, cfg,
+        # the learning-rate policy of every trained method: train.lr_schedule and train.warmup_ratio
+        schedule, warmup = hf_schedule(getattr(self.config, "train", None) or TrainConfig(), cfg.steps)
+        model, losses = train_dpo(copy.deepcopy(self.model), self.tokenizer, pairs, cfg, schedule, warmup,
                                   getattr(self.config, "seed", 0), out_dir)
         training = {"queries": len(queries), "pairs": len(pairs), "too_long": built - len(pairs),
                     "gold_fallback": sum(p.gold for p in pairs),
-                    "steps": cfg.steps, **losses}
+                    "steps": cfg.steps, "lr_schedule": schedule, "warmup_steps": warmup, **losses}
         return DPOPredictor(model, self.tokenizer, task.instruction, training)
