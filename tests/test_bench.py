@@ -174,3 +174,77 @@ def test_paired_difference_is_over_shared_items_and_seeds():
     text = table(rows)
     assert "Paired difference, metatuner-j minus each method" in text and "| sft | +37.5 [" in text
     assert paired_difference(rows, "metatuner-j", "nobody", "t") is None
+
+
+def fake_grid(tmp_path, logs):
+    """A grid folder with results.json and, per (method, seed), a train log of the given records (a str
+    is written as a raw line); None: a cell without a train log; "missing": a log path with no file."""
+    out = tmp_path / "grid"
+    rows = []
+    for (method, seed), records in logs.items():
+        rel = None
+        if records is not None:
+            rel = f"cells/t--{method}--seed{seed}-train/log.jsonl"
+            if records != "missing":
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                (out / rel).write_text("".join((x if isinstance(x, str) else json.dumps(x) + "\n") for x in records))
+        rows.append({"task": "t", "method": method, "seed": seed, "primary_metric": "acc", "score": 0.5,
+                     "item_ids": ["i0", "i1"], "item_scores": [1, 0], "train_log": rel})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(rows))
+    return out
+
+
+def eval_record(step, **kw):
+    return {"phase": "eval", "step": step, "sample_prompts": [{"id": "a", "prompt": "p", "output": "o"}], **kw}
+
+
+def test_report_shows_the_last_validations_diagnostics_mean_over_seeds(tmp_path):
+    from metatuner.bench.report import diagnostics
+
+    loss = {"phase": "joint", "step": 1, "task_loss": 1.0}
+    out = fake_grid(tmp_path, {
+        ("zero-shot", 0): None,
+        ("metatuner-j", 0): [loss, eval_record(2, delta_norm=9.0, gate="generated", val_acc=0.25),
+                             eval_record(4, delta_norm=2.0, delta_spread=0.5, prompt_equal_initial=0.25,
+                                         prompt_words=10, prompt_cut=0.0, gate="initial", val_acc=0.5),
+                             '{"phase": "eval", "step": 6, "delta_norm": 99'],  # torn last line
+        ("metatuner-j", 1): [eval_record(2, delta_norm=1.0, val_acc=0.5),
+                             eval_record(4, delta_norm=4.0, delta_spread=0.1, prompt_equal_initial=0.75,
+                                         prompt_words=20, prompt_cut=0.5, gate="initial", val_acc=0.75),
+                             eval_record(4, val_acc=0.75)],  # an eval record without diagnostics
+        ("metatuner", 0): [eval_record(3, delta_norm=1.0, gate="generated", val_acc=0.5)],
+        ("metatuner", 1): [eval_record(3, delta_norm=3.0, delta_spread=float("nan"), gate="initial")],
+        ("metatuner", 2): "missing",
+        ("sft", 0): [loss, eval_record(5, val_acc=0.5)],  # validated, but no diagnostics
+    })
+    md, plots = report(out)
+    text = md.read_text()
+    assert "MetaTuner diagnostics (last validation of each run, mean over seeds" in text
+    assert ("| method | task | ΔW norm | ΔW spread | prompts = p~ (%) | prompt words | cut at cap (%) | gate |"
+            in text)
+    assert "| metatuner-j | t | 3 | 0.3 | 50.0 | 15.0 | 25.0 | initial x2 |" in text
+    assert "| metatuner | t | 2 | - | - | - | - | generated x1, initial x1 |" in text
+    assert "| sft | t |" not in text and "| zero-shot | t |" not in text
+    diag = diagnostics(json.loads((out / "results.json").read_text()), out)
+    assert set(diag) == {("metatuner-j", "t"), ("metatuner", "t")} and diag[("metatuner-j", "t")]["runs"] == 2
+    assert {p.name for p in plots} >= {"bar-t.png", "curves-t.png", "curves-val-t.png"}
+
+
+def test_read_log_skips_torn_and_non_json_lines(tmp_path):
+    from metatuner.bench.report import read_log
+
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"phase": "eval", "step": 1}\nnot json\n[1, 2]\n\n{"phase": "joint", "step": 2}\n{"phase": "ev')
+    assert read_log(path) == [{"phase": "eval", "step": 1}, {"phase": "joint", "step": 2}]
+    assert read_log(tmp_path / "absent.jsonl") == []
+
+
+def test_report_without_diagnostics_has_no_section_and_no_validation_curves(tmp_path):
+    out = fake_grid(tmp_path, {("zero-shot", 0): None,
+                               ("sft", 0): [{"phase": "sft", "step": 0, "sft_loss": 2.0}, '{"phase": "sf'],
+                               ("metatuner", 0): [eval_record(4, val_acc=0.5)]})  # one step: no curve
+    md, plots = report(out)
+    assert "MetaTuner diagnostics" not in md.read_text()
+    assert md.read_text().strip() == table(json.loads((out / "results.json").read_text())).strip()
+    assert "curves-val-t.png" not in {p.name for p in plots}

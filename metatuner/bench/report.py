@@ -5,15 +5,17 @@ over test items (each item's score averaged over seeds first, so the interval re
 set, which dominates the noise here), then the average over tasks and the relative gain of that
 average over BetterTogether, as the paper reports. Below it, MetaTuner-J's paired difference from every
 other method per task: the same test items and seeds scored by both, so item difficulty cancels and the
-interval is much narrower than the two unpaired ones suggest. Plots: one bar chart per task (with the
-intervals) and the training curves (loss by step) of the trained methods.
+interval is much narrower than the two unpaired ones suggest. Then, where trained runs logged them,
+MetaTuner's collapse diagnostics at their last validation (see ``metatuner.training.diagnostics``).
+Plots: one bar chart per task (with the intervals), the training curves (loss by step) of the trained
+methods and, where runs validated at several steps, the validation score by step.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from metatuner.bench.grid import file_name
@@ -21,6 +23,14 @@ from metatuner.evaluation.harness import confidence_interval, normal_interval
 
 REFERENCE = "bettertogether"
 FOCUS = "metatuner-j"  # the method the paired differences are about
+# eval-record key -> (column, format of the mean over seeds); plus "gate", a string, counted
+DIAGNOSTICS = {
+    "delta_norm": ("ΔW norm", lambda v: f"{v:.3g}"),
+    "delta_spread": ("ΔW spread", lambda v: f"{v:.3g}"),
+    "prompt_equal_initial": ("prompts = p~ (%)", lambda v: f"{100 * v:.1f}"),
+    "prompt_words": ("prompt words", lambda v: f"{v:.1f}"),
+    "prompt_cut": ("cut at cap (%)", lambda v: f"{100 * v:.1f}"),
+}
 
 
 def aggregate(rows: list[dict]) -> dict[tuple[str, str], dict]:
@@ -118,6 +128,71 @@ def _paired_table(rows: list[dict], methods: list[str], tasks: list[str]) -> lis
     return lines
 
 
+def read_log(path: Path) -> list[dict]:
+    """The records of a training ``log.jsonl``, in order; [] when the file is missing. A line that is not
+    a JSON object (the torn last line of a run killed mid-write, or still writing) is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _evals(rows: list[dict], root: Path) -> list[tuple[dict, list[dict]]]:
+    """(row, its training log's ``phase: eval`` records) for every trained cell that has some."""
+    out = []
+    for r in rows:
+        if r.get("train_log"):
+            evals = [x for x in read_log(root / r["train_log"]) if x.get("phase") == "eval"]
+            if evals:
+                out.append((r, evals))
+    return out
+
+
+def _number(v) -> float | None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return float(v) if ok else None
+
+
+def diagnostics(rows: list[dict], root: Path) -> dict[tuple[str, str], dict]:
+    """(method, task) -> {key: mean over seeds of its value at the run's last validation that logged any
+    diagnostic (None where no seed has it), "gate": Counter of gate values, "runs": how many runs}."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r, evals in _evals(rows, root):
+        logged = [x for x in evals if "gate" in x or any(k in x for k in DIAGNOSTICS)]
+        if logged:
+            groups[(r["method"], r["task"])].append(logged[-1])
+    out = {}
+    for key, lasts in groups.items():
+        cell: dict = {"runs": len(lasts), "gate": Counter(str(x["gate"]) for x in lasts if "gate" in x)}
+        for k in DIAGNOSTICS:
+            values = [v for v in (_number(x.get(k)) for x in lasts) if v is not None]
+            cell[k] = sum(values) / len(values) if values else None
+        out[key] = cell
+    return out
+
+
+def diagnostics_table(rows: list[dict], root: Path) -> str:
+    """The Markdown section of :func:`diagnostics`, or "" when no run logged any."""
+    diag = diagnostics(rows, root)
+    if not diag:
+        return ""
+    lines = ["MetaTuner diagnostics (last validation of each run, mean over seeds; '-' where none logged it):", "",
+             "| method | task | " + " | ".join(c for c, _ in DIAGNOSTICS.values()) + " | gate |",
+             "|---|---|" + "---|" * (len(DIAGNOSTICS) + 1)]
+    for (m, t), cell in diag.items():
+        values = ["-" if cell[k] is None else fmt(cell[k]) for k, (_, fmt) in DIAGNOSTICS.items()]
+        gate = ", ".join(f"{g} x{n}" for g, n in sorted(cell["gate"].items())) or "-"
+        lines.append(f"| {m} | {t} | " + " | ".join(values) + f" | {gate} |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], out: Path) -> list[Path]:
     import matplotlib
 
@@ -144,6 +219,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     written += _curves(rows, out, plt)
+    written += _val_curves(rows, out, plt)
     return written
 
 
@@ -157,9 +233,9 @@ def _curves(rows: list[dict], out: Path, plt) -> list[Path]:
             continue
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for c in cells:
-            log = [json.loads(line) for line in (root / c["train_log"]).read_text().splitlines()]
+            log = read_log(root / c["train_log"])
             for key in ("task_loss", "sft_loss"):
-                pts = [(i, r[key]) for i, r in enumerate(log) if key in r and math.isfinite(r[key])]
+                pts = [(i, r[key]) for i, r in enumerate(log) if _number(r.get(key)) is not None]
                 if pts:
                     ax.plot(*zip(*pts), label=f"{c['method']} {key}")
         ax.set_xlabel("logged step")
@@ -168,6 +244,44 @@ def _curves(rows: list[dict], out: Path, plt) -> list[Path]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"curves-{file_name(task)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _val_curves(rows: list[dict], out: Path, plt) -> list[Path]:
+    """Validation score by step, mean over seeds, one line per method; one figure per task where some
+    method validated at two steps or more."""
+    written = []
+    evals = _evals(rows, out.parent)
+    for task in dict.fromkeys(r["task"] for r in rows):
+        curves: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        names = set()
+        for r, records in evals:
+            if r["task"] != task:
+                continue
+            run: dict[int, float] = {}  # step -> score; a step validated twice (a resumed run): the last
+            for x in records:  # the primary metric's val_ key, else the first numeric val_ key
+                keys = sorted((k for k in x if k.startswith("val_") and _number(x[k]) is not None),
+                              key=lambda k: k != f"val_{r['primary_metric']}")
+                if keys and _number(x.get("step")) is not None:
+                    run[int(x["step"])] = _number(x[keys[0]])
+                    names.add(keys[0])
+            for step, score in run.items():
+                curves[r["method"]][step].append(score)
+        if not any(len(steps) > 1 for steps in curves.values()):
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for method, steps in curves.items():
+            pts = sorted((s, 100 * sum(v) / len(v)) for s, v in steps.items())
+            ax.plot(*zip(*pts), marker="o", markersize=3, label=method)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{', '.join(sorted(names))} (%)")
+        ax.set_title(f"{task}: validation score, mean over seeds")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"curves-val-{file_name(task)}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
@@ -185,5 +299,6 @@ def report(run_dir: Path) -> tuple[Path, list[Path]]:
     if not rows:
         raise MetatunerError(f"{path} holds no finished cell yet")
     md = run_dir / "results.md"
-    md.write_text(table(rows) + "\n")
+    section = diagnostics_table(rows, run_dir)
+    md.write_text(table(rows) + ("\n\n" + section if section else "") + "\n")
     return md, plot(rows, run_dir / "plots")
