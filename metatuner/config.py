@@ -48,7 +48,9 @@ class DataConfig:
         None, "folder holding <task>/{train,test}.jsonl; unset: $METATUNER_DATA_DIR, then the hub"
     )
     train_limit: int | None = option(None, "use at most this many training items (seeded subset)")
-    val_size: int = option(0, "items carved from train (seeded) for validation; never taken from test")
+    val_size: int = option(
+        32, "items carved from train (seeded) for validation (MetaTuner's prompt gate, diagnostics); never from test"
+    )
     seed: int = option(0, "seed of the train/validation subset choice")
 
     def __post_init__(self):
@@ -81,8 +83,20 @@ class GeneratorConfig:
     targets: list[str] = option(None, "G's LoRA target modules", factory=lambda: ["q_proj", "v_proj"])
     rank: int = option(8, "rank of G's LoRA adapters")
     alpha: float = option(16.0, "LoRA alpha of G's adapters (scale alpha / rank)")
-    max_prompt_tokens: int = option(64, "cap on the length of a generated prompt")
+    mode: str = option(
+        "append", "rewrite = G writes the whole prompt (the paper); append = p~ plus a short per-query hint from G",
+        ("append", "rewrite"),
+    )
+    max_prompt_tokens: int = option(24, "cap on the new tokens of a generated prompt (append: of the hint)")
+    on_cap: str = option(
+        "cut", "a generation that reaches the cap unfinished: cut at its last complete sentence, or fall back to p~",
+        ("cut", "fallback"),
+    )
     pooling: str = option("mean", "how layer k's states become F's input", ("mean", "last"))
+    features: str = option(
+        "query", "the tokens F's input is pooled over: the query's own (query) or the whole rewrite input (all)",
+        ("query", "all"),
+    )
     feature_layer: int | None = option(None, "with k = 0, the frozen layer F reads (default: a quarter of the depth)")
 
     def __post_init__(self):
@@ -118,13 +132,19 @@ class TrainConfig:
         "none", "no_hypernet = w/o F, no_prompt = w/o P, no_share = w/o S (k = 0)",
         ("none", "no_hypernet", "no_prompt", "no_share"),
     )
-    steps: int = option(30, "joint training steps (optimizer steps)")
+    steps: int = option(
+        30, "the run's whole budget of optimizer steps: warm-up of M + warm-up of G + joint training; "
+        "the learning-rate schedule spans all of it (for sft, all steps are SFT)"
+    )
     batch_size: int = option(4, "queries per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     lr_encoder: float = option(1e-4, "learning rate of the shared meta encoder's LoRA (phi_s)")
     lr_decoder: float = option(1e-4, "learning rate of the prompt decoder's LoRA (phi_p)")
     lr_hypernet: float = option(1e-3, "learning rate of the hypernetwork F (phi_q)")
-    lr_static: float = option(2e-4, "learning rate of M's static LoRA in the warm-up SFT")
+    lr_static: float = option(1e-3, "learning rate of M's static LoRA (the SFT baseline's LoRA)")
+    freeze_static: bool = option(
+        False, "freeze M's static LoRA after its warm-up (false: it keeps training on the task loss, F's LoRA a residual on top)"
+    )
     lr_schedule: str = option("cosine", "learning-rate schedule after warm-up", ("constant", "linear", "cosine"))
     warmup_ratio: float = option(0.1, "fraction of steps with a linear learning-rate warm-up")
     weight_decay: float = option(0.0, "AdamW weight decay")
@@ -133,13 +153,23 @@ class TrainConfig:
     rollouts: int = option(4, "prompts sampled per query for the expert prompt set D2")
     temperature: float = option(1.0, "sampling temperature of rollouts")
     reward: str = option("nll", "rollout reward: nll (teacher-forced gold NLL) or em (greedy answer scored)", ("nll", "em"))
-    rollout_every: int = option(1, "run rollouts every this many steps")
+    rollout_every: int = option(2, "run rollouts every this many joint steps")
+    expert_margin: float = option(
+        0.05, "a sampled prompt becomes a query's expert only if its reward beats p~'s by this much (nats); else p~ is"
+    )
+    expert_cap: int = option(4096, "most queries the expert set D2 holds (the least recently improved leave first)")
+    reg_batch_size: int | None = option(None, "queries sampled from D2 for the regularization term (unset: batch_size)")
     sync_every: int = option(10, "re-synchronise the frozen prompt decoder every this many steps")
     static_rank: int = option(8, "rank of M's static LoRA (warm-up SFT)")
     static_alpha: float = option(16.0, "LoRA alpha of M's static LoRA (scale alpha / rank)")
-    actor_warmup_steps: int = option(0, "warm-up SFT steps of M's static LoRA (0 = no static LoRA)")
-    generator_warmup_queries: int = option(0, "queries for G's rejection-sampling warm-up (0 = skip)")
-    generator_warmup_steps: int = option(0, "SFT steps of G on the warm-up's best prompts")
+    actor_warmup_steps: int | None = option(
+        None, "warm-up SFT steps of M's static LoRA, part of train.steps (unset: half of them; 0 = no static LoRA)"
+    )
+    generator_warmup_queries: int = option(32, "queries for G's rejection-sampling warm-up (0 = skip it)")
+    generator_warmup_steps: int | None = option(
+        None, "SFT steps of G on the warm-up's best prompts, part of train.steps (unset: a tenth of them)"
+    )
+    gate: bool = option(True, "at the end, serve p~ instead of generated prompts unless they score higher on validation")
     max_length: int = option(512, "truncate M's training inputs to this many tokens")
     log_every: int = option(1, "log losses every this many steps")
     eval_every: int = option(0, "evaluate on the validation split every this many steps (0 = only at the end)")
@@ -147,12 +177,30 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "rollouts", "rollout_every", "sync_every", "static_rank",
-                     "max_length", "log_every", "save_every"):
+                     "max_length", "log_every", "save_every", "expert_cap", "reg_batch_size"):
             _at_least(f"train.{name}", getattr(self, name), 1)
         for name in ("actor_warmup_steps", "generator_warmup_queries", "generator_warmup_steps", "eval_every"):
             _at_least(f"train.{name}", getattr(self, name), 0)
         if self.temperature <= 0:
             raise MetatunerError(f"train.temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise MetatunerError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmups()[0] + self.warmups()[1] > self.steps:
+            raise MetatunerError(
+                f"train.actor_warmup_steps + train.generator_warmup_steps = {sum(self.warmups())} exceed "
+                f"train.steps={self.steps}, the run's whole budget"
+            )
+
+    def warmups(self) -> tuple[int, int]:
+        """(warm-up steps of M, warm-up steps of G), resolved from train.steps where unset."""
+        actor = self.steps // 2 if self.actor_warmup_steps is None else self.actor_warmup_steps
+        gen = max(1, self.steps // 10) if self.generator_warmup_steps is None else self.generator_warmup_steps
+        if self.generator_warmup_queries == 0:
+            gen = 0
+        return actor, gen
+
+    def joint_steps(self) -> int:
+        return self.steps - sum(self.warmups())
 
 
 @dataclass

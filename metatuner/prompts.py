@@ -1,24 +1,39 @@
 """Meta-prompts, kept as data in one place.
 
-``REWRITE`` is what the prompt generator G reads: the task's initial instruction ``p~`` and the query
-``x``; it answers with a rewritten instruction for that query (METHOD.md section 3).
+``GENERATOR[mode]`` is what the prompt generator G reads: the task's initial instruction ``p~`` and the
+query ``x`` (METHOD.md section 3). In ``rewrite`` mode (the paper's form) G answers with a whole new
+instruction for that query; in ``append`` mode it answers with a short hint for that query, which is
+added after ``p~`` (an empty answer keeps ``p~`` alone).
 """
 
-REWRITE = {
-    "system": "You improve instructions for an assistant. Keep what the instruction requires, such as the answer format.",
-    "user": (
-        "Instruction: {instruction}\n\n"
-        "Question: {query}\n\n"
-        "Rewrite the instruction so that it best helps the assistant answer this question. "
-        "Reply with the rewritten instruction only."
-    ),
+GENERATOR = {
+    "rewrite": {
+        "system": "You improve instructions for an assistant. Keep what the instruction requires, such as the answer format.",
+        "user": (
+            "Instruction: {instruction}\n\n"
+            "Question: {query}\n\n"
+            "Rewrite the instruction so that it best helps the assistant answer this question. "
+            "Reply with the rewritten instruction only."
+        ),
+    },
+    "append": {
+        "system": "You give an assistant one short hint for a question. Never solve the question or state its answer.",
+        "user": (
+            "Instruction: {instruction}\n\n"
+            "Question: {query}\n\n"
+            "Write one short sentence that helps the assistant follow the instruction on this question, "
+            "or nothing if the instruction is enough."
+        ),
+    },
 }
 
 
-def rewrite_messages(instruction: str, query: str) -> list[dict[str, str]]:
+def generator_messages(instruction: str, query: str, mode: str = "rewrite") -> list[dict[str, str]]:
+    """G's chat input for one query: ``p~`` and ``x`` in the template of ``mode`` (rewrite or append)."""
+    template = GENERATOR[mode]
     return [
-        {"role": "system", "content": REWRITE["system"]},
-        {"role": "user", "content": REWRITE["user"].format(instruction=instruction, query=query)},
+        {"role": "system", "content": template["system"]},
+        {"role": "user", "content": template["user"].format(instruction=instruction, query=query)},
     ]
 
 

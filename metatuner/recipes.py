@@ -112,6 +112,7 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()):
     if state["extra"].get("has_static"):
         mt.add_static_adapter(cfg.train.static_rank, cfg.train.static_alpha)
     mt.load_trainable_state(tensors)
+    mt.serve_generated = state["extra"].get("serve_generated", True)  # the validation gate's verdict
     return mt, cfg
 
 

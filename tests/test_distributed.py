@@ -56,7 +56,8 @@ def test_two_processes_train_the_same_weights_as_one(tiny_model_dir, tmp_path):
 
 
 def test_two_processes_gather_every_expert_prompt(tiny_model_dir, tmp_path):
-    _train(tiny_model_dir, tmp_path / "run", 2, "train.steps=2", "train.rollouts=2", "train.save_every=2")
+    _train(tiny_model_dir, tmp_path / "run", 2, "train.steps=2", "train.rollouts=2", "train.save_every=2",
+           "train.actor_warmup_steps=0", "train.generator_warmup_queries=0", "train.rollout_every=1")
     _, state = _state(tmp_path / "run")
     # two steps of batch 4, rollouts every step: 8 queries, half on each process, all in the checkpoint
     assert len(state["extra"]["experts"]) == 8

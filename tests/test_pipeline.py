@@ -8,9 +8,9 @@ import torch
 from metatuner.cli import main
 
 TRAIN = [
-    "train.steps=2", "train.batch_size=2", "train.rollouts=2", "generator.max_prompt_tokens=4", "train.save_every=1",
-    "train.actor_warmup_steps=2", "train.lr_static=0.05", "train.lr_hypernet=0.05", "eval.max_new_tokens=4",
-    "data.train_limit=8",
+    "train.steps=5", "train.batch_size=2", "train.rollouts=2", "generator.max_prompt_tokens=4", "train.save_every=1",
+    "train.actor_warmup_steps=2", "train.generator_warmup_queries=2", "train.generator_warmup_steps=1",
+    "train.lr_static=0.05", "train.lr_hypernet=0.05", "eval.max_new_tokens=4", "data.train_limit=8", "data.val_size=2",
 ]
 
 
@@ -24,9 +24,9 @@ def trained_run(tmp_path_factory, tiny_model_dir):
 
 def test_train_writes_a_run_folder(trained_run):
     assert (trained_run / "config.yaml").is_file()
-    assert (trained_run / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    assert (trained_run / "checkpoints" / "latest").read_text().strip() == "step-000005"
     phases = {json.loads(line)["phase"] for line in (trained_run / "log.jsonl").read_text().splitlines()}
-    assert phases == {"warmup_actor", "joint"}
+    assert phases == {"plan", "warmup_actor", "warmup_generator", "joint", "eval"}
     summary = json.loads((trained_run / "eval-test" / "summary.json").read_text())
     assert summary["n"] == 3 and summary["predictor"]["has_static"] is True
     assert (trained_run / "tb").is_dir()
@@ -84,10 +84,18 @@ def test_export_gives_peft_the_same_logits(trained_run, tmp_path, tiny_model_dir
 def test_trained_methods_through_eval(capsys, tmp_path, tiny_model_dir, method):
     out = tmp_path / method
     code = main(["eval", "--method", method, "--model", str(tiny_model_dir), "--limit", "2", "--out", str(out),
-                 *TRAIN, "train.steps=2"])
+                 *TRAIN])
     assert code == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["predictor"]["method"] == method and summary["n"] == 2
     log = [json.loads(line) for line in (tmp_path / f"{method}-train" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if r["phase"] == "warmup_actor"] == [0, 1]  # train.actor_warmup_steps=2 / train.steps=2
-    assert any(r["phase"] == "joint" for r in log) == (method == "metatuner")
+    # one budget of train.steps=5: sft spends all of it on SFT; metatuner 2 on M's warm-up, 1 on G's, 2 joint
+    warm = [r["step"] for r in log if r["phase"] == "warmup_actor"]
+    joint = [r["step"] for r in log if r["phase"] == "joint"]
+    if method == "sft":
+        assert warm == [1, 2, 3, 4, 5] and joint == []
+    else:
+        assert warm == [1, 2] and [r["step"] for r in log if r["phase"] == "warmup_generator" and "generator_sft_loss" in r] == [3]
+        assert joint == [4, 5]
+        final = [r for r in log if r["phase"] == "eval"][-1]
+        assert final["step"] == 5 and final["gate"] in ("generated", "initial") and "delta_spread" in final

@@ -25,6 +25,8 @@ def render_chat(tokenizer, messages: list[dict[str, str]]) -> str:
 class Generation:
     text: str
     new_tokens: int
+    #: False when the row stopped at ``max_new_tokens`` without EOS or a stop string (cut at the cap)
+    finished: bool = True
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
@@ -69,9 +71,10 @@ def generate(
     for row in new:
         ids = row.tolist()
         # count tokens up to and including the first EOS / pad (generate pads finished rows)
-        n = next((i + 1 for i, t in enumerate(ids) if t in ends), len(ids))
-        text = tokenizer.decode(ids[:n], skip_special_tokens=True)
-        results.append(Generation(cut_at_stop(text, stop).strip(), n))
+        n = next((i + 1 for i, t in enumerate(ids) if t in ends), None)
+        text = tokenizer.decode(ids[: n or len(ids)], skip_special_tokens=True)
+        stopped = n is not None or any(s in text for s in stop)
+        results.append(Generation(cut_at_stop(text, stop).strip(), n or len(ids), finished=stopped or len(ids) < max_new_tokens))
     return results
 
 

@@ -50,7 +50,8 @@ def export_peft_adapter(mt: MetaTuner, task: Task, query: str, out_dir: Path) ->
     example = Example(id="query", query=query, answer="", target="")
     factors = query_lora(mt, task, example)
     rank = next(iter(factors.values()))[0].shape[0]
-    prompt = mt.generate_prompts(task, [example])[0]
+    # the validation gate's verdict decides between the generated prompt and p~, as in serving
+    prompt = mt.generate_prompts(task, [example])[0] if mt.serve_generated else task.instruction_for(example)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = LoraConfig(
         r=rank,

@@ -10,8 +10,16 @@ is configured as a different checkpoint. G's adapters are split at layer ``k``:
 - per-row LoRA on M, written by F from the meta encoder's pooled layer-k state.
 
 For a batch of queries: ``encode`` gives ``h [bs, d]``; ``factors(h)`` gives each row's LoRA;
-``generate_prompts`` rewrites the task's instruction per query; ``answer_nll`` scores gold answers
-under M with those prompts and factors; ``prompt_nll`` scores prompts under G (the regularizer).
+``generate_outputs`` samples or decodes G's outputs and ``compose`` turns one into the prompt M reads
+(``generator.mode``: ``rewrite`` = the output is the prompt; ``append`` = ``p~`` plus the output as a
+hint; an output cut at the token cap is cut back to its last sentence or dropped); ``answer_nll``
+scores gold answers under M with those prompts and factors; ``prompt_nll`` scores outputs under G
+(the regularizer).
+
+When warm-up SFT has given M a static LoRA, F's generated LoRA is a residual on top of it: F's B heads
+start at zero, so right after the warm-up M is exactly the SFT model, and the static LoRA keeps
+training on the task loss unless ``train.freeze_static``. ``serve_generated`` is the validation gate's
+verdict: when False, inference answers with ``p~`` (and F's LoRA).
 """
 
 from __future__ import annotations
@@ -24,10 +32,10 @@ from torch import nn
 
 from metatuner.config import GeneratorConfig, HypernetConfig
 from metatuner.errors import MetatunerError
-from metatuner.evaluation.generation import encode_pairs, generate, render_chat, token_logprobs
+from metatuner.evaluation.generation import Generation, encode_pairs, generate, render_chat, token_logprobs
 from metatuner.models.hypernet import LoRAHypernet
 from metatuner.models.lora import LoRAModel
-from metatuner.prompts import rewrite_messages
+from metatuner.prompts import generator_messages
 from metatuner.tasks.base import Example, Task
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -103,15 +111,20 @@ class MetaTuner(nn.Module):
         ).to(self.actor.device)
         self.rows_scale = hyper_cfg.alpha / hyper_cfg.rank
         self.has_static = False
+        self.serve_generated = True  # the validation gate's verdict (see the module docstring)
 
     # ---- parameter groups -----------------------------------------------------------------------
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by component: encoder (phi_s), decoder (phi_p), hypernet (phi_q)."""
-        return {
+        """Trainable parameters by component: encoder (phi_s), decoder (phi_p), hypernet (phi_q), and M's
+        static LoRA when there is one."""
+        groups = {
             "encoder": list(self.g_lora.adapter_parameters("enc")),
             "decoder": list(self.g_lora.adapter_parameters("dec")),
             "hypernet": list(self.hypernet.parameters()),
         }
+        if self.has_static:
+            groups["static"] = list(self.m_lora.adapter_parameters("static"))
+        return groups
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Everything learned (never the frozen base): G's adapters, the frozen copy, static LoRA, F."""
@@ -135,7 +148,7 @@ class MetaTuner(nn.Module):
         return self.m_lora if adapter == "static" else self.g_lora
 
     def add_static_adapter(self, rank: int, alpha: float) -> None:
-        """M's static LoRA (warm-up SFT) on the same targets as the generated LoRA."""
+        """A fresh static LoRA on M (warm-up SFT) on the same targets as the generated LoRA."""
         layers = sorted({s.layer for s in self.sites})
         self.m_lora.add_adapter("static", sorted({s.kind for s in self.sites}), layers, rank, alpha)
         self.has_static = True
@@ -145,8 +158,10 @@ class MetaTuner(nn.Module):
 
     # ---- G: meta encoder and prompt decoder --------------------------------------------------
     def rewrite_texts(self, task: Task, examples: list[Example]) -> list[str]:
+        """G's input per query: ``p~`` and the query in the template of ``generator.mode``."""
         return [
-            render_chat(self.gen_tokenizer, rewrite_messages(task.instruction_for(ex), ex.query)) for ex in examples
+            render_chat(self.gen_tokenizer, generator_messages(task.instruction_for(ex), ex.query, self.gen_cfg.mode))
+            for ex in examples
         ]
 
     def encode(self, task: Task, examples: list[Example]) -> torch.Tensor:
@@ -157,8 +172,20 @@ class MetaTuner(nn.Module):
         """
         tok = self.gen_tokenizer
         tok.padding_side = "right"  # right padding keeps positions identical to the unpadded rows
-        enc = tok(self.rewrite_texts(task, examples), return_tensors="pt", padding=True, add_special_tokens=False)
+        texts = self.rewrite_texts(task, examples)
+        query_only = self.gen_cfg.features == "query"
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False, return_offsets_mapping=query_only)
+        pool_mask = enc["attention_mask"].clone()  # [bs, T]: the positions pooled into h
+        if query_only:
+            # the template and p~ are the same for every query: pooling over them pushes F towards one static LoRA
+            offsets = enc.pop("offset_mapping")  # [bs, T, 2] character spans
+            for i, (text, ex) in enumerate(zip(texts, examples)):
+                start = text.rfind(ex.query)
+                if start >= 0 and ex.query:
+                    inside = (offsets[i, :, 1] > start) & (offsets[i, :, 0] < start + len(ex.query))
+                    pool_mask[i] &= inside.to(pool_mask.dtype)
         enc = enc.to(self.generator.device)
+        pool_mask = pool_mask.to(self.generator.device)
         captured: list[torch.Tensor] = []
         layer = self.generator.model.layers[self.feature_layer - 1]
 
@@ -176,32 +203,63 @@ class MetaTuner(nn.Module):
         finally:
             handle.remove()
         states = captured[0]  # [bs, T, d]
-        mask = enc["attention_mask"].unsqueeze(-1).to(states.dtype)  # [bs, T, 1]
         if self.gen_cfg.pooling == "last":
-            last = enc["attention_mask"].sum(1) - 1
+            positions = torch.arange(pool_mask.shape[1], device=pool_mask.device)
+            last = (pool_mask * positions).argmax(1)  # the last pooled position of each row
             return states[torch.arange(states.shape[0]), last].float()
-        return ((states * mask).sum(1) / mask.sum(1)).float()
+        mask = pool_mask.unsqueeze(-1).to(states.dtype)  # [bs, T, 1]
+        return ((states * mask).sum(1) / mask.sum(1).clamp(min=1)).float()
 
     @torch.no_grad()
+    def generate_outputs(
+        self, task: Task, examples: list[Example], *, sample: bool = False, n: int = 1,
+        temperature: float = 1.0, frozen: bool = False,
+    ) -> list[Generation]:
+        """G's raw outputs for each query (``n`` per query, grouped by query): greedy unless ``sample``,
+        with the trained prompt decoder or its frozen copy."""
+        with self.g_lora.use(("enc", "dec_frozen" if frozen else "dec")):
+            return generate(  # the n samples of a query share one prefill of its rewrite text
+                self.generator, self.gen_tokenizer, self.rewrite_texts(task, examples), self.gen_cfg.max_prompt_tokens,
+                do_sample=sample, temperature=temperature, num_samples=n,
+            )
+
+    def keep_initial_output(self, task: Task, example: Example) -> str:
+        """The output of G that means "keep p~": p~ itself in rewrite mode, no hint in append mode."""
+        return task.instruction_for(example) if self.gen_cfg.mode == "rewrite" else ""
+
+    def clean_output(self, gen: Generation) -> str:
+        """An output as M will see it: one cut at the token cap ends at its last complete sentence
+        (``generator.on_cap=cut``) or is dropped (``fallback``), which means p~."""
+        text = gen.text.strip()
+        if gen.finished:
+            return text
+        if self.gen_cfg.on_cap == "cut":
+            end = max(text.rfind(c) for c in ".!?")
+            return text[: end + 1].strip() if end >= 0 else ""
+        return ""
+
+    def compose(self, task: Task, example: Example, output: str) -> str:
+        """The prompt M reads for a cleaned output of G (empty output: p~)."""
+        initial = task.instruction_for(example)
+        if not output:
+            return initial
+        return output if self.gen_cfg.mode == "rewrite" else f"{initial} {output}"
+
     def generate_prompts(
         self, task: Task, examples: list[Example], *, sample: bool = False, n: int = 1,
         temperature: float = 1.0, frozen: bool = False,
     ) -> list[str]:
-        """Rewrites the task instruction for each query (``n`` per query, grouped by query)."""
+        """The prompt M reads for each query (``n`` per query, grouped by query)."""
         if not self.use_prompt:
             return [task.instruction_for(ex) for ex in examples for _ in range(n)]
-        with self.g_lora.use(("enc", "dec_frozen" if frozen else "dec")):
-            gens = generate(  # the n samples of a query share one prefill of its rewrite text
-                self.generator, self.gen_tokenizer, self.rewrite_texts(task, examples), self.gen_cfg.max_prompt_tokens,
-                do_sample=sample, temperature=temperature, num_samples=n,
-            )
-        initial = [task.instruction_for(ex) for ex in examples for _ in range(n)]
-        return [g.text or p for g, p in zip(gens, initial)]
+        gens = self.generate_outputs(task, examples, sample=sample, n=n, temperature=temperature, frozen=frozen)
+        reps = [ex for ex in examples for _ in range(n)]
+        return [self.compose(task, ex, self.clean_output(g)) for g, ex in zip(gens, reps)]
 
-    def prompt_nll(self, task: Task, examples: list[Example], prompts: list[str]) -> torch.Tensor:
-        """Per-query mean NLL of ``prompts`` under G (teacher forced): the regularization loss terms."""
+    def prompt_nll(self, task: Task, examples: list[Example], outputs: list[str]) -> torch.Tensor:
+        """Per-query mean NLL of G's ``outputs`` (plus EOS) under G, teacher forced: the regularization terms."""
         eos = self.gen_tokenizer.eos_token or ""
-        batch = encode_pairs(self.gen_tokenizer, self.rewrite_texts(task, examples), [p + eos for p in prompts],
+        batch = encode_pairs(self.gen_tokenizer, self.rewrite_texts(task, examples), [p + eos for p in outputs],
                              self.generator.device)
         with self.g_lora.use(("enc", "dec")):
             return _mean_nll(self.generator, batch)

@@ -13,18 +13,35 @@ from metatuner.tasks.base import Example, Task
 
 
 class MetaTunerPredictor(LMPredictor):
-    """Greedy prompt from G, LoRA from F, answer from M. Prompts and factors are computed once per batch."""
+    """Greedy prompt from G, LoRA from F, answer from M. Prompts and factors are computed once per batch.
 
-    def __init__(self, mt: MetaTuner, name: str = "metatuner"):
+    ``prompts``: ``"generated"`` or ``"initial"`` (p~) forces one; unset follows the validation gate's
+    verdict stored with the run (``mt.serve_generated``). ``trace`` keeps, per query id, G's cleaned
+    output and whether it was cut at the token cap (for the diagnostics).
+    """
+
+    def __init__(self, mt: MetaTuner, name: str = "metatuner", prompts: str | None = None):
         super().__init__(mt.actor, mt.tokenizer, None, name=name)
         self.mt = mt
+        self.prompts = prompts
+        self.trace: dict[str, tuple[str, bool]] = {}
         self._memo: tuple[tuple[str, ...], list[str], Factors | None] | None = None
+
+    def uses_generated_prompts(self) -> bool:
+        if not self.mt.use_prompt:
+            return False
+        return self.mt.serve_generated if self.prompts is None else self.prompts == "generated"
 
     @torch.no_grad()
     def _plan(self, task: Task, examples: list[Example]) -> tuple[list[str], Factors | None]:
         ids = tuple(ex.id for ex in examples)
         if self._memo is None or self._memo[0] != ids:
-            prompts = self.mt.generate_prompts(task, examples)
+            prompts = [task.instruction_for(ex) for ex in examples]
+            if self.uses_generated_prompts():
+                gens = self.mt.generate_outputs(task, examples)
+                outputs = [self.mt.clean_output(g) for g in gens]
+                self.trace.update({ex.id: (o, not g.finished) for ex, o, g in zip(examples, outputs, gens)})
+                prompts = [self.mt.compose(task, ex, o) for ex, o in zip(examples, outputs)]
             factors = self.mt.factors(self.mt.encode(task, examples)) if self.mt.use_hypernet else None
             self._memo = (ids, prompts, factors)
         return self._memo[1], self._memo[2]
@@ -40,4 +57,5 @@ class MetaTunerPredictor(LMPredictor):
     def describe(self) -> dict[str, Any]:
         return {"predictor": type(self).__name__, "method": self.name, "k": self.mt.k,
                 "use_hypernet": self.mt.use_hypernet, "use_prompt": self.mt.use_prompt,
-                "has_static": self.mt.has_static}
+                "has_static": self.mt.has_static, "mode": self.mt.gen_cfg.mode,
+                "prompts": "generated" if self.uses_generated_prompts() else "initial"}

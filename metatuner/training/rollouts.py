@@ -1,32 +1,56 @@
-"""Rollouts: sample prompts from G, score each with M, keep the best per query (the expert set D2).
+"""Rollouts: sample outputs from G, score the prompts they make with M, keep the best per query (D2).
 
-Rewards (higher is better):
+Per query the candidates are ``n`` sampled outputs of G, any ``extra`` ones (the frozen decoder's
+greedy output, which the task loss uses anyway) and the output meaning "keep p~"; identical prompts are
+scored once. Rewards (higher is better), compared only within a query's group of candidates:
 
-- ``nll``: minus the mean token NLL of the gold target under M with the candidate prompt and the query's
-  generated LoRA, teacher forced: one forward pass per candidate, no decoding (the cheap default);
+- ``nll``: minus the mean token NLL of the gold target under M with the candidate prompt and the
+  query's own generated LoRA, teacher forced: one forward pass per candidate, no decoding (the default:
+  dense, so a rewrite that helps a little is seen even when no answer flips);
 - ``em``: M decodes an answer greedily with the candidate prompt and the task's primary metric scores it.
 
-The task's initial instruction ``p~`` is always a candidate too, so a query's expert prompt is only a
-rewrite when some rewrite scores better than ``p~``.
+A candidate that *leaks* (:func:`leaks`: it contains the gold answer, or states an answer in the
+task's format) is never chosen: guessing the answer into the prompt would be rewarded by the NLL.
+The result gives each query's best candidate and its *gain*, its reward minus p~'s in the same
+rollout, which the expert set compares across rollouts.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 
 from metatuner.evaluation.generation import generate
-from metatuner.models.metatuner import Factors, MetaTuner, repeat_factors
+from metatuner.models.metatuner import Factors, MetaTuner
 from metatuner.tasks.base import Example, Task
 
 
 @dataclass
 class RolloutResult:
-    best_prompts: list[str]
-    best_rewards: list[float]
-    mean_reward: float  # over the sampled rewrites (p~ excluded): tracks G's quality
+    best_outputs: list[str]  # per query: G's output to imitate ("keep p~" when nothing beat it)
+    best_gains: list[float]  # per query: its reward minus p~'s reward (0 when p~ won)
+    mean_reward: float  # over the sampled candidates that did not leak: tracks G's quality
     initial_reward: float  # mean reward of p~
+    leaked: int  # sampled candidates excluded for leaking the answer
+
+
+def _has_word(text: str, word: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, re.IGNORECASE) is not None
+
+
+def leaks(task: Task, example: Example, output: str) -> bool:
+    """Whether G's ``output`` gives the answer away: it contains the gold answer as a word (where the
+    query and p~ do not), or it states an answer in the task's strict format that p~ does not."""
+    if not output:
+        return False
+    initial = task.instruction_for(example)
+    stated = task.extract(output)["strict"]
+    if stated is not None and stated != task.extract(initial)["strict"]:
+        return True
+    gold = example.answer.strip()
+    return bool(gold) and _has_word(output, gold) and not _has_word(example.query, gold) and not _has_word(initial, gold)
 
 
 @torch.no_grad()
@@ -43,25 +67,54 @@ def score_prompts(
     return torch.tensor(scores)
 
 
+def _select_rows(factors: Factors | None, rows: list[int]) -> Factors | None:
+    if factors is None:
+        return None
+    index = torch.tensor(rows, device=next(iter(factors.values()))[0].device)
+    return {k: (a.index_select(0, index), b.index_select(0, index)) for k, (a, b) in factors.items()}
+
+
 @torch.no_grad()
 def rollout(
     mt: MetaTuner, task: Task, examples: list[Example], factors: Factors | None, n: int, temperature: float,
-    reward: str = "nll", max_length: int = 512,
+    reward: str = "nll", max_length: int = 512, extra: list[str] | None = None,
 ) -> RolloutResult:
-    """Samples ``n`` rewrites per query, scores them and ``p~``, and returns the best per query."""
-    sampled = mt.generate_prompts(task, examples, sample=True, n=n, temperature=temperature)
-    candidates = [
-        c for i, ex in enumerate(examples) for c in (*sampled[i * n : (i + 1) * n], task.instruction_for(ex))
-    ]
-    per_query = n + 1
-    reps = [ex for ex in examples for _ in range(per_query)]
-    rewards = score_prompts(
-        mt, task, reps, candidates, repeat_factors(factors, per_query), reward, max_length
-    ).view(len(examples), per_query)  # [bs, n + 1]; last column is p~
-    best = rewards.argmax(1)
+    """Samples ``n`` outputs per query, scores them with ``extra[i]`` and "keep p~", returns the best per query.
+
+    ``extra`` holds one more (cleaned) output per query, e.g. the frozen decoder's greedy one.
+    """
+    gens = mt.generate_outputs(task, examples, sample=True, n=n, temperature=temperature) if n else []
+    sampled = [mt.clean_output(g) for g in gens]
+    groups: list[list[str]] = []  # per query: unique outputs, "keep p~" first
+    leaked = 0
+    for i, ex in enumerate(examples):
+        group = [mt.keep_initial_output(task, ex)]
+        own = sampled[i * n : (i + 1) * n] + ([extra[i]] if extra is not None else [])
+        for j, out in enumerate(own):
+            if out in group:
+                continue
+            if leaks(task, ex, out):
+                leaked += j < n
+                continue
+            group.append(out)
+        groups.append(group)
+    rows = [i for i, g in enumerate(groups) for _ in g]
+    flat = [(examples[i], out) for i, g in enumerate(groups) for out in g]
+    prompts = [mt.compose(task, ex, out) for ex, out in flat]
+    rewards = score_prompts(mt, task, [ex for ex, _ in flat], prompts, _select_rows(factors, rows), reward,
+                            max_length).tolist()
+    best_outputs, best_gains, initial, others = [], [], [], []
+    pos = 0
+    for group in groups:
+        r = rewards[pos : pos + len(group)]
+        pos += len(group)
+        j = max(range(len(group)), key=lambda k: r[k])  # ties keep p~ (index 0)
+        best_outputs.append(group[j])
+        best_gains.append(r[j] - r[0])
+        initial.append(r[0])
+        others += r[1:]
     return RolloutResult(
-        best_prompts=[candidates[i * per_query + int(j)] for i, j in enumerate(best)],
-        best_rewards=rewards.max(1).values.tolist(),
-        mean_reward=rewards[:, :n].mean().item(),
-        initial_reward=rewards[:, n].mean().item(),
+        best_outputs=best_outputs, best_gains=best_gains,
+        mean_reward=sum(others) / len(others) if others else float("nan"),
+        initial_reward=sum(initial) / len(initial), leaked=leaked,
     )

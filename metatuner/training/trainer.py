@@ -1,20 +1,33 @@
-"""The MetaTuner training loop, in named phases: setup, warm-up of M, warm-up of G, joint training.
+"""The MetaTuner training loop, in named phases: setup, warm-up of M, warm-up of G, joint training, finish.
 
-Joint training minimises, per METHOD.md section 4,
+``train.steps`` is the run's whole budget of optimizer steps, and one optimizer and one learning-rate
+schedule (:mod:`metatuner.training.schedule`) span all phases, so M's static LoRA sees the learning
+rates an SFT run of the same budget sees:
 
-    L = task(x, y)  +  alpha * reg(x, p*)
+1. warm-up of M (``actor_warmup_steps``): SFT of M's static LoRA on (p~, x) -> y, exactly the SFT baseline;
+2. warm-up of G (``generator_warmup_steps``): one round of rejection sampling (rollouts on
+   ``generator_warmup_queries`` queries fill the expert set D2), then SFT of G on D2;
+3. joint training for the remaining steps, minimising per METHOD.md section 4
 
-- ``task``: mean NLL of the gold target under M with the query's generated LoRA and a prompt from the
-  frozen copy of the prompt decoder (gradients reach F and the shared encoder);
-- ``reg``: teacher-forced NLL under G of the query's expert prompt ``p*`` from the rollouts (gradients
-  reach the prompt decoder and the shared encoder).
+       L = task(x, y)  +  alpha * reg(x, p*)
 
-``schedule=joint`` (MetaTuner-J) steps on the sum; ``schedule=alternate`` (MetaTuner-I) steps on the task
-term at even steps and on the regularizer at odd ones. The loop runs on ``accelerate``: under
-``accelerate launch`` each process takes its share of every batch (warm-ups included), gradients are
-averaged across processes in one all-reduce before each step, and the rollouts' expert prompts are
-gathered so every process (and the checkpoint) holds all of D2. Only the main process writes logs and
-checkpoints. Every loss term is logged by name to ``log.jsonl`` and TensorBoard.
+   - ``task``: mean NLL of the gold target under M (base + static LoRA + the query's generated LoRA, a
+     zero-initialised residual) with the prompt from the frozen copy of the prompt decoder; gradients
+     reach F, the shared encoder and (unless ``freeze_static``) the static LoRA;
+   - ``reg``: teacher-forced NLL under G of expert outputs ``p*`` sampled from the persistent expert set
+     D2 (:mod:`metatuner.training.experts`) on every step it applies; gradients reach the prompt decoder
+     and the shared encoder. Rollouts every ``rollout_every`` joint steps offer D2 better outputs.
+
+   ``schedule=joint`` (MetaTuner-J) steps on the sum; ``schedule=alternate`` (MetaTuner-I) steps on the
+   task term at even joint steps and on the regularizer at odd ones;
+4. finish: one validation with diagnostics (ΔW norm and spread between queries, share of prompts equal
+   to p~, prompt length, share cut at the cap) and the validation gate: unless the generated prompts
+   score higher than p~ on validation, the trained predictor serves p~ (``train.gate``).
+
+The loop runs on ``accelerate``: under ``accelerate launch`` each process takes its share of every
+batch, gradients are averaged across processes in one all-reduce before each step, and the rollouts'
+expert outputs are gathered so every process (and the checkpoint) holds all of D2. Only the main
+process writes logs and checkpoints. Every loss term is logged by name to ``log.jsonl`` and TensorBoard.
 """
 
 from __future__ import annotations
@@ -36,23 +49,9 @@ from metatuner.errors import MetatunerError
 from metatuner.models.metatuner import MetaTuner
 from metatuner.tasks.base import Example, Task
 from metatuner.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from metatuner.training.experts import ExpertSet
 from metatuner.training.rollouts import rollout
-
-
-def lr_lambda(schedule: str, total: int, warmup_ratio: float):
-    warm = max(1, round(warmup_ratio * total)) if warmup_ratio > 0 else 0
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = (step - warm) / max(1, total - warm)
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-    return f
+from metatuner.training.schedule import make_scheduler
 
 
 class DataStream:
@@ -80,6 +79,7 @@ class Trainer:
                  run_dir: Path | None, progress: bool = True):
         self.cfg, self.tc, self.mt, self.task = cfg, cfg.train, mt, task
         self.train_set, self.val = train, val
+        self.by_id = {ex.id: ex for ex in train}
         self.run_dir = run_dir
         self.progress = progress
         self.acc = Accelerator(cpu=mt.actor.device.type == "cpu")
@@ -88,112 +88,152 @@ class Trainer:
                 f"train.batch_size={self.tc.batch_size} is smaller than the {self.acc.num_processes} processes: "
                 "every process needs at least one query of each batch"
             )
-        self.experts: dict[str, str] = {}  # D2: query id -> best prompt found by rollouts
-        self.prompt_cache: dict[str, str] = {}  # frozen-decoder prompts, cleared at each sync
-        self.step = 0
+        self.experts = ExpertSet(self.tc.expert_cap, self.tc.expert_margin)  # D2
+        self.prompt_cache: dict[str, str] = {}  # query id -> frozen decoder's cleaned greedy output, until the next sync
+        self.step = 0  # optimizer steps taken, over all phases
+        self.joint_start = 0  # the step at which joint training starts
         self.stream = DataStream(train, cfg.data.seed)
+        self.optimizer = self.scheduler = None
+        self.finished = False  # the final validation (and gate) has run
         self._writer = None
 
     # ---- phases ----------------------------------------------------------------------------------
+    def phase_steps(self) -> dict[str, int]:
+        """Steps of each phase; G's warm-up needs the prompt branch, else its steps go to joint training."""
+        actor, gen = self.tc.warmups()
+        if not (self.mt.use_prompt and self.tc.generator_warmup_queries):
+            gen = 0
+        return {"actor": actor, "generator": gen, "joint": self.tc.steps - actor - gen}
+
     def run(self, resume: bool = False) -> None:
         ckpt = latest_checkpoint(self.run_dir) if resume else None
         if resume and ckpt is None:
             raise MetatunerError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
-        if self.tc.actor_warmup_steps and ckpt is None:
-            self.warmup_actor()
-        elif self.tc.actor_warmup_steps:
+        plan = self.phase_steps()
+        self.joint_start = plan["actor"] + plan["generator"]
+        if plan["actor"]:
             self.mt.add_static_adapter(self.tc.static_rank, self.tc.static_alpha)
-            self._freeze_static()
-        self.setup_joint()
+        self.setup_optimizer(self.tc.steps)
         if ckpt is not None:
             self.restore(ckpt)
         else:
-            if self.tc.generator_warmup_queries and self.mt.use_prompt:
-                self.warmup_generator()
+            self.log({"phase": "plan", "step": 0, **{f"{k}_steps": v for k, v in plan.items()}})
+            if plan["actor"]:
+                self.warmup_actor(plan["actor"])
+            if plan["generator"]:
+                self.warmup_generator(plan["generator"])
             self.save()
         self.train_joint()
+        self.finish()
+
+    def setup_optimizer(self, total: int, groups: dict[str, list] | None = None) -> None:
+        """One AdamW over every trainable component (per-component learning rates) and one schedule over
+        ``total`` steps; a phase steps only the parameters its loss reaches."""
+        self.groups = groups if groups is not None else self.mt.parameter_groups()
+        lrs = {"encoder": self.tc.lr_encoder, "decoder": self.tc.lr_decoder, "hypernet": self.tc.lr_hypernet,
+               "static": self.tc.lr_static}
+        param_groups = [{"params": ps, "lr": lrs[name], "name": name} for name, ps in self.groups.items() if ps]
+        opt = torch.optim.AdamW(param_groups, weight_decay=self.tc.weight_decay)
+        # the scheduler stays unwrapped: accelerate's wrapper would step it once per process, but each process
+        # here takes a share of one batch, so one optimizer step is one scheduler step
+        self.optimizer, self.scheduler = self.acc.prepare(opt), make_scheduler(opt, self.tc, total)
 
     def warmup_actor(self, steps: int | None = None, instruction: str | None = None) -> None:
         """M's static LoRA, fine-tuned on (p~, x) -> y: exactly the SFT baseline.
 
-        ``instruction`` replaces ``p~`` in the inputs (BetterTogether fine-tunes under its current prompt).
+        Run alone (the ``sft`` method, BetterTogether's w step) it trains a fresh static LoRA for ``steps``
+        under its own schedule over those steps. ``instruction`` replaces ``p~`` in the inputs
+        (BetterTogether fine-tunes under its current prompt).
         """
-        steps = self.tc.actor_warmup_steps if steps is None else steps
-
-        self.mt.add_static_adapter(self.tc.static_rank, self.tc.static_alpha)
+        steps = self.tc.steps if steps is None else steps
+        if self.optimizer is None:
+            self.mt.add_static_adapter(self.tc.static_rank, self.tc.static_alpha)
+            self.setup_optimizer(steps, {"static": list(self.mt.m_lora.adapter_parameters("static"))})
         stream = DataStream(self.train_set, self.cfg.data.seed + 1)
 
         def loss(batch: list[Example]) -> torch.Tensor:
             prompts = [instruction or self.task.instruction_for(ex) for ex in batch]
             return self.mt.answer_nll(self.task, batch, prompts, None, self.tc.max_length).mean()
 
-        params = list(self.mt.m_lora.adapter_parameters("static"))
-        self._supervised("warmup_actor", "sft", params, self.tc.lr_static, steps, stream, loss)
-        self._freeze_static()
+        self._supervised("warmup_actor", "sft", steps, stream, loss)
 
-    def _supervised(self, phase: str, name: str, params: list, lr: float, steps: int, stream: DataStream,
-                    loss_fn) -> None:
-        """A plain fine-tuning loop (the warm-ups): AdamW on ``params`` over ``steps`` batches of ``stream``."""
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.tc.weight_decay)
-        for step in tqdm(range(steps), desc=phase.replace("_", " "), disable=not self.progress):
+    def _supervised(self, phase: str, name: str, steps: int, stream: DataStream, loss_fn) -> None:
+        """A plain fine-tuning loop (the warm-ups): ``steps`` optimizer steps on batches of ``stream``."""
+        params = [p for ps in self.groups.values() for p in ps]
+        for _ in tqdm(range(steps), desc=phase.replace("_", " "), disable=not self.progress):
             start = time.perf_counter()
             loss = loss_fn(self._share(stream.next(self.tc.batch_size)))
-            self._check_finite(step, {name: loss})
+            self._check_finite(self.step + 1, {name: loss})
             loss.backward()
-            self._sync_gradients(params)
-            self._clip(params)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            self.log({"phase": phase, "step": step, f"{name}_loss": loss.item(),
+            self._optimizer_step(params)
+            self.log({"phase": phase, "step": self.step, f"{name}_loss": loss.item(),
                       "seconds": time.perf_counter() - start})
 
-    def _freeze_static(self) -> None:
-        for p in self.mt.m_lora.adapter_parameters("static"):
-            p.requires_grad_(False)
+    def _optimizer_step(self, params: list[torch.Tensor]) -> None:
+        self._sync_gradients(params)
+        self._clip(params)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
 
-    def warmup_generator(self) -> None:
-        """One round of rejection sampling: fine-tune G on each query's best sampled rewrite (or p~)."""
+    def warmup_generator(self, steps: int) -> None:
+        """One round of rejection sampling: rollouts fill D2 (each query's best sampled output, or "keep
+        p~"), then G is fine-tuned on D2 for ``steps`` steps."""
         queries = DataStream(self.train_set, self.cfg.data.seed + 2).next(self.tc.generator_warmup_queries)
-        best: dict[str, str] = {}
         for i in tqdm(range(0, len(queries), self.tc.batch_size), desc="warm-up G (rollouts)", disable=not self.progress):
-            batch = self._share(queries[i : i + self.tc.batch_size])  # the last chunk may leave a process none
-            prompts = rollout(self.mt, self.task, batch, None, self.tc.rollouts, self.tc.temperature,
-                              self.tc.reward, self.tc.max_length).best_prompts if batch else []
-            best.update(self._gather(zip([ex.id for ex in batch], prompts)))
-        stream = DataStream(queries, self.cfg.data.seed + 3)
+            self._offer(self._share(queries[i : i + self.tc.batch_size]), None, None)
+        ids = list(dict.fromkeys(ex.id for ex in queries))
+        stream = DataStream([self.by_id[i] for i in ids], self.cfg.data.seed + 3)
 
         def loss(batch: list[Example]) -> torch.Tensor:
-            return self.mt.prompt_nll(self.task, batch, [best[ex.id] for ex in batch]).mean()
+            return self.mt.prompt_nll(self.task, batch, [self.experts[ex.id].output for ex in batch]).mean()
 
-        params = self.groups["encoder"] + self.groups["decoder"]
-        self._supervised("warmup_generator", "generator_sft", params, self.tc.lr_decoder,
-                         self.tc.generator_warmup_steps, stream, loss)
-        self.experts.update(best)
+        self._supervised("warmup_generator", "generator_sft", steps, stream, loss)
+        self.log({"phase": "warmup_generator", "step": self.step, **self.experts.stats()})
         self.mt.sync_frozen_decoder()
 
-    def setup_joint(self) -> None:
-        self.groups = self.mt.parameter_groups()
-        lrs = {"encoder": self.tc.lr_encoder, "decoder": self.tc.lr_decoder, "hypernet": self.tc.lr_hypernet}
-        param_groups = [{"params": ps, "lr": lrs[name], "name": name} for name, ps in self.groups.items() if ps]
-        opt = torch.optim.AdamW(param_groups, weight_decay=self.tc.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.tc.lr_schedule, self.tc.steps, self.tc.warmup_ratio))
-        # the scheduler stays unwrapped: accelerate's wrapper would step it once per process, but each process
-        # here takes a share of one batch, so one optimizer step is one scheduler step
-        self.optimizer, self.scheduler = self.acc.prepare(opt), sched
+    def _offer(self, batch: list[Example], factors, extra: list[str] | None) -> dict[str, float]:
+        """Rolls out ``batch`` (this process's share; may be empty) and offers every process's best outputs to D2."""
+        tc = self.tc
+        r = rollout(self.mt, self.task, batch, factors, tc.rollouts, tc.temperature, tc.reward, tc.max_length,
+                    extra=extra) if batch else None
+        triples = zip([ex.id for ex in batch], r.best_outputs, r.best_gains) if r else []
+        for qid, output, gain in self._gather(triples):
+            self.experts.offer(qid, output, gain, self.mt.keep_initial_output(self.task, self.by_id[qid]))
+        if r is None:
+            return {}
+        stats = {"reward_initial": r.initial_reward, "reward_gain": sum(r.best_gains) / len(r.best_gains),
+                 "leaked": r.leaked}
+        if not math.isnan(r.mean_reward):
+            stats["reward_mean"] = r.mean_reward
+        return stats
 
     def train_joint(self) -> None:
-        bar = tqdm(total=self.tc.steps, initial=self.step, desc="joint training", disable=not self.progress)
-        while self.step < self.tc.steps:
+        total = self.tc.steps
+        bar = tqdm(total=total - self.joint_start, initial=self.step - self.joint_start, desc="joint training",
+                   disable=not self.progress)
+        if self.tc.freeze_static and self.mt.has_static:
+            for p in self.mt.m_lora.adapter_parameters("static"):
+                p.requires_grad_(False)
+        while self.step < total:
             record = self.train_step()
             if self.step % self.tc.log_every == 0:
                 self.log(record)
-            if self.tc.eval_every and self.step % self.tc.eval_every == 0 and self.val:
+            if self.tc.eval_every and self.step % self.tc.eval_every == 0 and self.val and self.step < total:
                 self.evaluate_val()
-            if self.step % self.tc.save_every == 0 or self.step == self.tc.steps:
+            if self.step % self.tc.save_every == 0 or self.step == total:
                 self.save()
             bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k.endswith("_loss")})
             bar.update(1)
         bar.close()
+
+    def finish(self) -> None:
+        """The final validation (diagnostics, and the prompt gate), saved with the last checkpoint."""
+        if self.val and not self.finished:
+            self.evaluate_val(final=True)
+            self.finished = True
+            self.save()
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step (``grad_accum`` micro-batches); returns the step's log record."""
@@ -201,22 +241,17 @@ class Trainer:
         start = time.perf_counter()
         record: dict[str, Any] = {"phase": "joint", "step": self.step + 1}
         terms = self.terms_for_step()
-        for _ in range(tc.grad_accum):
+        for micro in range(tc.grad_accum):
             batch = self._share(self.stream.next(tc.batch_size))
-            losses = self.forward_backward(batch, terms, record)
+            losses = self.forward_backward(batch, terms, record, micro)
             for k, v in losses.items():
                 record[f"{k}_loss"] = record.get(f"{k}_loss", 0.0) + v.item() / tc.grad_accum
-        params = [p for ps in self.groups.values() for p in ps]
-        self._sync_gradients(params)
-        self._clip(params)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        if self.step % tc.sync_every == 0:
+        self._optimizer_step([p for ps in self.groups.values() for p in ps])
+        if (self.step - self.joint_start) % tc.sync_every == 0:
             self.mt.sync_frozen_decoder()
             self.prompt_cache.clear()
         record.update({f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups})
+        record["experts"] = len(self.experts)
         record["seconds"] = time.perf_counter() - start
         return record
 
@@ -224,10 +259,11 @@ class Trainer:
     def terms_for_step(self) -> set[str]:
         """Which loss terms drive this step's update (both for J; alternating for I)."""
         if self.tc.schedule == "alternate":
-            return {"task"} if self.step % 2 == 0 else {"reg"}
+            return {"task"} if (self.step - self.joint_start) % 2 == 0 else {"reg"}
         return {"task", "reg"}
 
-    def forward_backward(self, batch: list[Example], terms: set[str], record: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def forward_backward(self, batch: list[Example], terms: set[str], record: dict[str, Any],
+                         micro: int = 0) -> dict[str, torch.Tensor]:
         """Computes the step's loss terms on one micro-batch and back-propagates those in ``terms``.
 
         Each term is back-propagated as soon as it is computed, so the task loss's graph is freed before
@@ -242,42 +278,45 @@ class Trainer:
                 (weight * out[name] / tc.grad_accum).backward()
             out[name] = out[name].detach()
 
-        need_factors = "task" in terms or (mt.use_prompt and self.step % tc.rollout_every == 0)
+        do_rollout = mt.use_prompt and (self.step - self.joint_start) % tc.rollout_every == 0
+        need_factors = mt.use_hypernet and ("task" in terms or do_rollout)
         factors = mt.factors(mt.encode(task, batch)) if need_factors else None
-        if mt.use_prompt and self.step % tc.rollout_every == 0:
+        outputs = self.frozen_outputs(batch) if mt.use_prompt and ("task" in terms or do_rollout) else None
+        if do_rollout:
             detached = {k: (a.detach(), b.detach()) for k, (a, b) in factors.items()} if factors else None
-            r = rollout(mt, task, batch, detached, tc.rollouts, tc.temperature, tc.reward, tc.max_length)
-            self.experts.update(self._gather(zip([ex.id for ex in batch], r.best_prompts)))
-            record.update(reward_mean=r.mean_reward, reward_initial=r.initial_reward,
-                          reward_best=sum(r.best_rewards) / len(r.best_rewards))
+            record.update(self._offer(batch, detached, outputs))
         if "task" in terms:
-            prompts = self.frozen_prompts(batch)
+            prompts = ([mt.compose(task, ex, o) for ex, o in zip(batch, outputs)] if outputs is not None
+                       else [task.instruction_for(ex) for ex in batch])
             out["task"] = mt.answer_nll(task, batch, prompts, factors, tc.max_length).mean()
             backward("task")
-        if "reg" in terms and mt.use_prompt:
-            have = [ex for ex in batch if ex.id in self.experts]
-            if have:
-                out["reg"] = mt.prompt_nll(task, have, [self.experts[ex.id] for ex in have]).mean()
+        if "reg" in terms and mt.use_prompt and len(self.experts):
+            # a batch from the whole of D2, drawn alike in every process (D2 is gathered), then shared out
+            rng = random.Random(self.cfg.seed * 1_000_003 + self.step * 101 + micro)
+            ids = self._share(self.experts.sample(tc.reg_batch_size or tc.batch_size, rng))
+            if ids:
+                exs = [self.by_id[i] for i in ids]
+                out["reg"] = mt.prompt_nll(task, exs, [self.experts[i].output for i in ids]).mean()
                 backward("reg", tc.alpha)
         return out
 
-    def frozen_prompts(self, batch: list[Example]) -> list[str]:
-        """Prompts from the frozen decoder, generated once per query between two syncs."""
+    def frozen_outputs(self, batch: list[Example]) -> list[str]:
+        """The frozen decoder's greedy (cleaned) outputs, generated once per query between two syncs."""
         missing = [ex for ex in batch if ex.id not in self.prompt_cache]
         if missing:
-            new = self.mt.generate_prompts(self.task, missing, frozen=True)
-            self.prompt_cache.update({ex.id: p for ex, p in zip(missing, new)})
+            gens = self.mt.generate_outputs(self.task, missing, frozen=True)
+            self.prompt_cache.update({ex.id: self.mt.clean_output(g) for ex, g in zip(missing, gens)})
         return [self.prompt_cache[ex.id] for ex in batch]
 
     # ---- several processes (accelerate launch) ----------------------------------------------------
-    def _share(self, batch: list[Example]) -> list[Example]:
+    def _share(self, batch: list) -> list:
         """This process's share of a batch every process drew alike (the same seeded stream)."""
         return batch[self.acc.process_index :: self.acc.num_processes]
 
-    def _gather(self, pairs) -> list[tuple[str, str]]:
-        """``(query id, prompt)`` pairs from every process (collective: every process must call it)."""
-        pairs = list(pairs)
-        return list(gather_object(pairs)) if self.acc.num_processes > 1 else pairs
+    def _gather(self, items) -> list[tuple]:
+        """Tuples such as ``(query id, output, gain)`` from every process (collective: every process calls it)."""
+        items = list(items)
+        return list(gather_object(items)) if self.acc.num_processes > 1 else items
 
     def _sync_gradients(self, params: list[torch.Tensor]) -> None:
         """Averages gradients across processes with one all-reduce of a flat buffer.
@@ -304,7 +343,7 @@ class Trainer:
 
     def _clip(self, params) -> None:
         if self.tc.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.tc.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], self.tc.max_grad_norm)
 
     def _check_finite(self, step: int, losses: dict[str, torch.Tensor]) -> None:
         bad = {k: v.item() for k, v in losses.items() if not torch.isfinite(v).all()}
@@ -316,15 +355,37 @@ class Trainer:
             )
 
     # ---- evaluation, logging, checkpoints ----------------------------------------------------------
-    def evaluate_val(self) -> None:
+    def evaluate_val(self, final: bool = False) -> dict[str, Any]:
+        """Scores the validation split with generated prompts and logs the diagnostics; at the end
+        (``final``) also with p~, and sets the prompt gate (``mt.serve_generated``)."""
         from metatuner.evaluation.harness import evaluate
+        from metatuner.training.diagnostics import lora_diagnostics, prompt_diagnostics
         from metatuner.training.predictor import MetaTunerPredictor
 
-        result = evaluate(MetaTunerPredictor(self.mt), self.task, self.val, batch_size=self.cfg.eval.batch_size,
-                          likelihood=False, progress=False)
-        samples = [{"id": r["id"], "prompt": r["instruction"], "output": r["output"]} for r in result.records[:3]]
-        self.log({"phase": "eval", "step": self.step, f"val_{result.primary_metric}": result.score,
-                  "sample_prompts": samples})
+        mt, task, bs = self.mt, self.task, self.cfg.eval.batch_size
+        run = lambda predictor: evaluate(predictor, task, self.val, batch_size=bs, likelihood=False,  # noqa: E731
+                                         progress=False)
+        generated = MetaTunerPredictor(mt, prompts="generated")
+        result = run(generated)
+        record: dict[str, Any] = {"phase": "eval", "step": self.step, f"val_{result.primary_metric}": result.score}
+        if mt.use_hypernet:
+            with torch.no_grad():
+                parts = [mt.factors(mt.encode(task, self.val[i : i + bs])) for i in range(0, len(self.val), bs)]
+            factors = {k: (torch.cat([p[k][0] for p in parts]), torch.cat([p[k][1] for p in parts])) for k in parts[0]}
+            record.update(lora_diagnostics(factors, mt.rows_scale))
+        if mt.use_prompt:
+            trace = [generated.trace[ex.id] for ex in self.val]
+            record.update(prompt_diagnostics([mt.compose(task, ex, o) for ex, (o, _) in zip(self.val, trace)],
+                                             [task.instruction_for(ex) for ex in self.val], [c for _, c in trace]))
+            if final and self.tc.gate:
+                initial = run(MetaTunerPredictor(mt, prompts="initial"))
+                mt.serve_generated = result.score > initial.score
+                record.update({f"val_{result.primary_metric}_initial": initial.score,
+                               "gate": "generated" if mt.serve_generated else "initial"})
+        record["sample_prompts"] = [{"id": r["id"], "prompt": r["instruction"], "output": r["output"]}
+                                    for r in result.records[:3]]
+        self.log(record)
+        return record
 
     def log(self, record: dict[str, Any]) -> None:
         if self.run_dir is None or not self.acc.is_main_process:
@@ -338,7 +399,7 @@ class Trainer:
             self._writer = SummaryWriter(str(self.run_dir / "tb"))
         step = record.get("step", 0)
         for k, v in record.items():
-            if isinstance(v, float):
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
                 self._writer.add_scalar(f"{record['phase']}/{k}", v, step)
         if "sample_prompts" in record:
             text = "\n\n".join(f"**{s['id']}**: {s['prompt']}" for s in record["sample_prompts"])
@@ -351,8 +412,9 @@ class Trainer:
         prompt_cache = dict(self._gather(self.prompt_cache.items()))  # each process cached its own share
         if not self.acc.is_main_process:
             return
-        extra = {"cursor": self.stream.cursor, "experts": self.experts, "prompt_cache": prompt_cache,
-                 "has_static": self.mt.has_static}
+        extra = {"cursor": self.stream.cursor, "experts": self.experts.state(), "prompt_cache": prompt_cache,
+                 "has_static": self.mt.has_static, "joint_start": self.joint_start,
+                 "serve_generated": self.mt.serve_generated, "finished": self.finished}
         save_checkpoint(self.run_dir, self.step, self.mt.trainable_state(), self.optimizer, self.scheduler, extra)
 
     def restore(self, path: Path) -> None:
@@ -361,5 +423,8 @@ class Trainer:
         self.step = state["step"]
         extra = state["extra"]
         self.stream.cursor = extra["cursor"]
-        self.experts = dict(extra["experts"])
+        self.experts.load_state(extra["experts"])
         self.prompt_cache = dict(extra["prompt_cache"])
+        self.joint_start = extra["joint_start"]
+        self.mt.serve_generated = extra["serve_generated"]
+        self.finished = extra["finished"]
