@@ -87,7 +87,7 @@ class GeneratorConfig:
         "append", "rewrite = G writes the whole prompt (the paper); append = p~ plus a short per-query hint from G",
         ("append", "rewrite"),
     )
-    max_prompt_tokens: int = option(24, "cap on the new tokens of a generated prompt (append: of the hint)")
+    max_prompt_tokens: int = option(16, "cap on the new tokens of a generated prompt (append: of the hint)")
     on_cap: str = option(
         "cut", "a generation that reaches the cap unfinished: cut at its last complete sentence, or fall back to p~",
         ("cut", "fallback"),
@@ -139,7 +139,7 @@ class TrainConfig:
     batch_size: int = option(4, "queries per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     lr_encoder: float = option(1e-4, "learning rate of the shared meta encoder's LoRA (phi_s)")
-    lr_decoder: float = option(1e-4, "learning rate of the prompt decoder's LoRA (phi_p)")
+    lr_decoder: float = option(1e-3, "learning rate of the prompt decoder's LoRA (phi_p)")
     lr_hypernet: float = option(1e-3, "learning rate of the hypernetwork F (phi_q)")
     lr_static: float = option(1e-3, "learning rate of M's static LoRA (the SFT baseline's LoRA)")
     freeze_static: bool = option(
@@ -158,7 +158,12 @@ class TrainConfig:
         0.05, "a sampled prompt becomes a query's expert only if its reward beats p~'s by this much (nats); else p~ is"
     )
     expert_cap: int = option(4096, "most queries the expert set D2 holds (the least recently improved leave first)")
-    reg_batch_size: int | None = option(None, "queries sampled from D2 for the regularization term (unset: batch_size)")
+    reg_batch_size: int | None = option(
+        None, "queries sampled from D2 for the regularization term (unset: half of batch_size, at least 1)"
+    )
+    prefetch_limit: int = option(
+        32, "most queries whose frozen-decoder prompts are decoded in one batch (this one and those due before the next sync)"
+    )
     sync_every: int = option(10, "re-synchronise the frozen prompt decoder every this many steps")
     static_rank: int = option(8, "rank of M's static LoRA (warm-up SFT)")
     static_alpha: float = option(16.0, "LoRA alpha of M's static LoRA (scale alpha / rank)")
@@ -170,6 +175,9 @@ class TrainConfig:
         None, "SFT steps of G on the warm-up's best prompts, part of train.steps (unset: a tenth of them)"
     )
     gate: bool = option(True, "at the end, serve p~ instead of generated prompts unless they score higher on validation")
+    gate_margin: float = option(
+        0.05, "how much higher (primary metric, 0-1) generated prompts must score on validation than p~ to be served"
+    )
     max_length: int = option(512, "truncate M's training inputs to this many tokens")
     log_every: int = option(1, "log losses every this many steps")
     eval_every: int = option(0, "evaluate on the validation split every this many steps (0 = only at the end)")
@@ -177,7 +185,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "rollouts", "rollout_every", "sync_every", "static_rank",
-                     "max_length", "log_every", "save_every", "expert_cap", "reg_batch_size"):
+                     "max_length", "log_every", "save_every", "expert_cap", "reg_batch_size", "prefetch_limit"):
             _at_least(f"train.{name}", getattr(self, name), 1)
         for name in ("actor_warmup_steps", "generator_warmup_queries", "generator_warmup_steps", "eval_every"):
             _at_least(f"train.{name}", getattr(self, name), 0)
@@ -195,6 +203,7 @@ class TrainConfig:
         """(warm-up steps of M, warm-up steps of G), resolved from train.steps where unset."""
         actor = self.steps // 2 if self.actor_warmup_steps is None else self.actor_warmup_steps
         gen = max(1, self.steps // 10) if self.generator_warmup_steps is None else self.generator_warmup_steps
+        gen = min(gen, self.steps - actor)
         if self.generator_warmup_queries == 0:
             gen = 0
         return actor, gen

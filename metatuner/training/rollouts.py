@@ -40,14 +40,21 @@ def _has_word(text: str, word: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, re.IGNORECASE) is not None
 
 
+# "the answer (to this question) is 12", "answer: 12": an answer stated as a number
+_STATES_NUMBER = re.compile(r"\banswer\b(?:\W+\w+){0,5}?(?:\W+is\b|\s*[:=])\W*-?\d", re.IGNORECASE)
+
+
 def leaks(task: Task, example: Example, output: str) -> bool:
     """Whether G's ``output`` gives the answer away: it contains the gold answer as a word (where the
-    query and p~ do not), or it states an answer in the task's strict format that p~ does not."""
+    query and p~ do not), states an answer in the task's strict format that p~ does not, or states a
+    number as the answer."""
     if not output:
         return False
     initial = task.instruction_for(example)
     stated = task.extract(output)["strict"]
     if stated is not None and stated != task.extract(initial)["strict"]:
+        return True
+    if _STATES_NUMBER.search(output):
         return True
     gold = example.answer.strip()
     return bool(gold) and _has_word(output, gold) and not _has_word(example.query, gold) and not _has_word(initial, gold)
