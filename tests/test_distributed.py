@@ -61,7 +61,8 @@ def test_two_processes_gather_every_expert_prompt(tiny_model_dir, tmp_path):
     _, state = _state(tmp_path / "run")
     # two steps of batch 4, rollouts every step: 8 queries, half on each process, all in the checkpoint
     assert len(state["extra"]["experts"]) == 8
-    assert len(state["extra"]["prompt_cache"]) == 8
+    # frozen-decoder prompts: every trained query's, plus those decoded ahead for the rest of the sync window
+    assert {qid for qid, _ in state["extra"]["experts"]} <= set(state["extra"]["prompt_cache"])
 
 
 def test_commands_other_than_train_refuse_several_processes(monkeypatch, capsys):
