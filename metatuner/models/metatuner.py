@@ -164,18 +164,15 @@ class MetaTuner(nn.Module):
             for ex in examples
         ]
 
-    def encode(self, task: Task, examples: list[Example]) -> torch.Tensor:
-        """The meta encoder's pooled layer-k state for each query's rewrite input: ``[bs, d]``.
-
-        The forward pass stops right after layer k. With k = 0 (no sharing) F reads a frozen layer of the
-        base model instead, with no gradient, so F and G share no trainable parameter.
-        """
+    def rewrite_batch(self, task: Task, examples: list[Example]):
+        """G's right-padded rewrite inputs and ``pool_mask [bs, T]``, the positions pooled into F's input:
+        the query's own tokens (``generator.features=query``) or every non-padding one (``all``)."""
         tok = self.gen_tokenizer
         tok.padding_side = "right"  # right padding keeps positions identical to the unpadded rows
         texts = self.rewrite_texts(task, examples)
         query_only = self.gen_cfg.features == "query"
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False, return_offsets_mapping=query_only)
-        pool_mask = enc["attention_mask"].clone()  # [bs, T]: the positions pooled into h
+        pool_mask = enc["attention_mask"].clone()  # [bs, T]
         if query_only:
             # the template and p~ are the same for every query: pooling over them pushes F towards one static LoRA
             offsets = enc.pop("offset_mapping")  # [bs, T, 2] character spans
@@ -184,8 +181,17 @@ class MetaTuner(nn.Module):
                 if start >= 0 and ex.query:
                     inside = (offsets[i, :, 1] > start) & (offsets[i, :, 0] < start + len(ex.query))
                     pool_mask[i] &= inside.to(pool_mask.dtype)
-        enc = enc.to(self.generator.device)
-        pool_mask = pool_mask.to(self.generator.device)
+        return enc.to(self.generator.device), pool_mask.to(self.generator.device)
+
+    def encode(self, task: Task, examples: list[Example]) -> torch.Tensor:
+        """The meta encoder's pooled layer-k state for each query's rewrite input: ``[bs, d]``.
+
+        The forward pass stops right after layer k. With k = 0 (no sharing) F reads a frozen layer of the
+        base model instead, with no gradient, so F and G share no trainable parameter.
+        """
+        tok = self.gen_tokenizer
+        tok.padding_side = "right"  # right padding keeps positions identical to the unpadded rows
+        enc, pool_mask = self.rewrite_batch(task, examples)
         captured: list[torch.Tensor] = []
         layer = self.generator.model.layers[self.feature_layer - 1]
 

@@ -173,9 +173,14 @@ class Trainer:
             loss = loss_fn(self._share(stream.next(self.tc.batch_size)))
             self._check_finite(self.step + 1, {name: loss})
             loss.backward()
+            lrs = self._lrs()
             self._optimizer_step(params)
-            self.log({"phase": phase, "step": self.step, f"{name}_loss": loss.item(),
+            self.log({"phase": phase, "step": self.step, f"{name}_loss": loss.item(), **lrs,
                       "seconds": time.perf_counter() - start})
+
+    def _lrs(self) -> dict[str, float]:
+        """The learning rate each component is stepped with now (logged with the step)."""
+        return {f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups}
 
     def _optimizer_step(self, params: list[torch.Tensor]) -> None:
         self._sync_gradients(params)
@@ -254,11 +259,11 @@ class Trainer:
             losses = self.forward_backward(batch, terms, record, micro)
             for k, v in losses.items():
                 record[f"{k}_loss"] = record.get(f"{k}_loss", 0.0) + v.item() / tc.grad_accum
+        record.update(self._lrs())
         self._optimizer_step([p for ps in self.groups.values() for p in ps])
         if (self.step - self.joint_start) % tc.sync_every == 0:
             self.mt.sync_frozen_decoder()
             self.prompt_cache.clear()
-        record.update({f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups})
         record["experts"] = len(self.experts)
         record["seconds"] = time.perf_counter() - start
         return record
