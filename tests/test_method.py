@@ -1,0 +1,269 @@
+"""MetaTuner trained as the method intends (METHOD.md sections 4 and 6): the persistent expert set D2,
+one learning-rate policy and budget over warm-ups and joint training, the warm-up as the starting point
+(F a zero residual on the SFT model), a prompt branch that cannot make answers worse (p~ in every
+best-of-n, no answer leakage, append / rewrite modes, the validation gate), and F reading the query."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import make_model
+from metatuner.config import load_config
+from metatuner.evaluation.generation import Generation
+from metatuner.tasks import Example, get_task
+from metatuner.training.build import build_metatuner
+from metatuner.training.experts import ExpertSet
+from metatuner.training.predictor import MetaTunerPredictor
+from metatuner.training.rollouts import leaks, rollout
+from metatuner.training.trainer import Trainer
+
+FAST = [
+    "train.batch_size=2", "train.rollouts=2", "generator.max_prompt_tokens=4", "train.max_length=128",
+    "train.warmup_ratio=0", "train.lr_schedule=constant",
+]
+
+
+def setup(tok, overrides=(), seed=0):
+    torch.manual_seed(seed)
+    cfg = load_config(None, [*FAST, *overrides])
+    mt = build_metatuner(cfg, make_model(tok, seed=seed), tok)
+    task = get_task("arithmetic")
+    return cfg, mt, task
+
+
+def log_of(run_dir):
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+# ---- the expert set D2 ------------------------------------------------------------------------------
+def test_expert_set_keeps_the_best_gain_and_p_tilde_below_the_margin():
+    d2 = ExpertSet(cap=10, margin=0.1)
+    assert d2.offer("q", "hint a", 0.05, keep_initial="")  # below the margin: the expert is "keep p~"
+    assert d2["q"].output == "" and d2["q"].gain == 0.0
+    assert d2.offer("q", "hint b", 0.5, keep_initial="")
+    assert not d2.offer("q", "hint c", 0.3, keep_initial="")  # worse than the kept one: no change
+    assert not d2.offer("q", "hint d", 0.0, keep_initial="")  # a later p~ win never erases a better rewrite
+    assert d2["q"].output == "hint b"
+
+
+def test_expert_set_is_capped_and_round_trips_exactly():
+    d2 = ExpertSet(cap=3, margin=0.0)
+    for i in range(5):
+        d2.offer(f"q{i}", f"h{i}", 1.0 + i, keep_initial="")
+    d2.offer("q2", "better", 9.0, keep_initial="")  # improved last: it stays the longest
+    assert list(d2.items) == ["q3", "q4", "q2"]
+    copy = ExpertSet(cap=3, margin=0.0)
+    copy.load_state(json.loads(json.dumps(d2.state())))
+    assert copy.items == d2.items and copy.sample(2, random.Random(0)) == d2.sample(2, random.Random(0))
+
+
+def test_metatuner_i_trains_its_decoder_on_every_regularization_step(tiny_tokenizer, tmp_path):
+    # rollouts every 2 joint steps fall on the task-loss steps of the I schedule, and batches never repeat;
+    # the regularizer must still find experts (D2 persists) on every one of its steps
+    cfg, mt, task = setup(tiny_tokenizer, ["train.schedule=alternate", "train.steps=6", "train.rollout_every=2",
+                                           "train.actor_warmup_steps=0", "train.generator_warmup_queries=0",
+                                           "train.lr_decoder=0.01", "data.val_size=0"])
+    train = task.load("train")[:12]  # 6 steps x batch 2: every query once
+    dec = [p.detach().clone() for p in mt.g_lora.adapter_parameters("dec")]
+    Trainer(cfg, mt, task, train, [], tmp_path, progress=False).run()
+    joint = [r for r in log_of(tmp_path) if r["phase"] == "joint"]
+    assert [("reg_loss" in r) for r in joint] == [False, True] * 3
+    assert [("reward_initial" in r) for r in joint] == [True, False] * 3
+    assert any(not torch.equal(a, b) for a, b in zip(dec, mt.g_lora.adapter_parameters("dec")))
+
+
+def test_expert_set_is_saved_and_restored_with_the_checkpoint(tiny_tokenizer, tmp_path):
+    args = ["train.steps=3", "train.rollout_every=1", "train.actor_warmup_steps=0", "train.generator_warmup_queries=0"]
+    cfg, mt, task = setup(tiny_tokenizer, args)
+    trainer = Trainer(cfg, mt, task, task.load("train")[:8], [], tmp_path, progress=False)
+    trainer.run()
+    cfg, mt, task = setup(tiny_tokenizer, args)
+    again = Trainer(cfg, mt, task, task.load("train")[:8], [], tmp_path, progress=False)
+    again.setup_optimizer(cfg.train.steps)
+    again.restore(tmp_path / "checkpoints" / "step-000003")
+    assert again.experts.items == trainer.experts.items and len(again.experts) == 6
+
+
+# ---- one budget, one learning-rate policy, warm-ups as the starting point ------------------------------
+def test_sft_and_metatuner_share_one_learning_rate_schedule_over_the_whole_budget(tiny_tokenizer, tmp_path):
+    from metatuner.methods.trained import SFT
+
+    common = ["train.steps=8", "train.lr_schedule=cosine", "train.warmup_ratio=0.25", "data.val_size=0"]
+    cfg, mt, task = setup(tiny_tokenizer, common)
+    train = task.load("train")[:8]
+    SFT(mt.actor, tiny_tokenizer, cfg, run_dir=tmp_path / "sft").fit(task, train, [])
+    sft = {r["step"]: r["lr_static"] for r in log_of(tmp_path / "sft") if "lr_static" in r}
+    cfg, mt, task = setup(tiny_tokenizer, [*common, "train.actor_warmup_steps=4", "train.generator_warmup_steps=1",
+                                           "train.generator_warmup_queries=2"])
+    Trainer(cfg, mt, task, train, [], tmp_path / "mt", progress=False).run()
+    ours = {r["step"]: r["lr_static"] for r in log_of(tmp_path / "mt") if "lr_static" in r}
+    assert sorted(sft) == sorted(ours) == list(range(1, 9))  # warm-ups are counted in the budget of 8 steps
+    assert all(abs(sft[s] - ours[s]) < 1e-12 for s in sft)
+    assert sft[1] < sft[3] and sft[8] < sft[4]  # a warm-up, then a decay: one schedule, not one per phase
+
+
+def test_right_after_the_warm_up_metatuner_is_exactly_the_sft_model(tiny_tokenizer):
+    common = ["train.steps=4", "train.lr_static=0.05", "data.val_size=0"]
+    cfg, mt, task = setup(tiny_tokenizer, [*common, "train.actor_warmup_steps=2"])
+    train = task.load("train")[:8]
+    trainer = Trainer(cfg, mt, task, train, [], None, progress=False)
+    mt.add_static_adapter(cfg.train.static_rank, cfg.train.static_alpha)
+    trainer.setup_optimizer(cfg.train.steps)
+    trainer.warmup_actor(2)
+
+    # the sft method's own path (Trainer.warmup_actor on a fresh static LoRA), stopped after 2 of its 4 steps
+    sft_cfg, sft_mt, _ = setup(tiny_tokenizer, common)
+    sft_trainer = Trainer(sft_cfg, sft_mt, task, train, [], None, progress=False)
+    sft_mt.add_static_adapter(sft_cfg.train.static_rank, sft_cfg.train.static_alpha)
+    sft_trainer.setup_optimizer(4, {"static": list(sft_mt.m_lora.adapter_parameters("static"))})
+    sft_trainer.warmup_actor(2)  # the first 2 of an SFT run's 4 steps: the same learning rates
+
+    batch = task.load("test")[:3]
+    prompts = [task.instruction] * 3
+    with torch.no_grad():
+        ours = mt.answer_nll(task, batch, prompts, mt.factors(mt.encode(task, batch)))  # F's residual is on
+        theirs = sft_mt.answer_nll(task, batch, prompts, None)
+        untuned = make_model(tiny_tokenizer)(**mt.tokenizer(prompts, return_tensors="pt")).logits
+    assert torch.equal(ours, theirs)
+    with torch.no_grad():
+        tuned = mt.actor(**mt.tokenizer(prompts, return_tensors="pt")).logits  # outside as_actor: the base
+    torch.testing.assert_close(tuned, untuned)  # the static LoRA lives in the adapters, not the base weights
+
+
+def test_every_shipped_config_and_protocol_warms_up(tiny_tokenizer):
+    from metatuner.bench.grid import Protocol, shipped_protocols
+    from metatuner.config import SHIPPED
+
+    configs = [load_config(name) for name in sorted(f.stem for f in SHIPPED.glob("*.yaml"))]
+    configs += [Protocol.load(name).config(*cell) for name in shipped_protocols()
+                for cell in Protocol.load(name).cells() if Protocol.load(name).config(*cell).method == "metatuner"]
+    assert configs
+    for cfg in configs:
+        actor, gen = cfg.train.warmups()
+        assert actor > 0 and cfg.data.val_size > 0
+        assert gen > 0 or cfg.train.ablation == "no_prompt"
+
+
+# ---- a prompt branch that cannot make answers worse --------------------------------------------------
+def test_leaks_catches_the_gold_answer_and_stated_answers():
+    task = get_task("arithmetic")
+    ex = Example("a", "Mia has 3 apples and buys 4. How many?", "7", "")
+    assert leaks(task, ex, "Mia ends with 7 apples.")
+    assert leaks(task, ex, "The answer to this question is 11.")
+    assert leaks(task, ex, "The answer is 12")
+    assert not leaks(task, ex, "Add the two numbers.")
+    assert not leaks(task, ex, "Mia has 3 apples; add 4.")  # numbers of the query are fine
+    assert not leaks(task, ex, task.instruction)  # p~ itself states a format, not an answer
+
+
+def _scripted_rollout(monkeypatch, mt, task, outputs, rewards):
+    monkeypatch.setattr(type(mt), "generate_outputs",
+                        lambda self, task, examples, **kw: [Generation(o, 3) for o in outputs])
+    seen = {}
+
+    def score(mt_, task_, examples, prompts, factors, reward, max_length):
+        seen["prompts"] = prompts
+        return torch.tensor([rewards[p] for p in prompts])
+
+    monkeypatch.setattr("metatuner.training.rollouts.score_prompts", score)
+    return seen
+
+
+def test_p_tilde_competes_and_a_leaking_candidate_never_wins(tiny_tokenizer, monkeypatch):
+    cfg, mt, task = setup(tiny_tokenizer)
+    ex = Example("q", "Tom has 2 pens and buys 5. How many?", "7", "")
+    p = task.instruction
+    seen = _scripted_rollout(monkeypatch, mt, task, ["The answer is 7.", "Add them."],
+                             {p: -1.0, f"{p} The answer is 7.": 0.0, f"{p} Add them.": -0.9})
+    r = rollout(mt, task, [ex], None, 2, 1.0)
+    assert seen["prompts"] == [p, f"{p} Add them."]  # the leak is never even scored
+    assert r.best_outputs == ["Add them."] and abs(r.best_gains[0] - 0.1) < 1e-6 and r.leaked == 1
+    _scripted_rollout(monkeypatch, mt, task, ["Add them.", "Count."],
+                      {p: -1.0, f"{p} Add them.": -1.5, f"{p} Count.": -1.2})
+    r = rollout(mt, task, [ex], None, 2, 1.0)
+    assert r.best_outputs == [""] and r.best_gains == [0.0]  # nothing beat p~: keep p~ (no hint)
+
+
+@pytest.mark.parametrize("mode", ["append", "rewrite"])
+def test_prompt_modes_and_outputs_cut_at_the_cap(tiny_tokenizer, mode):
+    cfg, mt, task = setup(tiny_tokenizer, [f"generator.mode={mode}"])
+    ex = task.load("test")[0]
+    p = task.instruction
+    assert mt.compose(task, ex, "") == p
+    assert mt.compose(task, ex, "Be careful.") == ("Be careful." if mode == "rewrite" else f"{p} Be careful.")
+    assert mt.keep_initial_output(task, ex) == ("" if mode == "append" else p)
+    assert mt.clean_output(Generation("Add first. Then subt", 4, finished=False)) == "Add first."
+    assert mt.clean_output(Generation("Add first then subt", 4, finished=False)) == ""  # nothing complete: p~
+    mt.gen_cfg.on_cap = "fallback"
+    assert mt.clean_output(Generation("Add first. Then subt", 4, finished=False)) == ""
+    assert mt.clean_output(Generation("Add first.", 2, finished=True)) == "Add first."
+
+
+def test_generation_reports_rows_cut_at_the_cap(tiny_model, tiny_tokenizer):
+    from metatuner.evaluation.generation import generate
+
+    gens = generate(tiny_model, tiny_tokenizer, ["hello", "a longer text"], 3)
+    assert all(g.new_tokens == 3 and not g.finished for g in gens if g.new_tokens == 3)
+
+
+def test_the_gate_serves_p_tilde_when_generated_prompts_do_not_help(tiny_tokenizer, tmp_path, monkeypatch):
+    cfg, mt, task = setup(tiny_tokenizer, ["train.steps=2", "train.actor_warmup_steps=1",
+                                           "train.generator_warmup_queries=0", "train.gate_margin=0.05"])
+    train, val = task.load("train")[:6], task.load("train")[6:10]
+    from metatuner.evaluation import harness
+
+    real = harness.evaluate
+
+    def scored(predictor, task_, examples, **kw):
+        result = real(predictor, task_, examples, **kw)
+        result.metrics[result.primary_metric]["mean"] = 0.5 if predictor.prompts == "generated" else 0.48
+        return result
+
+    monkeypatch.setattr(harness, "evaluate", scored)
+    Trainer(cfg, mt, task, train, val, tmp_path, progress=False).run()
+    final = [r for r in log_of(tmp_path) if r["phase"] == "eval"][-1]
+    assert final["gate"] == "initial" and mt.serve_generated is False  # +2 points is within the margin
+    predictor = MetaTunerPredictor(mt)
+    assert predictor.instructions(task, val) == [task.instruction] * len(val)
+    state = json.loads((tmp_path / "checkpoints" / "step-000002" / "state.json").read_text())
+    assert state["extra"]["serve_generated"] is False  # the verdict travels with the run
+
+
+def test_eval_every_zero_validates_once_at_the_end_with_diagnostics(tiny_tokenizer, tmp_path):
+    cfg, mt, task = setup(tiny_tokenizer, ["train.steps=3", "train.actor_warmup_steps=1",
+                                           "train.generator_warmup_steps=1", "train.generator_warmup_queries=2"])
+    Trainer(cfg, mt, task, task.load("train")[:6], task.load("train")[6:9], tmp_path, progress=False).run()
+    evals = [r for r in log_of(tmp_path) if r["phase"] == "eval"]
+    assert [r["step"] for r in evals] == [3]
+    for key in ("val_exact_match_flexible", "delta_norm", "delta_spread", "prompt_equal_initial", "prompt_words",
+                "prompt_cut", "gate", "sample_prompts"):
+        assert key in evals[0], key
+    assert (tmp_path / "tb").is_dir()
+
+
+# ---- F reads the query ---------------------------------------------------------------------------------
+def test_f_pools_over_the_query_tokens_only(tiny_tokenizer):
+    cfg, mt, task = setup(tiny_tokenizer)
+    batch = task.load("test")[:3]
+    enc, mask = mt.rewrite_batch(task, batch)
+    for i, ex in enumerate(batch):
+        pooled = tiny_tokenizer.decode(enc["input_ids"][i][mask[i].bool()])
+        assert pooled == ex.query
+    mt.gen_cfg.features = "all"
+    enc, mask = mt.rewrite_batch(task, batch)
+    assert torch.equal(mask, enc["attention_mask"])
+
+
+def test_f_is_a_zero_residual_until_trained_and_then_differs_between_queries(tiny_tokenizer, tmp_path):
+    cfg, mt, task = setup(tiny_tokenizer, ["train.steps=4", "train.actor_warmup_steps=2", "train.lr_hypernet=0.02",
+                                           "train.generator_warmup_queries=0"])
+    batch = task.load("test")[:3]
+    factors = mt.factors(mt.encode(task, batch))
+    assert all(torch.count_nonzero(b) == 0 for _, b in factors.values())
+    Trainer(cfg, mt, task, task.load("train")[:8], [], tmp_path, progress=False).run()
+    with torch.no_grad():
+        factors = mt.factors(mt.encode(task, batch))
+    b = next(iter(factors.values()))[1]
+    assert torch.count_nonzero(b) > 0 and not torch.allclose(b[0], b[1])
