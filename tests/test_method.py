@@ -267,3 +267,18 @@ def test_f_is_a_zero_residual_until_trained_and_then_differs_between_queries(tin
         factors = mt.factors(mt.encode(task, batch))
     b = next(iter(factors.values()))[1]
     assert torch.count_nonzero(b) > 0 and not torch.allclose(b[0], b[1])
+
+
+# ---- speed: one batched generate for the rollout samples and the frozen decoder's prompts ------------------
+def test_mixed_generate_equals_separate_greedy_and_sampled_calls(tiny_tokenizer):
+    cfg, mt, task = setup(tiny_tokenizer, ["generator.max_prompt_tokens=6"])
+    with torch.no_grad():  # make the two decoders differ, so a mix-up of adapters would show
+        for key in mt.g_lora.adapters["dec"]:
+            mt.g_lora.wrapped[key].lora_B["dec"].normal_(0, 0.5)
+    sampled, greedy = task.load("test")[:2], task.load("test")[2:5]
+    # at a tiny temperature sampling is greedy, so every row of the mixed call has a deterministic reference
+    samples, frozen = mt.generate_mixed(task, sampled, 2, 1e-6, greedy)
+    assert [g.text for g in frozen] == [g.text for g in mt.generate_outputs(task, greedy, frozen=True)]
+    live = [g.text for g in mt.generate_outputs(task, sampled)]
+    assert [g.text for g in samples] == [t for t in live for _ in range(2)]
+    assert live != [g.text for g in mt.generate_outputs(task, sampled, frozen=True)]  # the decoders do differ

@@ -65,7 +65,11 @@ def generate(
         tokenizer=tokenizer if stop else None,
         **kwargs,
     )
-    new = out[:, enc["input_ids"].shape[1] :]  # [bs, new]
+    return _results(model, tokenizer, out[:, enc["input_ids"].shape[1] :], stop, max_new_tokens)
+
+
+def _results(model, tokenizer, new: torch.Tensor, stop: tuple[str, ...], max_new_tokens: int) -> list[Generation]:
+    """``new [bs, new]`` generated ids as Generations (text cut at EOS / the first stop string)."""
     ends = _end_ids(model, tokenizer)
     results = []
     for row in new:
@@ -74,8 +78,55 @@ def generate(
         n = next((i + 1 for i, t in enumerate(ids) if t in ends), None)
         text = tokenizer.decode(ids[: n or len(ids)], skip_special_tokens=True)
         stopped = n is not None or any(s in text for s in stop)
-        results.append(Generation(cut_at_stop(text, stop).strip(), n or len(ids), finished=stopped or len(ids) < max_new_tokens))
+        finished = stopped or len(ids) < max_new_tokens
+        results.append(Generation(cut_at_stop(text, stop).strip(), n or len(ids), finished=finished))
     return results
+
+
+class _GreedyRows:
+    """A logits processor that leaves only each greedy row's argmax, so sampling picks it: greedy and
+    sampled rows decode in one ``generate``."""
+
+    def __init__(self, greedy: torch.Tensor):
+        self.greedy = greedy  # [bs] bool
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        keep = scores.argmax(-1, keepdim=True)  # [bs, 1]
+        only = torch.full_like(scores, float("-inf")).scatter(-1, keep, scores.gather(-1, keep))
+        return torch.where(self.greedy[:, None].to(scores.device), only, scores)
+
+
+@torch.no_grad()
+def generate_rows(
+    model, tokenizer, texts: list[str], rows: list[int], max_new_tokens: int, *, greedy: list[bool],
+    temperature: float = 1.0, stage=None,
+) -> list[Generation]:
+    """One batched generate of ``len(rows)`` continuations: row ``j`` continues ``texts[rows[j]]``, greedily
+    where ``greedy[j]``, else sampled at ``temperature``.
+
+    Each text is prefilled once and its KV cache copied to its rows. ``stage("prefill")`` and
+    ``stage("decode")`` are the contexts the two passes run in (e.g. per-row adapters, which differ
+    because the prefill has one row per text and the decode one per output row).
+    """
+    import contextlib
+
+    from transformers import LogitsProcessorList
+
+    stage = stage or (lambda name: contextlib.nullcontext())
+    tokenizer.padding_side = "left"
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    with stage("prefill"):
+        cache = _prefill(model, enc["input_ids"], enc["attention_mask"])
+    index = torch.tensor(rows, device=model.device)
+    cache.batch_select_indices(index)
+    enc = {k: v.index_select(0, index) for k, v in enc.items()}
+    with stage("decode"):
+        out = model.generate(
+            **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, cache=cache,
+            do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
+            logits_processor=LogitsProcessorList([_GreedyRows(torch.tensor(greedy))]),
+        )
+    return _results(model, tokenizer, out[:, enc["input_ids"].shape[1] :], (), max_new_tokens)
 
 
 def _prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):

@@ -42,6 +42,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.ParameterDict()
         self.scaling: dict[str, float] = {}
         self.active: tuple[str, ...] = ()
+        self.masks: dict[str, torch.Tensor] = {}  # adapter -> [bs] weight per row (absent: every row)
         self.rows: tuple[torch.Tensor, torch.Tensor, float] | None = None
 
     @property
@@ -64,10 +65,10 @@ class LoRALinear(nn.Module):
         # in-place adds: no extra [bs, T, out] temporaries (a linear layer's backward never needs its output)
         y = self.base(x)
         for name in self.active:
-            y = y.add_(
-                nn.functional.linear(nn.functional.linear(x, self.lora_A[name]), self.lora_B[name]),
-                alpha=self.scaling[name],
-            )
+            delta = nn.functional.linear(nn.functional.linear(x, self.lora_A[name]), self.lora_B[name])
+            if name in self.masks:
+                delta = delta * self.masks[name].view(-1, *(1,) * (delta.dim() - 1))  # rows without it get 0
+            y = y.add_(delta, alpha=self.scaling[name])
         if self.rows is not None:
             a, b, scale = self.rows  # a [bs, r, in], b [bs, out, r]
             h = torch.bmm(x, a.transpose(1, 2))  # [bs, T, r]
@@ -168,9 +169,12 @@ class LoRAModel:
         active: tuple[str, ...] | list[str] = (),
         rows: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
         rows_scale: float = 1.0,
+        masks: dict[str, torch.Tensor] | None = None,
     ) -> Iterator[None]:
         """Within this context forward passes use the ``active`` static adapters and the per-row factors.
 
+        ``masks`` restricts an active static adapter to some rows of the batch (``[bs]``, 1 = on, 0 = off),
+        so rows with different adapters run in one batch (e.g. the prompt decoder and its frozen copy).
         Contexts nest: leaving one restores what the enclosing context had set.
         """
         unknown = [k for k in (rows or {}) if k not in self.sites]
@@ -178,9 +182,10 @@ class LoRAModel:
             raise MetatunerError(f"per-row factors for unknown site {unknown[0]!r}")
         for key in rows or {}:
             self.module(self.sites[key][0])
-        saved = {key: (m.active, m.rows) for key, m in self.wrapped.items()}
+        saved = {key: (m.active, m.rows, m.masks) for key, m in self.wrapped.items()}
         for key, m in self.wrapped.items():
             m.active = tuple(a for a in active if a in m.lora_A)
+            m.masks = {a: w.to(m.base.weight.dtype) for a, w in (masks or {}).items() if a in m.active}
             m.rows = None
             if rows is not None and key in rows:
                 a, b = rows[key]
@@ -190,7 +195,7 @@ class LoRAModel:
             yield
         finally:
             for key, m in self.wrapped.items():
-                m.active, m.rows = saved.get(key, ((), None))
+                m.active, m.rows, m.masks = saved.get(key, ((), None, {}))
 
 
 def peft_state_dict(

@@ -32,7 +32,9 @@ from torch import nn
 
 from metatuner.config import GeneratorConfig, HypernetConfig
 from metatuner.errors import MetatunerError
-from metatuner.evaluation.generation import Generation, encode_pairs, generate, render_chat, token_logprobs
+from metatuner.evaluation.generation import (
+    Generation, encode_pairs, generate, generate_rows, render_chat, token_logprobs,
+)
 from metatuner.models.hypernet import LoRAHypernet
 from metatuner.models.lora import LoRAModel
 from metatuner.prompts import generator_messages
@@ -228,6 +230,25 @@ class MetaTuner(nn.Module):
                 self.generator, self.gen_tokenizer, self.rewrite_texts(task, examples), self.gen_cfg.max_prompt_tokens,
                 do_sample=sample, temperature=temperature, num_samples=n,
             )
+
+    @torch.no_grad()
+    def generate_mixed(
+        self, task: Task, sampled: list[Example], n: int, temperature: float, greedy: list[Example],
+    ) -> tuple[list[Generation], list[Generation]]:
+        """In one batched generate: ``n`` outputs per query of ``sampled`` from the trained prompt decoder
+        (grouped by query), and the frozen copy's greedy output for each query of ``greedy``."""
+        b, g = len(sampled), len(greedy)
+        rows = [i for i in range(b) for _ in range(n)] + [b + j for j in range(g)]
+        device = self.generator.device
+
+        def stage(name: str):
+            live = torch.tensor([1.0] * (b if name == "prefill" else b * n) + [0.0] * g, device=device)
+            return self.g_lora.use(("enc", "dec", "dec_frozen"), masks={"dec": live, "dec_frozen": 1 - live})
+
+        gens = generate_rows(self.generator, self.gen_tokenizer, self.rewrite_texts(task, sampled + greedy), rows,
+                             self.gen_cfg.max_prompt_tokens, greedy=[False] * (b * n) + [True] * g,
+                             temperature=temperature, stage=stage)
+        return gens[: b * n], gens[b * n :]
 
     def keep_initial_output(self, task: Task, example: Example) -> str:
         """The output of G that means "keep p~": p~ itself in rewrite mode, no hint in append mode."""

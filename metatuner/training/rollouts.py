@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from metatuner.evaluation.generation import generate
+from metatuner.evaluation.generation import Generation, generate
 from metatuner.models.metatuner import Factors, MetaTuner
 from metatuner.tasks.base import Example, Task
 
@@ -85,12 +85,17 @@ def _select_rows(factors: Factors | None, rows: list[int]) -> Factors | None:
 def rollout(
     mt: MetaTuner, task: Task, examples: list[Example], factors: Factors | None, n: int, temperature: float,
     reward: str = "nll", max_length: int = 512, extra: list[str] | None = None,
+    samples: list[Generation] | None = None,
 ) -> RolloutResult:
     """Samples ``n`` outputs per query, scores them with ``extra[i]`` and "keep p~", returns the best per query.
 
-    ``extra`` holds one more (cleaned) output per query, e.g. the frozen decoder's greedy one.
+    ``extra`` holds one more (cleaned) output per query, e.g. the frozen decoder's greedy one; ``samples``,
+    when given, are the ``n`` sampled outputs per query already decoded (grouped by query).
     """
-    gens = mt.generate_outputs(task, examples, sample=True, n=n, temperature=temperature) if n else []
+    if samples is not None:
+        gens = samples
+    else:
+        gens = mt.generate_outputs(task, examples, sample=True, n=n, temperature=temperature) if n else []
     sampled = [mt.clean_output(g) for g in gens]
     groups: list[list[str]] = []  # per query: unique outputs, "keep p~" first
     leaked = 0

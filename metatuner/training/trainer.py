@@ -206,11 +206,11 @@ class Trainer:
         self.log({"phase": "warmup_generator", "step": self.step, **self.experts.stats()})
         self.mt.sync_frozen_decoder()
 
-    def _offer(self, batch: list[Example], factors, extra: list[str] | None) -> dict[str, float]:
+    def _offer(self, batch: list[Example], factors, extra: list[str] | None, samples=None) -> dict[str, float]:
         """Rolls out ``batch`` (this process's share; may be empty) and offers every process's best outputs to D2."""
         tc = self.tc
         r = rollout(self.mt, self.task, batch, factors, tc.rollouts, tc.temperature, tc.reward, tc.max_length,
-                    extra=extra) if batch else None
+                    extra=extra, samples=samples) if batch else None
         triples = zip([ex.id for ex in batch], r.best_outputs, r.best_gains) if r else []
         for qid, output, gain in self._gather(triples):
             self.experts.offer(qid, output, gain, self.mt.keep_initial_output(self.task, self.by_id[qid]))
@@ -294,10 +294,17 @@ class Trainer:
         do_rollout = mt.use_prompt and (self.step - self.joint_start) % tc.rollout_every == 0
         need_factors = mt.use_hypernet and ("task" in terms or do_rollout)
         factors = mt.factors(mt.encode(task, batch)) if need_factors else None
-        outputs = self.frozen_outputs(batch) if mt.use_prompt and ("task" in terms or do_rollout) else None
+        outputs = None
         if do_rollout:
+            # the rollout's samples and the frozen decoder's greedy prompts still missing: one batched generate
+            todo = self._frozen_todo(batch)
+            samples, greedy = mt.generate_mixed(task, batch, tc.rollouts, tc.temperature, todo)
+            self.prompt_cache.update({ex.id: mt.clean_output(g) for ex, g in zip(todo, greedy)})
+            outputs = [self.prompt_cache[ex.id] for ex in batch]
             detached = {k: (a.detach(), b.detach()) for k, (a, b) in factors.items()} if factors else None
-            record.update(self._offer(batch, detached, outputs))
+            record.update(self._offer(batch, detached, outputs, samples))
+        elif mt.use_prompt and "task" in terms:
+            outputs = self.frozen_outputs(batch)
         if "task" in terms:
             prompts = ([mt.compose(task, ex, o) for ex, o in zip(batch, outputs)] if outputs is not None
                        else [task.instruction_for(ex) for ex in batch])
@@ -320,18 +327,23 @@ class Trainer:
         every query the stream will bring before that sync (this process's share) in one batched
         generate: decoding on a CPU costs nearly the same per token for 4 rows as for 16.
         """
-        missing = [ex for ex in batch if ex.id not in self.prompt_cache]
-        if missing:
-            tc = self.tc
-            left = tc.sync_every - (self.step - self.joint_start) % tc.sync_every  # steps until the next sync
-            upcoming = self.stream.peek(max(0, left - 1) * tc.batch_size * tc.grad_accum
-                                        + (tc.grad_accum - 1) * tc.batch_size)
-            ahead = [ex for ex in self._share_steps(upcoming) if ex.id not in self.prompt_cache]
-            todo = list({ex.id: ex for ex in missing + ahead}.values())[: tc.prefetch_limit]
-            todo += [ex for ex in missing if ex not in todo]
+        todo = self._frozen_todo(batch)
+        if todo:
             gens = self.mt.generate_outputs(self.task, todo, frozen=True)
             self.prompt_cache.update({ex.id: self.mt.clean_output(g) for ex, g in zip(todo, gens)})
         return [self.prompt_cache[ex.id] for ex in batch]
+
+    def _frozen_todo(self, batch: list[Example]) -> list[Example]:
+        """Queries whose frozen-decoder prompt must be decoded now: this batch's missing ones and, when there
+        are any, those the stream brings before the next sync (at most ``prefetch_limit`` in all)."""
+        missing = {ex.id: ex for ex in batch if ex.id not in self.prompt_cache}
+        if not missing:
+            return []
+        tc = self.tc
+        left = tc.sync_every - (self.step - self.joint_start) % tc.sync_every  # steps until the next sync
+        upcoming = self.stream.peek(max(0, left - 1) * tc.batch_size * tc.grad_accum + (tc.grad_accum - 1) * tc.batch_size)
+        ahead = {ex.id: ex for ex in self._share_steps(upcoming) if ex.id not in self.prompt_cache and ex.id not in missing}
+        return list(missing.values()) + list(ahead.values())[: max(0, tc.prefetch_limit - len(missing))]
 
     def _share_steps(self, examples: list[Example]) -> list[Example]:
         """This process's share of each consecutive batch of ``examples``."""
