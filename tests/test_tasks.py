@@ -392,11 +392,11 @@ def test_unknown_task_lists_available_names():
         get_task("gsm9k")
     message = str(info.value)
     assert "unknown task 'gsm9k'" in message
-    assert "available: arithmetic, cosmosqa, gsm8k, hotpotqa, math" in message
+    assert "available: arithmetic, cosmosqa, gsm8k, hotpotqa, math, mixture" in message
 
 
 def test_unknown_split():
-    with pytest.raises(MetatunerError, match="unknown split 'dev'; available: train, test"):
+    with pytest.raises(MetatunerError, match="unknown split 'dev' of task 'arithmetic'; available: train, test, test_shift"):
         get_task("arithmetic").load("dev")
 
 

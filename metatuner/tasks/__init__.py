@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from metatuner.tasks import arithmetic, cosmosqa, gsm8k, hotpotqa, math, numeric  # noqa: F401 - registers
+from metatuner.tasks import arithmetic, cosmosqa, gsm8k, hotpotqa, math, mixture, numeric  # noqa: F401 - registers
 from metatuner.tasks.base import TASKS, Example, HubSource, Task, read_jsonl
 from metatuner.tasks.cross import parse_cross
 

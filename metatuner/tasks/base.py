@@ -69,6 +69,8 @@ class Task(ABC):
     cot_max_new_tokens: ClassVar[int] = 256
     #: generation stops at the first of these strings (the text after it is dropped)
     stop: ClassVar[tuple[str, ...]] = ()
+    #: the splits ``load`` accepts (the built-in tasks add a template-shift test, ``test_shift``)
+    splits: ClassVar[tuple[str, ...]] = SPLITS
     #: fields every raw row must have
     required_fields: ClassVar[tuple[str, ...]] = ()
     #: the metric reported first (and used to pick the best checkpoint / prompt)
@@ -117,10 +119,14 @@ class Task(ABC):
         """For multiple-choice tasks, the answer continuations compared by likelihood; else None."""
         return None
 
+    def check_split(self, split: str) -> None:
+        """Fails with the task's available splits when ``split`` is not one of them."""
+        if split not in self.splits:
+            raise MetatunerError(f"unknown split {split!r} of task {self.name!r}; available: {', '.join(self.splits)}")
+
     def load(self, split: str) -> list[Example]:
         """Loads a split from the local data folder if one is set, else from the Hugging Face hub."""
-        if split not in SPLITS:
-            raise MetatunerError(f"unknown split {split!r}; available: {', '.join(SPLITS)}")
+        self.check_split(split)
         data_dir = self.data_dir or os.environ.get(DATA_DIR_ENV)
         if data_dir:
             rows = read_jsonl(Path(data_dir) / self.name / f"{split}.jsonl")

@@ -29,7 +29,7 @@ class CrossTask(Task):
         self.name = f"{'+'.join(t.name for t in train_tasks)}>{test_task.name}"
         # the test task's settings describe the task as a whole (reports, budgets, baselines' prompt)
         for attr in ("instruction", "cot_instruction", "max_new_tokens", "cot_max_new_tokens", "stop",
-                     "primary_metric", "version"):
+                     "primary_metric", "version", "splits"):
             setattr(self, attr, getattr(test_task, attr))
 
     def load(self, split: str) -> list[Example]:
