@@ -128,7 +128,7 @@ def cmd_tasks(args) -> None:
     for name in TASKS.names():
         task = TASKS.get(name)
         source = task.hub.path if task.hub else "built in (generated, no files)"
-        print(f"{name:10s} metric={task.primary_metric:22s} data={source}")
+        print(f"{name:10s} metric={task.primary_metric:22s} data={source}  splits={', '.join(task.splits)}")
         print(f"{'':10s} p~: {task.instruction}")
 
 
@@ -159,17 +159,22 @@ def _print_result(title: str, result) -> None:
         print(f"  results: {result.out_dir}")
 
 
+def _print_results(title: str, results) -> None:
+    for result in results:
+        _print_result(title, result)
+
+
 def cmd_eval(args) -> None:
     from metatuner.recipes import eval_method, eval_run, new_run_dir
 
     if args.run:
         overrides = [*args.overrides, *_flag_overrides(args)]
         out = Path(args.out) if args.out else Path(args.run) / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
-        _print_result("metatuner", eval_run(args.run, overrides, out))
+        _print_results("metatuner", eval_run(args.run, overrides, out))
         return
     cfg = _config(args)
     out = Path(args.out) if args.out else new_run_dir(cfg.out_dir, cfg.method, cfg.data.task)
-    _print_result(cfg.method, eval_method(cfg, out))
+    _print_results(cfg.method, eval_method(cfg, out))
 
 
 def cmd_train(args) -> None:
@@ -177,7 +182,7 @@ def cmd_train(args) -> None:
 
     from metatuner.config import load_config
     from metatuner.models.loading import process_state
-    from metatuner.recipes import eval_predictor, new_run_dir, train_metatuner
+    from metatuner.recipes import eval_splits, new_run_dir, train_metatuner
     from metatuner.training.predictor import MetaTunerPredictor
 
     if args.resume:
@@ -200,7 +205,7 @@ def cmd_train(args) -> None:
         return  # the main process scores the trained model and prints; the others are done
     print(f"trained: {run_dir}")
     if not args.no_eval:
-        _print_result("metatuner", eval_predictor(MetaTunerPredictor(mt), task, cfg, run_dir / "eval-test"))
+        _print_results("metatuner", eval_splits(MetaTunerPredictor(mt), task, cfg, run_dir / "eval-test"))
 
 
 def cmd_run(args) -> None:
@@ -209,8 +214,8 @@ def cmd_run(args) -> None:
     cfg = _config(args, defaults=[])
     run_dir = Path(args.out) if args.out else new_run_dir(cfg.out_dir, "quick", cfg.data.task)
     tuned, base = main_job(cfg, run_dir)
-    _print_result("metatuner", tuned)
-    _print_result("zero-shot", base)
+    _print_results("metatuner", tuned)
+    _print_results("zero-shot", base)
     print(f"run folder: {run_dir}")
 
 

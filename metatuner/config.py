@@ -66,8 +66,17 @@ class EvalConfig:
     batch_size: int = option(16, "generation batch size")
     max_new_tokens: int | None = option(None, "override the task's new-token budget")
     likelihood: bool = option(True, "also score multiple-choice tasks by option likelihood")
+    splits: list[str] = option(
+        None, "test splits to score, each in its own results folder: the first in the run's folder, each other "
+        "beside it as <folder>@<split> (test_shift: the built-in tasks' template-shift test)",
+        factory=lambda: ["test"],
+    )
 
     def __post_init__(self):
+        if not self.splits or len(set(self.splits)) < len(self.splits):
+            raise MetatunerError(f"eval.splits must name at least one split, each once; got {self.splits!r}")
+        if "train" in self.splits:
+            raise MetatunerError("eval.splits may not hold 'train': methods are fitted on it")
         _at_least("eval.limit", self.limit, 1)
         _at_least("eval.batch_size", self.batch_size, 1)
         _at_least("eval.max_new_tokens", self.max_new_tokens, 1)

@@ -49,23 +49,41 @@ def train_val_split(examples: list[Example], limit: int | None, val_size: int, s
     return (train[:limit] if limit else train), val
 
 
-def eval_predictor(predictor, task, cfg: RunConfig, out_dir: Path | None, progress: bool = True) -> EvalResult:
-    """Scores any predictor on the configured test subset of ``task``: the one evaluation path."""
-    test = select(task.load("test"), cfg.eval.limit, cfg.eval.subset, cfg.eval.seed)
+def split_dir(out_dir: Path, split: str) -> Path:
+    """Where the results of one more test split go: beside ``out_dir``, as ``<out_dir>@<split>``."""
+    return out_dir.with_name(f"{out_dir.name}@{split}")
+
+
+def eval_predictor(predictor, task, cfg: RunConfig, out_dir: Path | None, progress: bool = True,
+                   split: str | None = None) -> EvalResult:
+    """Scores any predictor on the configured subset of one test split of ``task`` (default: the first of
+    ``eval.splits``): the one evaluation path."""
+    split = split or cfg.eval.splits[0]
+    test = select(task.load(split), cfg.eval.limit, cfg.eval.subset, cfg.eval.seed)
     result = evaluate(
         predictor, task, test, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-        likelihood=cfg.eval.likelihood, out_dir=out_dir, config=to_dict(cfg), progress=progress,
+        likelihood=cfg.eval.likelihood, out_dir=out_dir, config=to_dict(cfg), progress=progress, split=split,
     )
     if out_dir is not None:
         save_config(cfg, out_dir / "config.yaml")
     return result
 
 
-def eval_method(cfg: RunConfig, out_dir: Path | None) -> EvalResult:
-    """Fits ``cfg.method`` (zero-shot, cot, ...) and scores it on the configured test subset."""
+def eval_splits(predictor, task, cfg: RunConfig, out_dir: Path | None, progress: bool = True) -> list[EvalResult]:
+    """Scores a predictor on every split of ``eval.splits`` (in that order): the first into ``out_dir``,
+    each other into :func:`split_dir`. ``out_dir`` is written last, so its appearing means all are done."""
+    first, *others = cfg.eval.splits
+    results = {s: eval_predictor(predictor, task, cfg, split_dir(out_dir, s) if out_dir else None, progress, s) for s in others}
+    results[first] = eval_predictor(predictor, task, cfg, out_dir, progress, first)
+    return [results[s] for s in cfg.eval.splits]
+
+
+def eval_method(cfg: RunConfig, out_dir: Path | None) -> list[EvalResult]:
+    """Fits ``cfg.method`` (zero-shot, cot, ...) once and scores it on every split of ``eval.splits``."""
     method_cls = get_method(cfg.method)
     task = get_task(cfg.data.task, cfg.data.data_dir)
-    task.load("test")  # fail on bad data before loading the model
+    for split in cfg.eval.splits:
+        task.load(split)  # fail on bad data or an unknown split before loading the model
     train, val = [], []
     if method_cls.needs_training:
         train, val = train_val_split(task.load("train"), cfg.data.train_limit, cfg.data.val_size, cfg.data.seed)
@@ -74,7 +92,7 @@ def eval_method(cfg: RunConfig, out_dir: Path | None) -> EvalResult:
     # a trained method's logs and checkpoints go beside the results folder, which appears only when complete
     train_dir = out_dir.with_name(out_dir.name + "-train") if out_dir is not None and method_cls.needs_training else None
     method = method_cls(model, tok, cfg, run_dir=train_dir)
-    return eval_predictor(method.fit(task, train, val), task, cfg, out_dir)
+    return eval_splits(method.fit(task, train, val), task, cfg, out_dir)
 
 
 # ---- MetaTuner ---------------------------------------------------------------------------------
@@ -116,21 +134,22 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()):
     return mt, cfg
 
 
-def eval_run(run_dir: str | Path, overrides: list[str], out_dir: Path | None) -> EvalResult:
-    """Scores a trained MetaTuner run on its task's test subset."""
+def eval_run(run_dir: str | Path, overrides: list[str], out_dir: Path | None) -> list[EvalResult]:
+    """Scores a trained MetaTuner run on its task's test splits (``eval.splits``)."""
     from metatuner.training.predictor import MetaTunerPredictor
 
     mt, cfg = load_run(run_dir, overrides)
     task = get_task(cfg.data.task, cfg.data.data_dir)
-    return eval_predictor(MetaTunerPredictor(mt), task, cfg, out_dir)
+    return eval_splits(MetaTunerPredictor(mt), task, cfg, out_dir)
 
 
-def main_job(cfg: RunConfig, run_dir: Path) -> tuple[EvalResult, EvalResult]:
-    """Train MetaTuner, then score it and zero-shot on the same test items; returns (metatuner, zero-shot)."""
+def main_job(cfg: RunConfig, run_dir: Path) -> tuple[list[EvalResult], list[EvalResult]]:
+    """Train MetaTuner, then score it and zero-shot on the same test items of every split of
+    ``eval.splits``; returns (metatuner's results, zero-shot's results), one per split."""
     from metatuner.evaluation.predictors import LMPredictor
     from metatuner.training.predictor import MetaTunerPredictor
 
     mt, task = train_metatuner(cfg, run_dir)
-    tuned = eval_predictor(MetaTunerPredictor(mt), task, cfg, run_dir / "eval-metatuner")
+    tuned = eval_splits(MetaTunerPredictor(mt), task, cfg, run_dir / "eval-metatuner")
     base = LMPredictor(mt.actor, mt.tokenizer, None, name="zero-shot")  # p~, and no adapter is active
-    return tuned, eval_predictor(base, task, cfg, run_dir / "eval-zero-shot")
+    return tuned, eval_splits(base, task, cfg, run_dir / "eval-zero-shot")

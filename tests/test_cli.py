@@ -15,7 +15,8 @@ def run(capsys, *argv):
 
 def test_tasks_and_methods_are_listed(capsys):
     code, out, _ = run(capsys, "tasks")
-    assert code == 0 and all(t in out for t in ("arithmetic", "cosmosqa", "gsm8k", "hotpotqa", "math"))
+    assert code == 0 and all(t in out for t in ("arithmetic", "cosmosqa", "gsm8k", "hotpotqa", "math", "mixture"))
+    assert "splits=train, test, test_shift" in out.split("mixture")[1].splitlines()[0]
     code, out, _ = run(capsys, "methods")
     assert code == 0 and "zero-shot" in out and "cot" in out
 
@@ -38,6 +39,17 @@ def test_eval_writes_a_complete_results_folder(capsys, tmp_path, tiny_model_dir)
     assert (out_dir / "config.yaml").is_file() and len((out_dir / "records.jsonl").read_text().splitlines()) == 3
 
 
+def test_eval_scores_every_split_of_eval_splits_into_its_own_folder(capsys, tmp_path, tiny_model_dir):
+    out_dir = tmp_path / "r"
+    code, out, err = run(capsys, "eval", "--model", str(tiny_model_dir), "--limit", "2", "--out", str(out_dir),
+                         "eval.max_new_tokens=2", "eval.splits=[test_shift, test]")
+    assert code == 0, err
+    assert "arithmetic (test_shift) exact_match_flexible" in out and f"results: {out_dir}@test" in out
+    assert json.loads((out_dir / "summary.json").read_text())["split"] == "test_shift"
+    records = (tmp_path / "r@test" / "records.jsonl").read_text().splitlines()
+    assert [json.loads(r)["id"] for r in records] == ["arithmetic-test-0", "arithmetic-test-1"]
+
+
 def _write(path, text):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -54,6 +66,7 @@ def _write(path, text):
         ("gsm8k/test.jsonl:{\"id\": 1, \"question\": \"q\"}\n", ["--task", "gsm8k"], "test.jsonl:1: row lacks field(s) answer"),
         ("gsm8k/test.jsonl:\n", ["--task", "gsm8k"], "is empty"),
         (None, ["eval.limit=0"], "eval.limit must be >= 1"),
+        (None, ["eval.splits=[test, dev]"], "unknown split 'dev' of task 'arithmetic'; available: train, test, test_shift"),
     ],
 )
 def test_bad_input_gives_one_line_and_no_results_folder(capsys, tmp_path, tiny_model_dir, setup, args, message):

@@ -162,3 +162,33 @@ def test_rescore_grades_stored_outputs_again(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "r" / "records.jsonl").read_text().splitlines()[0])["extracted"]["flexible"] is None
     with pytest.raises(MetatunerError, match="not 'gsm8k'"):
         rescore(tmp_path / "r", get_task("gsm8k"))
+
+
+def test_examples_with_a_family_get_metrics_per_family_too(tmp_path):
+    task = get_task("mixture")
+    items = task.load("test")[:12]  # two items of each of the six families, in turn
+    outputs = {ex.id: f"The answer is {ex.answer}." if ex.meta["family"] != "weekdays" else "no idea" for ex in items}
+    evaluate(Scripted(outputs), task, items, out_dir=tmp_path / "r", progress=False, split="test")
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    metrics = summary["metrics"]
+    assert metrics["exact_match_flexible"]["mean"] == pytest.approx(10 / 12) and "n" not in metrics["exact_match_flexible"]
+    assert metrics["exact_match_flexible/family=weekdays"] == {"mean": 0.0, "ci_low": 0.0,
+                                                               "ci_high": pytest.approx(0.658, abs=1e-3), "n": 2}
+    assert metrics["exact_match_strict/family=letters"]["mean"] == 1.0
+    assert sum(k.startswith("exact_match_flexible/family=") for k in metrics) == 6
+    assert json.loads((tmp_path / "r" / "records.jsonl").read_text().splitlines()[4])["family"] == "weekdays"
+    arithmetic = evaluate(Scripted({ex.id: "" for ex in get_task("arithmetic").load("test")[:2]}),
+                          get_task("arithmetic"), get_task("arithmetic").load("test")[:2], progress=False)
+    assert not any("/family=" in k for k in arithmetic.metrics)  # a task without families: unchanged
+
+
+def test_a_shift_split_is_recorded_and_rescored_from_its_own_items(tmp_path):
+    from metatuner.evaluation.harness import rescore
+
+    task = get_task("arithmetic")
+    items = task.load("test_shift")[:3]
+    result = evaluate(Scripted({ex.id: f"The answer is {ex.answer}" for ex in items}), task, items,
+                      out_dir=tmp_path / "r", progress=False, split="test_shift")
+    assert result.split == "test_shift" and "(test_shift)" in result.line()
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["split"] == "test_shift"
+    assert rescore(tmp_path / "r", task).metrics["exact_match_strict"]["mean"] == 1.0

@@ -6,8 +6,15 @@ scores every answer with the task's own functions, and writes a results folder:
 
 - ``records.jsonl``: one line per example: id, instruction, rendered input, output, extracted
   answers, gold answer, scores (and option log-probabilities for multiple-choice tasks);
-- ``summary.json``: per metric the mean and a 95% confidence interval, plus the config, package
-  versions, git commit and timing.
+- ``summary.json``: the split scored, per metric the mean and a 95% confidence interval, plus the
+  config, package versions, git commit and timing. Where examples carry a family
+  (``Example.meta["family"]``, the ``mixture`` task), every metric is also reported per family, as
+  ``<metric>/family=<family>`` with its item count ``n``.
+
+Intervals: a single run's ``summary.json`` has one seed, so its interval is over test items only:
+Wilson's score interval for 0/1 scores, the normal one otherwise (:func:`confidence_interval`). The
+grid's report, which has several training seeds, uses one bootstrap over seeds and items instead
+(:mod:`metatuner.bench.stats`).
 
 The folder is written under a temporary name and renamed when complete, so an interrupted run leaves
 no half-written results behind.
@@ -47,6 +54,7 @@ class EvalResult:
     seconds: float
     records: list[dict[str, Any]] = field(repr=False)
     out_dir: Path | None = None
+    split: str = "test"
 
     @property
     def score(self) -> float:
@@ -54,8 +62,9 @@ class EvalResult:
 
     def line(self) -> str:
         m = self.metrics[self.primary_metric]
+        where = self.task if self.split == "test" else f"{self.task} ({self.split})"
         return (
-            f"{self.task} {self.primary_metric} = {100 * m['mean']:.1f}% "
+            f"{where} {self.primary_metric} = {100 * m['mean']:.1f}% "
             f"(95% CI {100 * m['ci_low']:.1f}-{100 * m['ci_high']:.1f}, n={self.n}, {self.seconds:.0f}s)"
         )
 
@@ -73,7 +82,7 @@ Z95 = 1.959964  # the normal distribution's two-sided 95% quantile
 
 
 def normal_interval(values: list[float]) -> tuple[float, float]:
-    """The normal 95% interval of the mean, unclamped (for differences, which may be negative)."""
+    """The normal 95% interval of the mean, unclamped."""
     n = len(values)
     mean = sum(values) / n
     var = sum((v - mean) ** 2 for v in values) / max(n - 1, 1)
@@ -95,17 +104,29 @@ def confidence_interval(values: list[float]) -> tuple[float, float]:
     return max(0.0, lo), min(1.0, hi)
 
 
+FAMILY_SEP = "/family="  # per-family metric names: "exact_match_flexible/family=weekdays"
+
+
 def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Mean and 95% CI of every metric, each over the records that have it (a cross-task validation set
-    mixes tasks with different metrics; all of them have the primary one)."""
-    names = list(dict.fromkeys(name for r in records for name in r["scores"]))
+    mixes tasks with different metrics; all of them have the primary one); then, where records carry a
+    ``family``, every metric per family (``<metric>/family=<family>``, in order of first appearance)."""
+    out = _metrics(records, len(records), "")
+    families = list(dict.fromkeys(r["family"] for r in records if "family" in r))
+    for family in families:
+        out |= _metrics([r for r in records if r.get("family") == family], 0, f"{FAMILY_SEP}{family}")
+    return out
+
+
+def _metrics(records: list[dict[str, Any]], total: int, suffix: str) -> dict[str, dict[str, float]]:
+    """Mean and CI per metric over ``records``, named ``<metric><suffix>``; ``n`` where fewer than ``total``."""
     out = {}
-    for name in names:
+    for name in dict.fromkeys(name for r in records for name in r["scores"]):
         values = [r["scores"][name] for r in records if name in r["scores"]]
         lo, hi = confidence_interval(values)
-        out[name] = {"mean": sum(values) / len(values), "ci_low": lo, "ci_high": hi}
-        if len(values) < len(records):
-            out[name]["n"] = len(values)
+        out[name + suffix] = {"mean": sum(values) / len(values), "ci_low": lo, "ci_high": hi}
+        if len(values) < total or not total:
+            out[name + suffix]["n"] = len(values)
     return out
 
 
@@ -120,8 +141,10 @@ def evaluate(
     out_dir: str | os.PathLike | None = None,
     config: dict[str, Any] | None = None,
     progress: bool = True,
+    split: str = "test",
 ) -> EvalResult:
-    """Scores ``predictor`` on ``examples`` of ``task``; writes a results folder when ``out_dir`` is given."""
+    """Scores ``predictor`` on ``examples`` of ``task``; writes a results folder when ``out_dir`` is given.
+    ``split`` names the split the examples come from (recorded in the summary; ``rescore`` reloads it)."""
     if not examples:
         raise MetatunerError(f"nothing to evaluate: no examples of task {task.name!r}")
     final = Path(out_dir) if out_dir is not None else None
@@ -149,6 +172,8 @@ def evaluate(
                 "gold": ex.answer,
                 "scores": scores,
             }
+            if "family" in ex.meta:
+                rec["family"] = ex.meta["family"]
             if choice_lp is not None:
                 rec["choice_logprobs"] = choice_lp[j]
                 best = max(range(len(choice_lp[j])), key=choice_lp[j].__getitem__)
@@ -159,10 +184,11 @@ def evaluate(
     bar.close()
     seconds = time.perf_counter() - start
     done = [r for r in records if r is not None]
-    result = EvalResult(task.name, len(done), summarize(done), task.primary_metric, seconds, done)
+    result = EvalResult(task.name, len(done), summarize(done), task.primary_metric, seconds, done, split=split)
     if final is not None:
         summary = {
             "task": task.name,
+            "split": split,
             "task_version": task.version,
             "n": result.n,
             "primary_metric": task.primary_metric,
@@ -196,10 +222,11 @@ def rescore(results_dir: str | os.PathLike, task: Task) -> EvalResult:
     if summary["task"] != task.name:
         raise MetatunerError(f"{folder} holds results of task {summary['task']!r}, not {task.name!r}")
     records = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
-    examples = {ex.id: ex for ex in task.load("test")}
+    split = summary.get("split", "test")
+    examples = {ex.id: ex for ex in task.load(split)}
     missing = [r["id"] for r in records if r["id"] not in examples]
     if missing:
-        raise MetatunerError(f"{folder}: {len(missing)} record ids (e.g. {missing[0]}) are not in the test split")
+        raise MetatunerError(f"{folder}: {len(missing)} record ids (e.g. {missing[0]}) are not in the {split} split")
     for rec in records:
         ex = examples[rec["id"]]
         rec["extracted"], rec["scores"] = task.grade(rec["output"], ex)
@@ -212,7 +239,7 @@ def rescore(results_dir: str | os.PathLike, task: Task) -> EvalResult:
     write_text_atomic(folder / "records.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     write_text_atomic(folder / "summary.json", json.dumps(summary, indent=2))
     return EvalResult(task.name, len(records), metrics, task.primary_metric, summary["timing"]["seconds"],
-                      records, folder)
+                      records, folder, split)
 
 
 def write_results_folder(final: Path, records: list[dict[str, Any]], summary: dict[str, Any]) -> None:
