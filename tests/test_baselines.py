@@ -148,6 +148,7 @@ def test_bettertogether_runs_steps_in_order_and_keeps_the_best_on_validation(mon
     pred = method.fit(TASK, TRAIN, val)
     assert order == ["p", "w", "p"]
     assert pred.instruction == "after p1" and pred.describe()["chosen_step"] == 1
+    assert pred.describe()["chosen_kind"] == "p"
     assert [r["val_score"] for r in method.history] == [0.2, 0.5, 0.4, 0.45]
     assert [ids for _, ids in calls] == [[ex.id for ex in val]] * 4  # every program scored on validation
 

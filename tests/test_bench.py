@@ -64,18 +64,91 @@ def test_report_rebuilds_the_same_table_from_results_json(protocol_file, tmp_pat
     assert all(p.stat().st_size > 1000 for p in plots)
 
 
-def test_table_averages_seeds_and_reports_gain_over_bettertogether():
-    def row(method, seed, scores):
-        return {"task": "t", "method": method, "seed": seed, "primary_metric": "acc", "score": sum(scores) / len(scores),
-                "item_ids": [f"i{k}" for k in range(len(scores))], "item_scores": scores}
+def row(method, seed, scores, ids=None, task="t", families=None):
+    """A results.json row of one cell with the given per-item scores."""
+    out = {"task": task, "method": method, "seed": seed, "primary_metric": "acc", "score": sum(scores) / len(scores),
+           "item_ids": ids or [f"i{k}" for k in range(len(scores))], "item_scores": scores}
+    return out | ({"item_families": families} if families else {})
 
+
+def test_table_averages_seeds_and_shows_interval_and_seed_spread():
     rows = [row("bettertogether", 0, [1, 0, 0, 0]), row("bettertogether", 1, [1, 1, 0, 0]),
             row("metatuner", 0, [1, 1, 1, 0]), row("metatuner", 1, [1, 1, 0, 0])]
     agg = aggregate(rows)
     assert agg[("bettertogether", "t")]["mean"] == pytest.approx(0.375)
     assert agg[("metatuner", "t")]["mean"] == pytest.approx(0.625)
+    assert agg[("metatuner", "t")]["per_seed"] == {0: 0.75, 1: 0.5}
+    lo, hi = agg[("metatuner", "t")]["ci_low"], agg[("metatuner", "t")]["ci_high"]
     text = table(rows)
-    assert "| metatuner | 62.5" in text and "+66.7%" in text
+    assert f"| metatuner | 62.5 [{100 * lo:.1f}, {100 * hi:.1f}] (50.0-75.0) | 62.5 |" in text
+    assert "95% bootstrap interval over training seeds and test items, 2000 resamples" in text
+
+
+def test_gain_over_bettertogether_appears_only_where_it_beats_zero_shot_with_an_interval_excluding_zero():
+    ids = [f"i{k}" for k in range(40)]
+    zero = [0.0] * 40
+    strong = [1.0] * 20 + [0.0] * 20  # 50%, far above zero-shot's 0%
+    weak = [1.0] + [0.0] * 39  # 2.5%: one item, an interval that includes zero
+    best = [1.0] * 30 + [0.0] * 10
+    rows = []
+    for seed in (0, 1):
+        rows += [row("zero-shot", seed, zero, ids, "a"), row("bettertogether", seed, strong, ids, "a"),
+                 row("metatuner-j", seed, best, ids, "a"),
+                 row("zero-shot", seed, zero, ids, "b"), row("bettertogether", seed, weak, ids, "b"),
+                 row("metatuner-j", seed, best, ids, "b")]
+    text = table(rows)
+    header = text.splitlines()[0]
+    assert "gain vs bettertogether (a)" in header and "gain vs bettertogether (b)" not in header
+    assert "gain vs bettertogether (average)" not in header  # not every task qualifies
+    assert "| metatuner-j |" in text and text.split("| metatuner-j |")[1].splitlines()[0].endswith("| +50.0% |")
+    assert "Relative gain over bettertogether not shown for:" in text
+    assert "- b: bettertogether is not above zero-shot with an interval that excludes zero (paired difference +2.5 [" in text
+    both = [r for r in rows if r["task"] == "a"] + [r | {"task": "c"} for r in rows if r["task"] == "a"]
+    assert "gain vs bettertogether (average)" in table(both).splitlines()[0] and "not shown" not in table(both)
+    without = [r for r in rows if r["method"] != "bettertogether"]
+    assert "gain vs" not in table(without) and "bettertogether is not in this grid" in table(without)
+    no_baseline = [r for r in rows if r["method"] != "zero-shot" and r["task"] == "a"]
+    assert "- a: no zero-shot cells on the same items" in table(no_baseline)
+
+
+def test_the_bootstrap_interval_covers_training_seeds():
+    """Two seeds with very different scores: the interval of both is wider than either's alone."""
+    from metatuner.bench.stats import bootstrap_mean
+
+    high = {(0, f"i{k}"): float(k % 10 != 0) for k in range(100)}  # 90%
+    low = {(1, f"i{k}"): float(k % 10 == 0) for k in range(100)}  # 10%
+    width = lambda est: est["ci_high"] - est["ci_low"]  # noqa: E731
+    alone = max(width(bootstrap_mean(high)), width(bootstrap_mean(low)))
+    both = bootstrap_mean(high | low)
+    assert both["mean"] == pytest.approx(0.5) and both["per_seed"] == {0: 0.9, 1: 0.1}
+    assert width(both) > 3 * alone and both["ci_low"] < 0.2 and both["ci_high"] > 0.8
+    same = bootstrap_mean(high | {(1, i): v for (_, i), v in high.items()})  # two seeds that agree: no wider
+    assert width(same) <= width(bootstrap_mean(high)) + 0.02
+    assert bootstrap_mean(high) == bootstrap_mean(high)  # a fixed RNG seed: reproducible
+
+
+def test_paired_differences_pair_by_item_and_seed():
+    from metatuner.bench.stats import bootstrap_mean, paired_difference
+
+    items = [f"i{k}" for k in range(50)]
+    x = [float(k % 2) for k in range(50)]
+    y = [float(k % 3 == 0) for k in range(50)]
+    a = {(0, i): v for i, v in zip(items, x)} | {(1, i): v for i, v in zip(items, y)}
+    # b: the same scores as a, listed in another item order: every (seed, item) difference is 0
+    b = {(s, i): a[(s, i)] for s, i in sorted(a, key=lambda key: key[1][::-1])}
+    d = paired_difference(a, b)
+    assert (d["mean"], d["ci_low"], d["ci_high"], d["better"], d["worse"]) == (0.0, 0.0, 0.0, 0, 0)
+    # c: a's scores with the seeds swapped. Paired by item only (averaged over seeds) the two would be
+    # identical; paired by item and seed they differ, though not on average
+    c = {(1 - s, i): v for (s, i), v in a.items()}
+    d = paired_difference(a, c)
+    assert d["mean"] == pytest.approx(0.0) and d["ci_high"] - d["ci_low"] > 0.05 and d["better"] == d["worse"] > 0
+    # one item better by a point on every seed: the paired interval is far narrower than either method's
+    better = dict(a) | {(s, "i2"): 1.0 for s in (0, 1)}  # i2 scored 0 on both seeds
+    d = paired_difference(better, a)
+    assert d["mean"] == pytest.approx(1 / 50) and d["ci_high"] - d["ci_low"] < 0.08
+    assert bootstrap_mean(a)["ci_high"] - bootstrap_mean(a)["ci_low"] > 0.15
+    assert paired_difference(a, {(2, "i0"): 1.0}) is None  # nothing shared
 
 
 def test_bad_protocols_are_rejected(tmp_path):
@@ -88,6 +161,10 @@ def test_bad_protocols_are_rejected(tmp_path):
         Protocol.load(bad)
     with pytest.raises(MetatunerError, match="protocol file not found"):
         Protocol.load(tmp_path / "nope.yaml")
+    bad.write_text(yaml.safe_dump({"tasks": ["arithmetic", "gsm8k"], "seeds": [0], "methods": {"zero-shot": {}},
+                                   "common": {"eval.splits": ["test", "test_shift"]}}))
+    with pytest.raises(MetatunerError, match="unknown split 'test_shift' of task 'gsm8k'; available: train, test$"):
+        Protocol.load(bad)
 
 
 @pytest.mark.parametrize("name", ["cpu", "gpu"])
@@ -161,19 +238,24 @@ def test_workers_run_every_cell_exactly_once(protocol_file, tmp_path):
 def test_paired_difference_is_over_shared_items_and_seeds():
     from metatuner.bench.report import paired_difference
 
-    def row(method, seed, scores, ids=None):
-        return {"task": "t", "method": method, "seed": seed, "primary_metric": "acc", "score": sum(scores) / len(scores),
-                "item_ids": ids or [f"i{k}" for k in range(len(scores))], "item_scores": scores}
-
     rows = [row("metatuner-j", 0, [1, 1, 1, 0]), row("metatuner-j", 1, [1, 1, 0, 0]),
             row("sft", 0, [1, 0, 0, 0]), row("sft", 1, [1, 0, 0, 0], ["i0", "i1", "i2", "other"])]
     d = paired_difference(rows, "metatuner-j", "sft", "t")
-    # per item, averaged over the seeds both have: i0 0, i1 1, i2 (1 + 0) / 2, i3 (seed 0 only) 0
-    assert d["n"] == 4 and d["mean"] == pytest.approx(0.375)
-    assert (d["better"], d["worse"]) == (2, 0) and d["ci_low"] < d["mean"] < d["ci_high"]
+    # the (seed, item) cells both scored: seed 0 i0-i3 (0, 1, 1, 0), seed 1 i0-i2 (0, 1, 0)
+    assert d["n"] == 4 and d["mean"] == pytest.approx(3 / 7)
+    assert (d["better"], d["worse"]) == (3, 0) and d["ci_low"] < d["mean"] < d["ci_high"]
     text = table(rows)
-    assert "Paired difference, metatuner-j minus each method" in text and "| sft | +37.5 [" in text
+    assert "Paired difference, metatuner-j minus each method" in text and "| sft | +42.9 [" in text
     assert paired_difference(rows, "metatuner-j", "nobody", "t") is None
+
+
+def test_per_family_table_for_tasks_whose_items_have_families():
+    fam = ["x", "y", "x", "y"]
+    rows = [row("sft", 0, [1, 0, 1, 0], families=fam), row("sft", 1, [1, 1, 1, 0], families=fam)]
+    text = table(rows)
+    assert "Per family on t (%, mean over seeds [95% bootstrap interval]):" in text
+    assert "| sft | 100.0 [100.0, 100.0] | 25.0 [" in text
+    assert "Per family" not in table([row("sft", 0, [1, 0])])
 
 
 def fake_grid(tmp_path, logs):
@@ -200,7 +282,7 @@ def eval_record(step, **kw):
 
 
 def test_report_shows_the_last_validations_diagnostics_mean_over_seeds(tmp_path):
-    from metatuner.bench.report import diagnostics
+    from metatuner.bench.logs import diagnostics
 
     loss = {"phase": "joint", "step": 1, "task_loss": 1.0}
     out = fake_grid(tmp_path, {
@@ -226,13 +308,14 @@ def test_report_shows_the_last_validations_diagnostics_mean_over_seeds(tmp_path)
     assert "| metatuner-j | t | 3 | 0.3 | 50.0 | 15.0 | 25.0 | initial x2 |" in text
     assert "| metatuner | t | 2 | - | - | - | - | generated x1, initial x1 |" in text
     assert "| sft | t |" not in text and "| zero-shot | t |" not in text
+    assert "- metatuner-j: prompts = p~ 50.0%, ΔW spread 0.3 on t (2 runs)" in text
     diag = diagnostics(json.loads((out / "results.json").read_text()), out)
     assert set(diag) == {("metatuner-j", "t"), ("metatuner", "t")} and diag[("metatuner-j", "t")]["runs"] == 2
     assert {p.name for p in plots} >= {"bar-t.png", "curves-t.png", "curves-val-t.png"}
 
 
 def test_read_log_skips_torn_and_non_json_lines(tmp_path):
-    from metatuner.bench.report import read_log
+    from metatuner.bench.logs import read_log
 
     path = tmp_path / "log.jsonl"
     path.write_text('{"phase": "eval", "step": 1}\nnot json\n[1, 2]\n\n{"phase": "joint", "step": 2}\n{"phase": "ev')
@@ -248,3 +331,69 @@ def test_report_without_diagnostics_has_no_section_and_no_validation_curves(tmp_
     assert "MetaTuner diagnostics" not in md.read_text()
     assert md.read_text().strip() == table(json.loads((out / "results.json").read_text())).strip()
     assert "curves-val-t.png" not in {p.name for p in plots}
+
+
+def test_one_diagnostic_line_per_method_that_has_one(tmp_path):
+    from metatuner.bench.report import method_lines
+
+    def fitted(method, seed, predictor, task="t"):
+        return row(method, seed, [1, 0]) | {"task": task, "predictor": predictor}
+
+    dpo = lambda gold, pairs: {"predictor": "DPOPredictor", "training": {"gold_fallback": gold, "pairs": pairs}}  # noqa: E731
+    steps = [{"step": 0, "kind": "initial"}, {"step": 1, "kind": "p"}, {"step": 2, "kind": "w"}]
+    rows = [fitted("zero-shot", 0, {"predictor": "LMPredictor"}),
+            fitted("dpo", 0, dpo(30, 40)), fitted("dpo", 1, dpo(10, 40)),
+            fitted("dpo", 0, dpo(30, 40), "t@test_shift"),  # the same fit scored on another split: counted once
+            fitted("bettertogether", 0, {"chosen_step": 0, "chosen_kind": "initial", "steps": steps}),
+            fitted("bettertogether", 1, {"chosen_step": 2, "steps": steps})]  # older rows: kind from the steps
+    lines = method_lines(rows, tmp_path)
+    assert lines[0].startswith("Method diagnostics")
+    assert "- dpo: gold-answer fallback in 40/80 pairs (50.0%) on t" in lines
+    assert "- bettertogether: returned step 0 (initial) x1, step 2 (w) x1 on t" in lines
+    assert not any("zero-shot" in line for line in lines)
+    assert method_lines([fitted("zero-shot", 0, {})], tmp_path) == []
+
+
+def test_a_cell_is_fitted_once_and_scored_on_every_test_split(tmp_path, tiny_model_dir, monkeypatch):
+    import metatuner.recipes as recipes
+    from metatuner.methods.trained import SFT
+
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({
+        "tasks": ["arithmetic"], "seeds": [0], "methods": {"zero-shot": {}, "sft": {"train.steps": 1}},
+        "common": {"model": {"name": str(tiny_model_dir)}, "eval": {"limit": 3, "max_new_tokens": 4,
+                   "splits": ["test", "test_shift"]}, "data": {"train_limit": 4}, "train": {"batch_size": 2}},
+    }, sort_keys=False))
+    fits = []
+    fit = SFT.fit
+    monkeypatch.setattr(SFT, "fit", lambda self, *a: fits.append(1) or fit(self, *a))
+    out = tmp_path / "grid"
+    rows = run_grid(Protocol.load(path), out)
+    assert fits == [1]  # sft trained once for both splits
+    assert [(r["method"], r["task"], r["split"]) for r in rows] == [
+        ("zero-shot", "arithmetic", "test"), ("zero-shot", "arithmetic@test_shift", "test_shift"),
+        ("sft", "arithmetic", "test"), ("sft", "arithmetic@test_shift", "test_shift")]
+    shifted = next(r for r in rows if r["method"] == "sft" and r["split"] == "test_shift")
+    assert shifted["item_ids"] == [f"arithmetic-test_shift-{k}" for k in range(3)]
+    assert shifted["train_log"] == "cells/arithmetic--sft--seed0-train/log.jsonl" and shifted["fit_seconds"] > 0
+    assert (out / "cells" / "arithmetic--sft--seed0@test_shift" / "summary.json").is_file()
+    md, _ = report(out)
+    assert "| method | arithmetic (exact_match_flexible) | arithmetic@test_shift (exact_match_flexible) |" in md.read_text()
+
+    # a cell that stopped after writing its other split but before its own folder runs again in full
+    import shutil
+
+    shutil.rmtree(grid.cell_dir(out, "arithmetic", "sft", 0))
+    run_grid(Protocol.load(path), out)
+    assert fits == [1, 1] and len(json.loads((out / "results.json").read_text())) == 4
+    monkeypatch.setattr(recipes, "eval_method", lambda cfg, out_dir: pytest.fail("re-ran"))
+    assert len(run_grid(Protocol.load(path), out)) == 4
+
+
+def test_eval_splits_are_checked():
+    from metatuner.config import load_config
+
+    assert load_config(None, []).eval.splits == ["test"]
+    for bad, message in (("[]", "at least one split"), ("[test, test]", "each once"), ("[train]", "may not hold")):
+        with pytest.raises(MetatunerError, match=message):
+            load_config(None, [f"eval.splits={bad}"])

@@ -10,12 +10,20 @@ progress. After every cell ``results.json`` is rebuilt from all finished cells.
 Several grid processes may work on one folder at once (``--workers N`` starts them; separate
 invocations work too): a process claims a cell with a file created exclusively under ``claims/``
 holding its pid, skips cells another live process holds, and takes over claims of processes that died.
+
+Several test splits (``eval.splits``, e.g. ``[test, test_shift]`` for the built-in tasks' template-shift
+test): a cell fits its method once and scores it on each split; the first split's results are the cell's
+folder, each other split's go beside it (``<cell>@test_shift``) and are written before it, so a cell is
+done when its folder is. In ``results.json`` each split is a row of its own, under the task name
+``<task>@<split>`` (the first split ``test`` keeps the plain task name), so the report shows
+``arithmetic`` and ``arithmetic@test_shift`` as columns side by side, each paired by item and seed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,6 +38,7 @@ import yaml
 from metatuner.config import RunConfig, from_dict, merge, parse_overrides
 from metatuner.errors import MetatunerError
 from metatuner.files import write_text_atomic
+from metatuner.tasks import get_task
 
 SHIPPED_BENCH = Path(__file__).resolve().parent.parent / "configs" / "bench"
 
@@ -67,8 +76,11 @@ class Protocol:
             methods={k: dict(v or {}) for k, v in data["methods"].items()},
             common=dict(data.get("common") or {}), per_task={k: dict(v or {}) for k, v in (data.get("per_task") or {}).items()},
         )
-        for cell in protocol.cells():
-            protocol.config(*cell)  # every cell's config must be valid before any work starts
+        for cell in protocol.cells():  # every cell's config and test splits must be valid before any work starts
+            cfg = protocol.config(*cell)
+            task = get_task(cfg.data.task)
+            for split in cfg.eval.splits:
+                task.check_split(split)
         return protocol
 
     def cells(self, only: list[str] | None = None) -> list[tuple[str, str, int]]:
@@ -172,17 +184,21 @@ def run_grid(protocol: Protocol, out: Path, data_dir: str | None = None, only: l
         if (folder / "summary.json").is_file():  # finished by another process just before the claim
             release(out, folder)
             continue
+        for stale in folder.parent.glob(f"{folder.name}@*"):  # other splits of an attempt that did not finish
+            shutil.rmtree(stale)
         cfg = protocol.config(task, method, seed)
         if data_dir:
             cfg.data.data_dir = data_dir
         print(f"[{i}/{len(cells)}] {task} {method} seed {seed} ...", flush=True)
         start = time.perf_counter()
         try:
-            result = eval_method(cfg, folder)
+            results = eval_method(cfg, folder)
             total = time.perf_counter() - start
+            scoring = sum(r.seconds for r in results)
             (folder / "cell.json").write_text(json.dumps(
-                {"total_seconds": total, "fit_seconds": total - result.seconds, "eval_seconds": result.seconds}))
-            print(f"    {result.line()}", flush=True)
+                {"total_seconds": total, "fit_seconds": total - scoring, "eval_seconds": scoring}))
+            for result in results:
+                print(f"    {result.line()}", flush=True)
         except MetatunerError:
             raise
         except Exception as e:  # noqa: BLE001 - one failed cell must not lose the rest of the grid
@@ -238,31 +254,40 @@ def _run_workers(protocol: Protocol, out: Path, data_dir: str | None, only: list
     return collect(out)
 
 
+def task_label(task: str, split: str) -> str:
+    """A results row's task: the task name for its ``test`` split, ``<task>@<split>`` for another."""
+    return task if split == "test" else f"{task}@{split}"
+
+
 def collect(out: Path) -> list[dict]:
-    """Rebuilds ``results.json`` from every finished cell (atomically)."""
+    """Rebuilds ``results.json`` from every finished results folder of a cell, one row per split (atomically)."""
     rows = []
     for summary_path in sorted((out / "cells").glob("*/summary.json")):
         s = json.loads(summary_path.read_text())
-        _, method, seed = summary_path.parent.name.split("--")
-        task = s["task"]
-        per_item = [r["scores"][s["primary_metric"]] for r in _records(summary_path.parent)]
-        train_log = summary_path.parent.with_name(summary_path.parent.name + "-train") / "log.jsonl"
+        cell = summary_path.parent.name.split("@")[0]  # a split's folder belongs to the cell it is named after
+        _, method, seed = cell.split("--")
+        records = _records(summary_path.parent)
+        per_item = [r["scores"][s["primary_metric"]] for r in records]
+        train_log = summary_path.parent.with_name(cell + "-train") / "log.jsonl"
+        families = {"item_families": [r["family"] for r in records]} if all("family" in r for r in records) else {}
         rows.append({
-            "task": task, "method": method, "seed": int(seed.removeprefix("seed")), "n": s["n"],
+            "task": task_label(s["task"], s.get("split", "test")), "split": s.get("split", "test"),
+            "method": method, "seed": int(seed.removeprefix("seed")), "n": s["n"],
             "primary_metric": s["primary_metric"], "score": s["metrics"][s["primary_metric"]]["mean"],
             "ci_low": s["metrics"][s["primary_metric"]]["ci_low"], "ci_high": s["metrics"][s["primary_metric"]]["ci_high"],
             "metrics": s["metrics"], "eval_seconds": s["timing"]["seconds"],
-            "fit_seconds": _cell(summary_path.parent).get("fit_seconds"), "new_tokens": s["timing"]["new_tokens"],
-            "item_ids": [r["id"] for r in _records(summary_path.parent)], "item_scores": per_item,
+            "fit_seconds": _cell(summary_path.parent.with_name(cell)).get("fit_seconds"), "new_tokens": s["timing"]["new_tokens"],
+            "item_ids": [r["id"] for r in records], "item_scores": per_item, **families,
             "train_log": str(train_log.relative_to(out)) if train_log.is_file() else None,
             "predictor": s.get("predictor", {}), "environment": s.get("environment", {}),
         })
     saved = out / "protocol.yaml"
-    if saved.is_file():  # the table follows the protocol's order of tasks and methods
+    if saved.is_file():  # the table follows the protocol's order of tasks and methods, a task's test split first
         spec = yaml.safe_load(saved.read_text())
         task_rank = {t: i for i, t in enumerate(spec["tasks"])}
         method_rank = {m: i for i, m in enumerate(spec["methods"])}
-        rows.sort(key=lambda r: (method_rank.get(r["method"], 99), task_rank.get(r["task"], 99), r["seed"]))
+        rows.sort(key=lambda r: (method_rank.get(r["method"], 99), task_rank.get(r["task"].split("@")[0], 99),
+                                 r["split"] != "test", r["split"], r["seed"]))
     write_text_atomic(out / "results.json", json.dumps(rows, indent=1))
     return rows
 

@@ -1,291 +1,212 @@
 """The grid's report, rebuilt from ``results.json`` alone: a Markdown table and PNG plots.
 
-Per method and task the table gives the primary metric's mean over seeds and a 95% confidence interval
-over test items (each item's score averaged over seeds first, so the interval reflects the finite test
-set, which dominates the noise here), then the average over tasks and the relative gain of that
-average over BetterTogether, as the paper reports. Below it, MetaTuner-J's paired difference from every
-other method per task: the same test items and seeds scored by both, so item difficulty cancels and the
-interval is much narrower than the two unpaired ones suggest. Then, where trained runs logged them,
-MetaTuner's collapse diagnostics at their last validation (see ``metatuner.training.diagnostics``).
-Plots: one bar chart per task (with the intervals), the training curves (loss by step) of the trained
-methods and, where runs validated at several steps, the validation score by step.
+Statistics: one interval method everywhere, the bootstrap over training seeds and test items of
+:mod:`metatuner.bench.stats` (2000 resamples, fixed RNG seed), for each method's mean and for
+differences, which are paired by item and seed. (A single run's ``summary.json`` keeps the harness's
+Wilson/normal interval over items: it has one seed.)
+
+``results.md`` holds, in order:
+
+- the results table: per method and task the primary metric's mean over seeds, its 95% bootstrap
+  interval and the spread across seeds (lowest and highest per-seed score), then the average over tasks;
+- the relative gain over BetterTogether, as the paper reports it, in a column per task where
+  BetterTogether is above zero-shot with a paired interval that excludes zero, and a line saying why
+  for every task where it is not (a gain over a reference no better than zero-shot says little);
+- MetaTuner-J's paired difference from every other method per task;
+- per family, for tasks whose items carry one (``mixture``);
+- one line per method that has a diagnostic: DPO's share of pairs with a gold-answer fallback,
+  which program step BetterTogether returned, MetaTuner's share of prompts equal to p~ and its ΔW
+  spread between queries; then MetaTuner's full diagnostics table (:mod:`metatuner.bench.logs`).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from metatuner.bench.grid import file_name
-from metatuner.evaluation.harness import confidence_interval, normal_interval
+from metatuner.bench import stats
+from metatuner.bench.logs import diagnostics, diagnostics_table
+from metatuner.bench.plots import plot
 
 REFERENCE = "bettertogether"
+BASELINE = "zero-shot"
 FOCUS = "metatuner-j"  # the method the paired differences are about
-# eval-record key -> (column, format of the mean over seeds); plus "gate", a string, counted
-DIAGNOSTICS = {
-    "delta_norm": ("ΔW norm", lambda v: f"{v:.3g}"),
-    "delta_spread": ("ΔW spread", lambda v: f"{v:.3g}"),
-    "prompt_equal_initial": ("prompts = p~ (%)", lambda v: f"{100 * v:.1f}"),
-    "prompt_words": ("prompt words", lambda v: f"{v:.1f}"),
-    "prompt_cut": ("cut at cap (%)", lambda v: f"{100 * v:.1f}"),
-}
 
 
-def aggregate(rows: list[dict]) -> dict[tuple[str, str], dict]:
-    """(method, task) -> {mean, ci_low, ci_high, seeds, n, metric} over the seeds present."""
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for r in rows:
-        groups[(r["method"], r["task"])].append(r)
+def scores(rows: list[dict], method: str, task: str, family: str | None = None) -> stats.Scores:
+    """``{(seed, item): score}`` of one method on one task (only the items of ``family`` when given)."""
     out = {}
-    for key, cells in groups.items():
-        per_item: dict[str, list[float]] = defaultdict(list)
-        for c in cells:
-            for item, score in zip(c["item_ids"], c["item_scores"]):
-                per_item[item].append(score)
-        item_means = [sum(v) / len(v) for v in per_item.values()]
-        lo, hi = confidence_interval(item_means)
-        out[key] = {
-            "mean": sum(c["score"] for c in cells) / len(cells), "ci_low": lo, "ci_high": hi,
-            "seeds": sorted(c["seed"] for c in cells), "n": len(item_means), "metric": cells[0]["primary_metric"],
-        }
+    for r in rows:
+        if r["method"] == method and r["task"] == task:
+            families = r.get("item_families") or [None] * len(r["item_ids"])
+            out |= {(r["seed"], i): s for i, s, f in zip(r["item_ids"], r["item_scores"], families)
+                    if family is None or f == family}
     return out
 
 
-def table(rows: list[dict]) -> str:
-    agg = aggregate(rows)
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
-    lines = [
-        "| method | " + " | ".join(f"{t} ({agg[next(k for k in agg if k[1] == t)]['metric']})" for t in tasks)
-        + " | average | vs " + REFERENCE + " |",
-        "|---|" + "---|" * (len(tasks) + 2),
-    ]
-    averages = {}
-    for m in methods:
-        cells = [agg.get((m, t)) for t in tasks]
-        if all(cells):
-            averages[m] = sum(c["mean"] for c in cells) / len(cells)
-    ref = averages.get(REFERENCE)
-    for m in methods:
-        row = [m]
-        for t in tasks:
-            c = agg.get((m, t))
-            row.append("-" if c is None else f"{100 * c['mean']:.1f} [{100 * c['ci_low']:.1f}, {100 * c['ci_high']:.1f}]")
-        avg = averages.get(m)
-        row.append("-" if avg is None else f"{100 * avg:.1f}")
-        gain = "-" if avg is None or not ref else f"{100 * (avg - ref) / ref:+.1f}%"
-        row.append(gain)
-        lines.append("| " + " | ".join(row) + " |")
-    seeds = sorted({r["seed"] for r in rows})
-    ns = sorted({c["n"] for c in agg.values()})
-    lines.append("")
-    lines.append(f"Scores in %, mean over seeds {seeds}; 95% CI over test items (n = {', '.join(map(str, ns))} per cell).")
-    lines += _paired_table(rows, methods, tasks)
-    return "\n".join(lines)
+def aggregate(rows: list[dict]) -> dict[tuple[str, str], dict]:
+    """(method, task) -> the bootstrap estimate of :func:`stats.bootstrap_mean` (mean, ci_low, ci_high,
+    n, seeds, per_seed), plus the task's ``metric``."""
+    out = {}
+    for method, task in dict.fromkeys((r["method"], r["task"]) for r in rows):
+        metric = next(r["primary_metric"] for r in rows if r["task"] == task)
+        out[(method, task)] = stats.bootstrap_mean(scores(rows, method, task)) | {"metric": metric}
+    return out
 
 
 def paired_difference(rows: list[dict], method: str, other: str, task: str) -> dict | None:
-    """``method`` minus ``other`` on ``task``, paired by test item and seed: each item's difference is
-    averaged over the seeds both have, then the mean over items gets a normal 95% interval. None when
-    they share no scored item."""
-    def scores(m: str) -> dict[tuple[int, str], float]:
-        return {(r["seed"], i): s for r in rows if r["method"] == m and r["task"] == task
-                for i, s in zip(r["item_ids"], r["item_scores"])}
+    """``method`` minus ``other`` on ``task``, paired by test item and seed, with the bootstrap interval
+    over seeds and items (:func:`stats.paired_difference`); None when they share no scored item."""
+    return stats.paired_difference(scores(rows, method, task), scores(rows, other, task))
 
-    a, b = scores(method), scores(other)
-    per_item: dict[str, list[float]] = defaultdict(list)
-    for key in a.keys() & b.keys():
-        per_item[key[1]].append(a[key] - b[key])
-    diffs = [sum(v) / len(v) for v in per_item.values()]
-    if not diffs:
-        return None
-    lo, hi = normal_interval(diffs)
-    return {"mean": sum(diffs) / len(diffs), "ci_low": lo, "ci_high": hi, "n": len(diffs),
-            "better": sum(d > 0 for d in diffs), "worse": sum(d < 0 for d in diffs)}
+
+def _pct(est: dict) -> str:
+    """``mean [low, high]`` in %, plus ``(min-max)`` over seeds where there are several."""
+    text = f"{100 * est['mean']:.1f} [{100 * est['ci_low']:.1f}, {100 * est['ci_high']:.1f}]"
+    per_seed = est["per_seed"].values()
+    return text + (f" ({100 * min(per_seed):.1f}-{100 * max(per_seed):.1f})" if len(per_seed) > 1 else "")
+
+
+def _points(d: dict) -> str:
+    return f"{100 * d['mean']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
+
+
+def gain_tasks(rows: list[dict], tasks: list[str]) -> tuple[list[str], list[str]]:
+    """(tasks where BetterTogether is above zero-shot with a paired interval that excludes zero, one line
+    per other task saying why the relative gain over it is not shown there)."""
+    methods = {r["method"] for r in rows}
+    if REFERENCE not in methods:
+        return [], [f"Relative gain over {REFERENCE}: not shown, {REFERENCE} is not in this grid."]
+    shown, why = [], []
+    for t in tasks:
+        ref, base = scores(rows, REFERENCE, t), scores(rows, BASELINE, t)
+        d = stats.paired_difference(ref, base) if ref and base else None
+        if d is not None and d["ci_low"] > 0:
+            shown.append(t)
+        elif not ref:
+            why.append(f"- {t}: {REFERENCE} has no finished cell.")
+        elif d is None:
+            why.append(f"- {t}: no {BASELINE} cells on the same items to show that {REFERENCE} beats it.")
+        else:
+            why.append(f"- {t}: {REFERENCE} is not above {BASELINE} with an interval that excludes zero "
+                       f"(paired difference {_points(d)} points).")
+    if why:
+        why.insert(0, f"Relative gain over {REFERENCE} not shown for:")
+    return shown, why
+
+
+def table(rows: list[dict]) -> str:
+    """The Markdown tables of ``results.md`` (everything but the sections read from training logs)."""
+    agg = aggregate(rows)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    means = {m: {t: agg[(m, t)]["mean"] for t in tasks if (m, t) in agg} for m in methods}
+    averages = {m: sum(v.values()) / len(tasks) for m, v in means.items() if len(v) == len(tasks)}
+    shown, why = gain_tasks(rows, tasks)
+    gain_cols = [(t, {m: v.get(t) for m, v in means.items()}) for t in shown]  # (column, method -> score)
+    if len(tasks) > 1 and len(shown) == len(tasks):
+        gain_cols.append(("average", averages))
+    lines = [
+        "| method | " + " | ".join(f"{t} ({next(a['metric'] for k, a in agg.items() if k[1] == t)})" for t in tasks)
+        + " | average |" + "".join(f" gain vs {REFERENCE} ({name}) |" for name, _ in gain_cols),
+        "|---|" + "---|" * (len(tasks) + 1 + len(gain_cols)),
+    ]
+    for m in methods:
+        row = [m] + ["-" if (m, t) not in agg else _pct(agg[(m, t)]) for t in tasks]
+        row.append("-" if m not in averages else f"{100 * averages[m]:.1f}")
+        for _, values in gain_cols:
+            v, ref = values.get(m), values.get(REFERENCE)
+            row.append("-" if v is None or not ref else f"{100 * (v - ref) / ref:+.1f}%")
+        lines.append("| " + " | ".join(row) + " |")
+    seeds = sorted({r["seed"] for r in rows})
+    ns = sorted({a["n"] for a in agg.values()})
+    lines += ["", f"Scores in %: mean over seeds {seeds} [95% bootstrap interval over training seeds and test "
+              f"items, {stats.RESAMPLES} resamples] (lowest-highest per-seed score); n = {', '.join(map(str, ns))} "
+              "test items per cell."]
+    if why:
+        lines += [""] + why
+    return "\n".join(lines + _paired_table(rows, methods, tasks) + _family_tables(rows, methods, tasks))
 
 
 def _paired_table(rows: list[dict], methods: list[str], tasks: list[str]) -> list[str]:
     if FOCUS not in methods:
         return []
-    lines = ["", f"Paired difference, {FOCUS} minus each method (points; 95% CI over test items, paired by item "
-             "and seed; * where the interval excludes 0; items better/worse):", "",
-             "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    lines = ["", f"Paired difference, {FOCUS} minus each method (points; 95% bootstrap interval over seeds and "
+             "items, paired by item and seed; * where the interval excludes 0; (seed, item) pairs better/worse):",
+             "", "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for m in methods:
         if m == FOCUS:
             continue
         row = [m]
         for t in tasks:
             d = paired_difference(rows, FOCUS, m, t)
-            if d is None:
-                row.append("-")
-                continue
-            star = "*" if d["ci_low"] > 0 or d["ci_high"] < 0 else ""
-            row.append(f"{100 * d['mean']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]{star} "
-                       f"{d['better']}/{d['worse']}")
+            star = "*" if d is not None and stats.excludes_zero(d) else ""
+            row.append("-" if d is None else f"{_points(d)}{star} {d['better']}/{d['worse']}")
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
 
-def read_log(path: Path) -> list[dict]:
-    """The records of a training ``log.jsonl``, in order; [] when the file is missing. A line that is not
-    a JSON object (the torn last line of a run killed mid-write, or still writing) is skipped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
+def _family_tables(rows: list[dict], methods: list[str], tasks: list[str]) -> list[str]:
+    """Per task whose items carry a family: method x family, mean [95% bootstrap interval] in %."""
+    lines = []
+    for t in tasks:
+        families = list(dict.fromkeys(f for r in rows if r["task"] == t for f in r.get("item_families") or []))
+        if not families:
             continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+        lines += ["", f"Per family on {t} (%, mean over seeds [95% bootstrap interval]):", "",
+                  "| method | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
+        for m in methods:
+            cells = []
+            for f in families:
+                s = scores(rows, m, t, f)
+                est = stats.bootstrap_mean(s) if s else None
+                cells.append("-" if est is None else f"{100 * est['mean']:.1f} [{100 * est['ci_low']:.1f}, "
+                             f"{100 * est['ci_high']:.1f}]")
+            if any(c != "-" for c in cells):
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
 
 
-def _evals(rows: list[dict], root: Path) -> list[tuple[dict, list[dict]]]:
-    """(row, its training log's ``phase: eval`` records) for every trained cell that has some."""
-    out = []
-    for r in rows:
-        if r.get("train_log"):
-            evals = [x for x in read_log(root / r["train_log"]) if x.get("phase") == "eval"]
-            if evals:
-                out.append((r, evals))
-    return out
-
-
-def _number(v) -> float | None:
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    return float(v) if ok else None
-
-
-def diagnostics(rows: list[dict], root: Path) -> dict[tuple[str, str], dict]:
-    """(method, task) -> {key: mean over seeds of its value at the run's last validation that logged any
-    diagnostic (None where no seed has it), "gate": Counter of gate values, "runs": how many runs}."""
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for r, evals in _evals(rows, root):
-        logged = [x for x in evals if "gate" in x or any(k in x for k in DIAGNOSTICS)]
-        if logged:
-            groups[(r["method"], r["task"])].append(logged[-1])
-    out = {}
-    for key, lasts in groups.items():
-        cell: dict = {"runs": len(lasts), "gate": Counter(str(x["gate"]) for x in lasts if "gate" in x)}
-        for k in DIAGNOSTICS:
-            values = [v for v in (_number(x.get(k)) for x in lasts) if v is not None]
-            cell[k] = sum(values) / len(values) if values else None
-        out[key] = cell
-    return out
-
-
-def diagnostics_table(rows: list[dict], root: Path) -> str:
-    """The Markdown section of :func:`diagnostics`, or "" when no run logged any."""
+def method_lines(rows: list[dict], root: Path) -> list[str]:
+    """One line per method that has a diagnostic: DPO's gold-answer fallbacks, the program step
+    BetterTogether returned, MetaTuner's share of prompts equal to p~ and ΔW spread between queries."""
+    runs: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    seen = set()
+    for r in rows:  # one fit per (method, task, seed): a cell's test splits share its predictor
+        base = r["task"].split("@")[0]
+        if (r["method"], base, r["seed"]) not in seen:
+            seen.add((r["method"], base, r["seed"]))
+            runs[r["method"]][base].append(r.get("predictor") or {})
     diag = diagnostics(rows, root)
-    if not diag:
-        return ""
-    lines = ["MetaTuner diagnostics (last validation of each run, mean over seeds; '-' where none logged it):", "",
-             "| method | task | " + " | ".join(c for c, _ in DIAGNOSTICS.values()) + " | gate |",
-             "|---|---|" + "---|" * (len(DIAGNOSTICS) + 1)]
-    for (m, t), cell in diag.items():
-        values = ["-" if cell[k] is None else fmt(cell[k]) for k, (_, fmt) in DIAGNOSTICS.items()]
-        gate = ", ".join(f"{g} x{n}" for g, n in sorted(cell["gate"].items())) or "-"
-        lines.append(f"| {m} | {t} | " + " | ".join(values) + f" | {gate} |")
-    return "\n".join(lines)
+    lines = []
+    for m, per_task in runs.items():
+        parts = []
+        for t, preds in per_task.items():
+            dpo = [p["training"] for p in preds if "gold_fallback" in (p.get("training") or {})]
+            steps = [_chosen(p) for p in preds if "chosen_step" in p]
+            if dpo:
+                gold, pairs = sum(x["gold_fallback"] for x in dpo), sum(x["pairs"] for x in dpo)
+                parts.append(f"gold-answer fallback in {gold}/{pairs} pairs ({100 * gold / max(pairs, 1):.1f}%) on {t}")
+            if steps:
+                counted = ", ".join(f"{s} x{n}" for s, n in sorted(Counter(steps).items()))
+                parts.append(f"returned {counted} on {t}")
+        for (dm, t), cell in diag.items():
+            if dm == m and (cell["prompt_equal_initial"] is not None or cell["delta_spread"] is not None):
+                equal, spread = cell["prompt_equal_initial"], cell["delta_spread"]
+                parts.append(f"prompts = p~ {'-' if equal is None else f'{100 * equal:.1f}%'}, ΔW spread "
+                             f"{'-' if spread is None else f'{spread:.3g}'} on {t} ({cell['runs']} runs)")
+        if parts:
+            lines.append(f"- {m}: " + "; ".join(parts))
+    return ["Method diagnostics (one line per method that has one):", ""] + lines if lines else []
 
 
-def plot(rows: list[dict], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    agg = aggregate(rows)
-    written = []
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    for task in dict.fromkeys(r["task"] for r in rows):
-        ms = [m for m in methods if (m, task) in agg]
-        means = [100 * agg[(m, task)]["mean"] for m in ms]
-        err = [[100 * (agg[(m, task)]["mean"] - agg[(m, task)]["ci_low"]) for m in ms],
-               [100 * (agg[(m, task)]["ci_high"] - agg[(m, task)]["mean"]) for m in ms]]
-        fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(ms) + 1), 3.5))
-        ax.bar(range(len(ms)), means, yerr=err, capsize=3, color="#4c72b0")
-        ax.set_xticks(range(len(ms)), ms, rotation=35, ha="right")
-        ax.set_ylabel(f"{agg[(ms[0], task)]['metric']} (%)")
-        ax.set_title(f"{task}: mean over seeds, 95% CI")
-        fig.tight_layout()
-        path = out / f"bar-{file_name(task)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    written += _curves(rows, out, plt)
-    written += _val_curves(rows, out, plt)
-    return written
-
-
-def _curves(rows: list[dict], out: Path, plt) -> list[Path]:
-    """Training loss by step for every trained cell (first seed), one figure per task."""
-    written = []
-    root = out.parent
-    for task in dict.fromkeys(r["task"] for r in rows):
-        cells = [r for r in rows if r["task"] == task and r.get("train_log") and r["seed"] == min(x["seed"] for x in rows)]
-        if not cells:
-            continue
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for c in cells:
-            log = read_log(root / c["train_log"])
-            for key in ("task_loss", "sft_loss"):
-                pts = [(i, r[key]) for i, r in enumerate(log) if _number(r.get(key)) is not None]
-                if pts:
-                    ax.plot(*zip(*pts), label=f"{c['method']} {key}")
-        ax.set_xlabel("logged step")
-        ax.set_ylabel("loss")
-        ax.set_title(f"{task}: training curves")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"curves-{file_name(task)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-def _val_curves(rows: list[dict], out: Path, plt) -> list[Path]:
-    """Validation score by step, mean over seeds, one line per method; one figure per task where some
-    method validated at two steps or more."""
-    written = []
-    evals = _evals(rows, out.parent)
-    for task in dict.fromkeys(r["task"] for r in rows):
-        curves: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-        names = set()
-        for r, records in evals:
-            if r["task"] != task:
-                continue
-            run: dict[int, float] = {}  # step -> score; a step validated twice (a resumed run): the last
-            for x in records:  # the primary metric's val_ key, else the first numeric val_ key
-                keys = sorted((k for k in x if k.startswith("val_") and _number(x[k]) is not None),
-                              key=lambda k: k != f"val_{r['primary_metric']}")
-                if keys and _number(x.get("step")) is not None:
-                    run[int(x["step"])] = _number(x[keys[0]])
-                    names.add(keys[0])
-            for step, score in run.items():
-                curves[r["method"]][step].append(score)
-        if not any(len(steps) > 1 for steps in curves.values()):
-            continue
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for method, steps in curves.items():
-            pts = sorted((s, 100 * sum(v) / len(v)) for s, v in steps.items())
-            ax.plot(*zip(*pts), marker="o", markersize=3, label=method)
-        ax.set_xlabel("step")
-        ax.set_ylabel(f"{', '.join(sorted(names))} (%)")
-        ax.set_title(f"{task}: validation score, mean over seeds")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"curves-val-{file_name(task)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    return written
+def _chosen(predictor: dict) -> str:
+    """BetterTogether's returned program as ``step N (kind)``: kind is initial, p or w."""
+    step = predictor["chosen_step"]
+    kind = predictor.get("chosen_kind") or next(
+        (s.get("kind") for s in predictor.get("steps", []) if s.get("step") == step), "?")
+    return f"step {step} ({kind})"
 
 
 def report(run_dir: Path) -> tuple[Path, list[Path]]:
@@ -298,7 +219,7 @@ def report(run_dir: Path) -> tuple[Path, list[Path]]:
     rows = json.loads(path.read_text())
     if not rows:
         raise MetatunerError(f"{path} holds no finished cell yet")
+    sections = [table(rows), "\n".join(method_lines(rows, run_dir)), diagnostics_table(rows, run_dir)]
     md = run_dir / "results.md"
-    section = diagnostics_table(rows, run_dir)
-    md.write_text(table(rows) + ("\n\n" + section if section else "") + "\n")
-    return md, plot(rows, run_dir / "plots")
+    md.write_text("\n\n".join(s for s in sections if s) + "\n")
+    return md, plot(rows, run_dir / "plots", aggregate(rows))

@@ -16,7 +16,8 @@ A *program* is (instruction, few-shot demos, static LoRA on M or none). The stra
   demos, so the fine-tuned program answers without them (as DSPy's ``exclude_demos``).
 
 The initial program and every step's program are scored on validation (``val``, or when it is empty a
-seeded slice of train that is never fitted on) and the best is returned. A step that raises ends the
+seeded slice of train that is never fitted on) and the best is returned; the predictor's ``describe()``
+records which (``chosen_step``, and ``chosen_kind``: ``initial``, ``p`` or ``w``). A step that raises ends the
 strategy: its error is recorded and the best program so far is returned.
 """
 
@@ -116,7 +117,8 @@ class BetterTogether(Method):
                 break
             if record["val_score"] > best_score:
                 best, best_score, best_step = program, record["val_score"], i
-        details = {"strategy": cfg.strategy, "chosen_step": best_step, "steps": self.history}
+        details = {"strategy": cfg.strategy, "chosen_step": best_step, "chosen_kind": self.history[best_step]["kind"],
+                   "steps": self.history}
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "bettertogether.json").write_text(json.dumps(details, indent=2, ensure_ascii=False))
