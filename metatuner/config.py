@@ -71,8 +71,14 @@ class EvalConfig:
         "beside it as <folder>@<split> (test_shift: the built-in tasks' template-shift test)",
         factory=lambda: ["test"],
     )
+    budgets: list[int] | None = option(
+        None, "learning curve: also score a trained method at these optimizer steps of its training (warm-ups "
+        "counted), each into <folder>.b<step>; the run's own end is scored as usual"
+    )
 
     def __post_init__(self):
+        for b in self.budgets or ():
+            _at_least("eval.budgets[]", b, 0)
         if not self.splits or len(set(self.splits)) < len(self.splits):
             raise MetatunerError(f"eval.splits must name at least one split, each once; got {self.splits!r}")
         if "train" in self.splits:

@@ -6,6 +6,7 @@ the resolved config and the results. The CLI only parses arguments and calls the
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 
 from metatuner.config import RunConfig, save_config, to_dict
 from metatuner.errors import MetatunerError
+from metatuner.files import write_text_atomic
 from metatuner.evaluation.harness import EvalResult, evaluate, select
 from metatuner.methods import get_method
 from metatuner.models.loading import load_model, process_state
@@ -78,8 +80,18 @@ def eval_splits(predictor, task, cfg: RunConfig, out_dir: Path | None, progress:
     return [results[s] for s in cfg.eval.splits]
 
 
+def budget_dir(out_dir: Path, step: int) -> Path:
+    """Where a learning curve's results at optimizer step ``step`` go: beside ``out_dir``, as ``<out_dir>.b<step>``."""
+    return out_dir.with_name(f"{out_dir.name}.b{step}")
+
+
 def eval_method(cfg: RunConfig, out_dir: Path | None) -> list[EvalResult]:
-    """Fits ``cfg.method`` (zero-shot, cot, ...) once and scores it on every split of ``eval.splits``."""
+    """Fits ``cfg.method`` (zero-shot, cot, ...) once and scores it on every split of ``eval.splits``.
+
+    With ``eval.budgets`` (a learning curve) a trained method is also scored at those optimizer steps of
+    its fit, into :func:`budget_dir` folders, each with a ``budget.json`` of its step and the seconds of
+    fitting spent until then (scoring excluded); ``budget.json`` beside ``out_dir`` gives the full budget.
+    """
     method_cls = get_method(cfg.method)
     task = get_task(cfg.data.task, cfg.data.data_dir)
     for split in cfg.eval.splits:
@@ -92,7 +104,31 @@ def eval_method(cfg: RunConfig, out_dir: Path | None) -> list[EvalResult]:
     # a trained method's logs and checkpoints go beside the results folder, which appears only when complete
     train_dir = out_dir.with_name(out_dir.name + "-train") if out_dir is not None and method_cls.needs_training else None
     method = method_cls(model, tok, cfg, run_dir=train_dir)
-    return eval_splits(method.fit(task, train, val), task, cfg, out_dir)
+    start, scoring = time.perf_counter(), [0.0]
+
+    def on_budget(step: int, predictor) -> None:
+        began = time.perf_counter()
+        folder = budget_dir(out_dir, step) if out_dir is not None else None
+        results = eval_splits(predictor, task, cfg, folder, progress=False)
+        if folder is not None:
+            write_budget(folder, step, began - start - scoring[0])
+        scoring[0] += time.perf_counter() - began
+        print(f"    step {step}: " + "; ".join(r.line() for r in results), flush=True)
+
+    if cfg.eval.budgets:
+        method.on_budget, method.budgets = on_budget, {b for b in cfg.eval.budgets if b < method.budget()}
+    predictor = method.fit(task, train, val)
+    fit_seconds = time.perf_counter() - start - scoring[0]
+    results = eval_splits(predictor, task, cfg, out_dir)
+    if out_dir is not None:
+        write_budget(out_dir, method.budget(), fit_seconds)
+    return results
+
+
+def write_budget(folder: Path, step: int, fit_seconds: float) -> None:
+    """``budget.json``: the optimizer steps a results folder's predictor was trained for, and the seconds
+    of fitting (scoring of earlier learning-curve points excluded) it took to get there."""
+    write_text_atomic(folder / "budget.json", json.dumps({"steps": step, "fit_seconds": fit_seconds}))
 
 
 # ---- MetaTuner ---------------------------------------------------------------------------------

@@ -397,3 +397,35 @@ def test_eval_splits_are_checked():
     for bad, message in (("[]", "at least one split"), ("[test, test]", "each once"), ("[train]", "may not hold")):
         with pytest.raises(MetatunerError, match=message):
             load_config(None, [f"eval.splits={bad}"])
+
+
+def test_learning_curves_train_each_cell_once_and_score_every_budget(tmp_path, tiny_model_dir):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({
+        "tasks": ["arithmetic"], "seeds": [0], "methods": {
+            "zero-shot": {}, "sft": {"train.steps": 4},
+            "metatuner-j": {"method": "metatuner", "train.steps": 4, "train.actor_warmup_steps": 2,
+                            "train.generator_warmup_steps": 1, "train.generator_warmup_queries": 2},
+            "dpo": {"method": "dpo", "dpo.steps": 4, "dpo.queries": 4, "dpo.samples_per_query": 2}},
+        "common": {"model": {"name": str(tiny_model_dir)}, "eval": {"limit": 3, "max_new_tokens": 4,
+                   "budgets": [0, 2, 9]}, "data": {"train_limit": 6, "val_size": 2},
+                   "train": {"batch_size": 2, "rollouts": 2}, "generator": {"max_prompt_tokens": 4}},
+    }, sort_keys=False))
+    out = tmp_path / "grid"
+    rows = run_grid(Protocol.load(path), out)
+    assert [(r["method"], r["budget"]) for r in rows] == [("zero-shot", 0), ("sft", 4), ("metatuner-j", 4), ("dpo", 4)]
+    curves = json.loads((out / "curves.json").read_text())
+    # budget 9 is beyond every run's 4 steps: its end is scored once, as the final point
+    assert sorted((r["method"], r["budget"]) for r in curves) == sorted(
+        [("zero-shot", 0)] + [(m, b) for m in ("sft", "metatuner-j", "dpo") for b in (0, 2, 4)])
+    for method in ("sft", "metatuner-j", "dpo"):
+        seconds = [r["fit_seconds"] for r in sorted(curves, key=lambda r: r["budget"]) if r["method"] == method]
+        assert seconds == sorted(seconds) and seconds[0] < seconds[-1]  # fit time accumulates along the curve
+    assert (out / "cells" / "arithmetic--sft--seed0.b2" / "summary.json").is_file()
+    log = [json.loads(line) for line in (out / "cells" / "arithmetic--metatuner-j--seed0-train" / "log.jsonl")
+           .read_text().splitlines()]
+    assert sorted({r["step"] for r in log if r.get("gate")}) == [0, 2, 4]  # each scored point had its own gate
+    md, plots = report(out)
+    text = md.read_text()
+    assert "Learning curve, arithmetic" in text and "| method | 0 | 2 | 4 |" in text
+    assert {p.name for p in plots} >= {"learning-budget-arithmetic.png", "learning-seconds-arithmetic.png"}

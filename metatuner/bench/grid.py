@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -184,8 +185,9 @@ def run_grid(protocol: Protocol, out: Path, data_dir: str | None = None, only: l
         if (folder / "summary.json").is_file():  # finished by another process just before the claim
             release(out, folder)
             continue
-        for stale in folder.parent.glob(f"{folder.name}@*"):  # other splits of an attempt that did not finish
-            shutil.rmtree(stale)
+        for pattern in (f"{folder.name}@*", f"{folder.name}.b*"):  # other splits and learning-curve points
+            for stale in folder.parent.glob(pattern):  # of an attempt that did not finish
+                shutil.rmtree(stale)
         cfg = protocol.config(task, method, seed)
         if data_dir:
             cfg.data.data_dir = data_dir
@@ -259,12 +261,21 @@ def task_label(task: str, split: str) -> str:
     return task if split == "test" else f"{task}@{split}"
 
 
+_BUDGET = re.compile(r"^(.*)\.b(\d+)$")
+
+
 def collect(out: Path) -> list[dict]:
-    """Rebuilds ``results.json`` from every finished results folder of a cell, one row per split (atomically)."""
-    rows = []
+    """Rebuilds ``results.json`` from every finished results folder of a cell, one row per split (atomically).
+
+    Learning-curve points (``<cell>.b<step>`` folders, ``eval.budgets``) go to ``curves.json`` instead,
+    together with each cell's final point; every row carries ``budget`` (optimizer steps) and ``fit_seconds``.
+    """
+    rows, points = [], []
     for summary_path in sorted((out / "cells").glob("*/summary.json")):
         s = json.loads(summary_path.read_text())
         cell = summary_path.parent.name.split("@")[0]  # a split's folder belongs to the cell it is named after
+        point = _BUDGET.match(cell)
+        cell = point.group(1) if point else cell
         _, method, seed = cell.split("--")
         records = _records(summary_path.parent)
         per_item = [r["scores"][s["primary_metric"]] for r in records]
@@ -276,20 +287,36 @@ def collect(out: Path) -> list[dict]:
             "primary_metric": s["primary_metric"], "score": s["metrics"][s["primary_metric"]]["mean"],
             "ci_low": s["metrics"][s["primary_metric"]]["ci_low"], "ci_high": s["metrics"][s["primary_metric"]]["ci_high"],
             "metrics": s["metrics"], "eval_seconds": s["timing"]["seconds"],
-            "fit_seconds": _cell(summary_path.parent.with_name(cell)).get("fit_seconds"), "new_tokens": s["timing"]["new_tokens"],
+            "fit_seconds": _budget(summary_path.parent).get("fit_seconds", _cell(summary_path.parent.with_name(cell)).get("fit_seconds")),
+            "budget": _budget(summary_path.parent).get("steps"), "new_tokens": s["timing"]["new_tokens"],
             "item_ids": [r["id"] for r in records], "item_scores": per_item, **families,
             "train_log": str(train_log.relative_to(out)) if train_log.is_file() else None,
             "predictor": s.get("predictor", {}), "environment": s.get("environment", {}),
         })
+        if point:
+            points.append(rows.pop())
     saved = out / "protocol.yaml"
     if saved.is_file():  # the table follows the protocol's order of tasks and methods, a task's test split first
         spec = yaml.safe_load(saved.read_text())
         task_rank = {t: i for i, t in enumerate(spec["tasks"])}
         method_rank = {m: i for i, m in enumerate(spec["methods"])}
-        rows.sort(key=lambda r: (method_rank.get(r["method"], 99), task_rank.get(r["task"].split("@")[0], 99),
-                                 r["split"] != "test", r["split"], r["seed"]))
+        order = lambda r: (method_rank.get(r["method"], 99), task_rank.get(r["task"].split("@")[0], 99),  # noqa: E731
+                           r["split"] != "test", r["split"], r["seed"], r["budget"] or 0)
+        rows.sort(key=order)
+        points.sort(key=order)
     write_text_atomic(out / "results.json", json.dumps(rows, indent=1))
+    if points:
+        curves = sorted(points + [r for r in rows if r["budget"] is not None], key=lambda r: (r["method"], r["task"], r["seed"], r["budget"]))
+        write_text_atomic(out / "curves.json", json.dumps(curves, indent=1))
     return rows
+
+
+def _budget(folder: Path) -> dict[str, Any]:
+    """A results folder's ``budget.json`` (optimizer steps and fit seconds behind it), when written.
+
+    A split's folder (``<folder>@<split>``) shares the budget of the folder it is named after."""
+    path = folder.with_name(folder.name.split("@")[0]) / "budget.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _records(folder: Path) -> list[dict]:

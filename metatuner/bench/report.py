@@ -14,6 +14,7 @@ Wilson/normal interval over items: it has one seed.)
   for every task where it is not (a gain over a reference no better than zero-shot says little);
 - MetaTuner-J's paired difference from every other method per task;
 - per family, for tasks whose items carry one (``mixture``);
+- the learning curves, where the grid scored budgets (``curves.json``, :mod:`metatuner.bench.curves`);
 - one line per method that has a diagnostic: DPO's share of pairs with a gold-answer fallback,
   which program step BetterTogether returned, MetaTuner's share of prompts equal to p~ and its ΔW
   spread between queries; then MetaTuner's full diagnostics table (:mod:`metatuner.bench.logs`).
@@ -26,6 +27,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from metatuner.bench import stats
+from metatuner.bench.curves import curves_table, load_points, plot_curves
 from metatuner.bench.logs import diagnostics, diagnostics_table
 from metatuner.bench.plots import plot
 
@@ -219,7 +221,9 @@ def report(run_dir: Path) -> tuple[Path, list[Path]]:
     rows = json.loads(path.read_text())
     if not rows:
         raise MetatunerError(f"{path} holds no finished cell yet")
-    sections = [table(rows), "\n".join(method_lines(rows, run_dir)), diagnostics_table(rows, run_dir)]
+    points = load_points(run_dir)
+    sections = [table(rows), curves_table(points), "\n".join(method_lines(rows, run_dir)),
+                diagnostics_table(rows, run_dir)]
     md = run_dir / "results.md"
     md.write_text("\n\n".join(s for s in sections if s) + "\n")
-    return md, plot(rows, run_dir / "plots", aggregate(rows))
+    return md, plot(rows, run_dir / "plots", aggregate(rows)) + plot_curves(points, run_dir / "plots")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from metatuner.evaluation.predictors import Predictor
 from metatuner.registry import Registry
@@ -23,10 +23,23 @@ class Method(ABC):
         self.tokenizer = tokenizer
         self.config = config
         self.run_dir = run_dir  # where training logs and checkpoints go (None: nowhere)
+        #: learning curves: called as ``on_budget(step, predictor)`` at each step of ``budgets`` during ``fit``
+        self.on_budget: Callable[[int, Predictor], None] | None = None
+        self.budgets: set[int] = set()
 
     @abstractmethod
     def fit(self, task: Task, train: list[Example], val: list[Example]) -> Predictor:
         """Returns the predictor this method produces for ``task``."""
+
+    def budget(self) -> int:
+        """The optimizer steps ``fit`` takes in all (0 for methods that do not train)."""
+        return 0
+
+    def at_step(self, step: int, predictor: Callable[[], Predictor]) -> None:
+        """Trained methods call this after each optimizer step (and with 0 before the first): at a step of
+        ``budgets`` the predictor the method would return now is handed to ``on_budget``."""
+        if self.on_budget is not None and step in self.budgets:
+            self.on_budget(step, predictor())
 
 
 METHODS: Registry[type[Method]] = Registry("method")

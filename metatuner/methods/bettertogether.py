@@ -196,6 +196,12 @@ class BetterTogether(Method):
         record["search"] = [{"instruction": i, "score": s} for i, s in history]
         return replace(program, instruction=best_of(history)[0])
 
+    def budget(self) -> int:
+        """Optimizer steps of all its w steps (its prompt steps take none)."""
+        rc = self.config if isinstance(self.config, RunConfig) else RunConfig()
+        cfg = rc.bettertogether
+        return parse_strategy(cfg.strategy).count("w") * (cfg.w_steps or rc.train.steps)
+
     def weight_step(self, program: Program, step: int, record: dict[str, Any]) -> Program:
         """A fresh static LoRA on M, SFT on (instruction, x) -> the program's own correct outputs."""
         from metatuner.models.metatuner import MetaTuner

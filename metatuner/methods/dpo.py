@@ -86,13 +86,15 @@ def preference_pairs(model, tokenizer, task: Task, examples: list[Example], cfg:
 
 
 def train_dpo(model, tokenizer, pairs: list[Pair], cfg: DPOMethodConfig, lr_schedule: str, warmup_steps: int,
-              seed: int = 0, out_dir: Path | None = None) -> tuple[Any, dict[str, Any]]:
+              seed: int = 0, out_dir: Path | None = None, on_step=None) -> tuple[Any, dict[str, Any]]:
     """Trains a LoRA on ``model`` (modified in place) with TRL; returns the merged model and its training record.
 
     ``lr_schedule`` (a ``transformers`` scheduler name) and ``warmup_steps`` (optimizer steps) come from
     :func:`metatuner.training.schedule.hf_schedule`, the policy every trained method shares. The record
     holds the final and mean loss and ``lrs``, the learning rate of each optimizer step as TRL applied it.
     Nothing is written unless ``out_dir`` is given; then TRL's output (the adapter at the last step) goes there.
+    ``on_step(step, model)``, if given, is called after every optimizer step with the model as it is then
+    (adapter active), for learning curves.
     """
     from datasets import Dataset
     from peft import LoraConfig
@@ -116,7 +118,8 @@ def train_dpo(model, tokenizer, pairs: list[Pair], cfg: DPOMethodConfig, lr_sche
             logging_steps=1, report_to="none", disable_tqdm=True,
             save_strategy="steps" if out_dir is not None else "no", save_steps=cfg.steps, save_only_model=True,
         )
-        trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora,
+                             callbacks=[_step_callback(on_step)] if on_step is not None else None)
         result = trainer.train()
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     # one entry per optimizer step (logging_steps=1); the Trainer logs the rate the step was taken with
@@ -124,6 +127,21 @@ def train_dpo(model, tokenizer, pairs: list[Pair], cfg: DPOMethodConfig, lr_sche
     merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().eval()
     vars(merged).pop("forward", None)  # TRL's fused log-prob forward, patched onto the instance for its loss only
     return merged, {"final_loss": logged[-1], "mean_loss": result.training_loss, "lrs": [lrs[k] for k in sorted(lrs)]}
+
+
+def _step_callback(on_step):
+    """A ``TrainerCallback`` that hands the model (adapter active, in eval mode) to ``on_step`` after each step."""
+    from transformers import TrainerCallback
+
+    class StepCallback(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            model.eval()
+            try:
+                on_step(state.global_step, model)
+            finally:
+                model.train()
+
+    return StepCallback()
 
 
 def _fits(tokenizer, pair: Pair, max_length: int) -> bool:
@@ -174,9 +192,16 @@ class DPO(Method):
         out_dir = self.run_dir / "dpo" if self.run_dir is not None else None
         # the learning-rate policy of every trained method: train.lr_schedule and train.warmup_ratio
         schedule, warmup = hf_schedule(getattr(self.config, "train", None) or TrainConfig(), cfg.steps)
-        model, losses = train_dpo(copy.deepcopy(self.model), self.tokenizer, pairs, cfg, schedule, warmup,
-                                  getattr(self.config, "seed", 0), out_dir)
+        self.at_step(0, lambda: DPOPredictor(self.model, self.tokenizer, task.instruction, {"steps": 0}))
+        model, losses = train_dpo(
+            copy.deepcopy(self.model), self.tokenizer, pairs, cfg, schedule, warmup, getattr(self.config, "seed", 0),
+            out_dir, on_step=lambda step, now: self.at_step(
+                step, lambda: DPOPredictor(now, self.tokenizer, task.instruction, {"steps": step})),
+        )
         training = {"queries": len(queries), "pairs": len(pairs), "too_long": built - len(pairs),
                     "gold_fallback": sum(p.gold for p in pairs),
                     "steps": cfg.steps, "lr_schedule": schedule, "warmup_steps": warmup, **losses}
         return DPOPredictor(model, self.tokenizer, task.instruction, training)
+
+    def budget(self) -> int:
+        return (getattr(self.config, "dpo", None) or DPOMethodConfig()).steps

@@ -26,8 +26,13 @@ class SFT(Method):
 
         cfg = self.config
         mt = MetaTuner(self.model, self.tokenizer, cfg.generator, cfg.hypernet, use_hypernet=False, use_prompt=False)
-        Trainer(cfg, mt, task, train, val, self.run_dir).warmup_actor(cfg.train.steps)
+        trainer = Trainer(cfg, mt, task, train, val, self.run_dir)
+        trainer.on_step = lambda step: self.at_step(step, lambda: MetaTunerPredictor(mt, name="sft"))
+        trainer.warmup_actor(cfg.train.steps)
         return MetaTunerPredictor(mt, name="sft")
+
+    def budget(self) -> int:
+        return self.config.train.steps
 
 
 @METHODS.register("metatuner")
@@ -42,5 +47,16 @@ class MetaTunerMethod(Method):
         from metatuner.training.trainer import Trainer
 
         mt = build_metatuner(self.config, self.model, self.tokenizer)
-        Trainer(self.config, mt, task, train, val, self.run_dir).run()
+        trainer = Trainer(self.config, mt, task, train, val, self.run_dir)
+
+        def now() -> MetaTunerPredictor:
+            if val and mt.use_prompt:
+                trainer.evaluate_val(gate=True)  # what a run stopped here would serve: its gate decides
+            return MetaTunerPredictor(mt, name="metatuner")
+
+        trainer.on_step = lambda step: self.at_step(step, now)
+        trainer.run()
         return MetaTunerPredictor(mt, name="metatuner")
+
+    def budget(self) -> int:
+        return self.config.train.steps

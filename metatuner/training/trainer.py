@@ -37,7 +37,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
@@ -103,6 +103,7 @@ class Trainer:
         self.stream = DataStream(train, cfg.data.seed)
         self.optimizer = self.scheduler = None
         self.finished = False  # the final validation (and gate) has run
+        self.on_step: Callable[[int], None] | None = None  # called with the step count after every optimizer step
         self._writer = None
 
     # ---- phases ----------------------------------------------------------------------------------
@@ -126,6 +127,7 @@ class Trainer:
             self.restore(ckpt)
         else:
             self.log({"phase": "plan", "step": 0, **{f"{k}_steps": v for k, v in plan.items()}})
+            self._at_step()
             if plan["actor"]:
                 self.warmup_actor(plan["actor"])
             if plan["generator"]:
@@ -157,6 +159,7 @@ class Trainer:
         if self.optimizer is None:
             self.mt.add_static_adapter(self.tc.static_rank, self.tc.static_alpha)
             self.setup_optimizer(steps, {"static": list(self.mt.m_lora.adapter_parameters("static"))})
+            self._at_step()
         stream = DataStream(self.train_set, self.cfg.data.seed + 1)
 
         def loss(batch: list[Example]) -> torch.Tensor:
@@ -189,6 +192,11 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self._at_step()
+
+    def _at_step(self) -> None:
+        if self.on_step is not None:
+            self.on_step(self.step)
 
     def warmup_generator(self, steps: int) -> None:
         """One round of rejection sampling: rollouts fill D2 (each query's best sampled output, or "keep
@@ -244,7 +252,7 @@ class Trainer:
     def finish(self) -> None:
         """The final validation (diagnostics, and the prompt gate), saved with the last checkpoint."""
         if self.val and not self.finished:
-            self.evaluate_val(final=True)
+            self.evaluate_val(gate=True)
             self.finished = True
             self.save()
 
@@ -404,9 +412,10 @@ class Trainer:
             )
 
     # ---- evaluation, logging, checkpoints ----------------------------------------------------------
-    def evaluate_val(self, final: bool = False) -> dict[str, Any]:
-        """Scores the validation split with generated prompts and logs the diagnostics; at the end
-        (``final``) also with p~, and sets the prompt gate (``mt.serve_generated``)."""
+    def evaluate_val(self, gate: bool = False) -> dict[str, Any]:
+        """Scores the validation split with generated prompts and logs the diagnostics; with ``gate`` (at the
+        end, or where a learning curve scores the run) also with p~, and sets the prompt gate
+        (``mt.serve_generated``)."""
         from metatuner.evaluation.harness import evaluate
         from metatuner.training.diagnostics import lora_diagnostics, prompt_diagnostics
         from metatuner.training.predictor import MetaTunerPredictor
@@ -426,7 +435,7 @@ class Trainer:
             trace = [generated.trace[ex.id] for ex in self.val]
             record.update(prompt_diagnostics([mt.compose(task, ex, o) for ex, (o, _) in zip(self.val, trace)],
                                              [task.instruction_for(ex) for ex in self.val], [c for _, c in trace]))
-            if final and self.tc.gate:
+            if gate and self.tc.gate:
                 initial = run(MetaTunerPredictor(mt, prompts="initial"))
                 mt.serve_generated = result.score >= initial.score + self.tc.gate_margin
                 record.update({f"val_{result.primary_metric}_initial": initial.score,
