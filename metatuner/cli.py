@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show library log messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("tasks", help="list the registered tasks")
+    p = sub.add_parser("tasks", help="list the registered tasks, or show one (a spec file too) in a spec's shape")
+    p.add_argument("task", nargs="?", help="a task name or file:spec.yaml: print its fields and its first test query")
+    p.add_argument("--data-dir", help="folder with <task>/{train,test}.jsonl (default: $METATUNER_DATA_DIR, else the hub)")
     sub.add_parser("methods", help="list the registered methods")
     p = sub.add_parser("config", help="print every config key with its default and help, or a resolved config")
     _common(p)
@@ -123,8 +125,17 @@ def _config(args: argparse.Namespace, defaults: list[str] = ()):
 
 
 def cmd_tasks(args) -> None:
-    from metatuner.tasks import TASKS
+    import yaml
 
+    from metatuner.config import absolute_task_files
+    from metatuner.tasks import TASKS, get_task
+
+    if args.task:
+        task = get_task(absolute_task_files(args.task), args.data_dir)
+        print(yaml.safe_dump(task.card(), sort_keys=False, allow_unicode=True, width=120), end="")
+        example = task.load("test")[0]
+        print(f"first test query ({example.id}):\n  {example.query}\n  gold: {example.answer}\n  target: {example.target}")
+        return
     for name in TASKS.names():
         task = TASKS.get(name)
         source = task.hub.path if task.hub else "built in (generated, no files)"
@@ -260,7 +271,9 @@ def cmd_rescore(args) -> None:
         summary = Path(folder) / "summary.json"
         if not summary.is_file():
             raise MetatunerError(f"{folder} is not a results folder (no summary.json)")
-        task = get_task(json.loads(summary.read_text())["task"], args.data_dir)
+        saved = json.loads(summary.read_text())
+        # a spec file's task is found by its path (in the saved config), a registered one by its name
+        task = get_task(saved.get("config", {}).get("data", {}).get("task") or saved["task"], args.data_dir)
         _print_result(f"rescored {folder}", rescore(folder, task))
 
 

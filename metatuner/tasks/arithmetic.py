@@ -122,12 +122,16 @@ class Arithmetic(Task):
     cot_max_new_tokens = 128
     required_fields = ("id", "question", "answer", "solution")
     primary_metric = "exact_match_flexible"
+    metric = "numeric"
 
     def load(self, split: str) -> list[Example]:
         """Generates the split; the data folder is not used."""
         if split not in SPLITS:
             raise MetatunerError(f"unknown split {split!r}; available: {', '.join(SPLITS)}")
         return [self.example_from_row(row) for row in generate(split)]
+
+    def card(self) -> dict[str, Any]:
+        return {**super().card(), "data": "built in: generated word problems, no files"}
 
     def example_from_row(self, row: dict[str, Any]) -> Example:
         return Example(id=row["id"], query=row["question"], answer=row["answer"], target=row["solution"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Callable
 
 from metatuner.errors import MetatunerError
 from metatuner.tasks.base import TASKS, Example, Task
@@ -72,10 +72,12 @@ class CrossTask(Task):
         return self.source(example).score(extracted, example)
 
 
-def parse_cross(name: str, data_dir: str | os.PathLike | None) -> CrossTask:
+def parse_cross(name: str, data_dir: str | os.PathLike | None,
+                resolve: Callable[[str, str | os.PathLike | None], Task] | None = None) -> CrossTask:
+    """The mix ``name``; ``resolve(part, data_dir)`` makes each part's task (default: the registered task)."""
+    resolve = resolve or (lambda part, folder: TASKS.get(part)(data_dir=folder))
     train_part, _, test_part = name.partition(">")
     train_names = [n.strip() for n in train_part.split("+") if n.strip()]
     if not train_names or not test_part.strip() or ">" in test_part:
         raise MetatunerError(f"bad cross-task name {name!r}; expected {SYNTAX}")
-    train = [TASKS.get(n)(data_dir=data_dir) for n in train_names]
-    return CrossTask(train, TASKS.get(test_part.strip())(data_dir=data_dir))
+    return CrossTask([resolve(n, data_dir) for n in train_names], resolve(test_part.strip(), data_dir))
