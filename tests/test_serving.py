@@ -116,6 +116,12 @@ def test_served_answers_equal_metatuner_generate(served, run_dir, tmp_path):
         assert chat.usage.completion_tokens > 0 and chat.usage.prompt_tokens > chat.usage.completion_tokens
 
 
+def test_export_of_a_run_on_a_spec_task(run_dir, tmp_path):
+    assert main(["export", "--run", str(run_dir), "--query", QUERIES[0], "--out", str(tmp_path / "adapter")]) == 0
+    assert json.loads((tmp_path / "adapter" / "query.json").read_text())["task"] == "capitals"
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_a_system_message_replaces_the_initial_prompt(served):
     url, _ = served
     api = client(url)

@@ -167,7 +167,23 @@ def test_cli_commands_take_a_spec(capsys, tmp_path, tiny_model_dir):
     assert "task spec file not found" in capsys.readouterr().err
 
 
-def test_bench_cells_of_a_spec_task_have_plain_folder_names(tmp_path):
-    from metatuner.bench.grid import cell_dir
+def test_bench_runs_a_spec_task_in_a_plainly_named_cell(tmp_path, tiny_model_dir):
+    import yaml
 
+    from metatuner.bench.grid import Protocol, cell_dir, run_grid
+
+    protocol = tmp_path / "p.yaml"
+    protocol.write_text(yaml.safe_dump({
+        "tasks": [f"file:{EXAMPLE}"], "seeds": [0], "methods": {"zero-shot": {}},
+        "common": {"model": {"name": str(tiny_model_dir)}, "eval": {"limit": 2, "max_new_tokens": 3}}}))
+    [row] = run_grid(Protocol.load(protocol), tmp_path / "grid")
+    assert row["task"] == "capitals" and row["n"] == 2
+    assert (tmp_path / "grid" / "cells" / "capitals--zero-shot--seed0" / "summary.json").is_file()
     assert cell_dir(tmp_path, f"file:{EXAMPLE}>gsm8k", "sft", 0).name == "capitals-to-gsm8k--sft--seed0"
+
+
+def test_a_cross_task_mix_with_a_spec_describes_itself_and_takes_queries(tmp_path):
+    task = get_task(f"file:{EXAMPLE}+hotpotqa>file:{EXAMPLE}")
+    assert task.card()["train_tasks"] == ["capitals", "hotpotqa"] and task.card()["test_task"]["metric"] == "exact"
+    example = task.query_example({"id": "q", "country": "Peru"}, "in.jsonl", 1)
+    assert example.query == "What is the capital of Peru?" and task.instruction_for(example) == task.instruction

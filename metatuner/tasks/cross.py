@@ -29,7 +29,8 @@ class CrossTask(Task):
         self.name = f"{'+'.join(t.name for t in train_tasks)}>{test_task.name}"
         # the test task's settings describe the task as a whole (reports, budgets, baselines' prompt)
         for attr in ("instruction", "cot_instruction", "max_new_tokens", "cot_max_new_tokens", "stop",
-                     "primary_metric", "version"):
+                     "primary_metric", "version", "required_fields", "query_fields", "template", "answer_field",
+                     "metric"):
             setattr(self, attr, getattr(test_task, attr))
 
     def load(self, split: str) -> list[Example]:
@@ -60,6 +61,13 @@ class CrossTask(Task):
 
     def messages(self, instruction: str, example: Example) -> list[dict[str, str]]:
         return self.source(example).messages(instruction, example)
+
+    def card(self) -> dict[str, Any]:
+        return {"name": self.name, "train_tasks": [t.name for t in self.train_tasks], "test_task": self.test_task.card()}
+
+    def query_example(self, row: dict[str, Any], where: str, line: int) -> Example:
+        """A query to answer (``predict``, ``serve``) is one of the test task's."""
+        return self.test_task.query_example(row, where, line)
 
     # a cross task grades through its sources; these are the test task's, for callers that need them
     def example_from_row(self, row: dict[str, Any]) -> Example:
