@@ -247,11 +247,11 @@ class Scripted(Predictor):
 
 def test_the_engine_batches_by_model_and_budget_up_to_its_size():
     task = get_task(SPEC)
-    a, b = Scripted(delay=0.5), Scripted()
+    a, b = Scripted(delay=1.0), Scripted()
     engine = Engine({"a": Served(a, task), "b": Served(b, task)}, max_batch_size=3, max_wait_ms=100).start()
     try:
         first = engine.submit("a", "q0", 8)  # alone after 100 ms, it occupies the worker while the rest queue up
-        time.sleep(0.25)
+        time.sleep(0.4)
         futures = [engine.submit("a", f"q{i}", 8) for i in range(1, 5)]
         futures += [engine.submit("b", "x", 8), engine.submit("a", "long", 16),
                     engine.submit("a", "own p~", 8, instruction="Be brief.")]

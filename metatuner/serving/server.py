@@ -6,7 +6,7 @@ answer back; every error is a JSON body ``{"error": {...}}`` with a 4xx/5xx stat
 - 400 malformed JSON, missing or empty messages, no user message, bad or unsupported parameters, a query or
   system message over ``serve.max_input_chars``, ``max_tokens`` over ``serve.max_tokens``;
 - 401 a missing or wrong API key, when the server has one (``Authorization: Bearer KEY``);
-- 404 an unknown model or path; 413 a body over ``serve.max_body_bytes``;
+- 404 an unknown model or path; 413 a body whose Content-Length is over ``serve.max_body_bytes``;
 - 504 no answer within ``serve.timeout_s`` (the request is dropped if it has not started); 503 shutting down.
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``.
