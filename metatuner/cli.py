@@ -17,6 +17,7 @@ from pathlib import Path
 from metatuner.errors import MetatunerError
 
 MAIN_JOB_CONFIG = "quick"
+API_KEY_ENV = "METATUNER_API_KEY"  # the server's key when --api-key is not given
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -34,6 +35,17 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="folder to create for the results (default: runs/<kind>-<task>-<time>)")
 
 
+def _answering_flags(p: argparse.ArgumentParser, several: bool) -> None:
+    """What answers: a trained run, and/or registered methods fitted on its config (or on --config)."""
+    p.add_argument("--run", metavar="DIR", help="trained MetaTuner run folder (answers as model 'metatuner')")
+    p.add_argument("--method", dest="methods", metavar="NAME", action="append" if several else None,
+                   help="a registered method (zero-shot, sft, ...) fitted on the run's config, else on --config "
+                   "and overrides" + ("; repeat to serve several, each under its name" if several else ", instead of --run"))
+    p.add_argument("--task", help="task name or file:spec.yaml (default: the run's, else arithmetic)")
+    p.add_argument("--model", help="built-in alias, Hugging Face id or local folder (default: the run's, else smollm2-135m)")
+    p.add_argument("--data-dir", help="folder with <task>/{train,test}.jsonl (default: $METATUNER_DATA_DIR, else the hub)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from metatuner.bench.grid import shipped_protocols
 
@@ -44,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show library log messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("tasks", help="list the registered tasks")
+    p = sub.add_parser("tasks", help="list the registered tasks, or show one (a spec file too) in a spec's shape")
+    p.add_argument("task", nargs="?", help="a task name or file:spec.yaml: print its fields and its first test query")
+    p.add_argument("--data-dir", help="folder with <task>/{train,test}.jsonl (default: $METATUNER_DATA_DIR, else the hub)")
     sub.add_parser("methods", help="list the registered methods")
     p = sub.add_parser("config", help="print every config key with its default and help, or a resolved config")
     _common(p)
@@ -67,6 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--input", metavar="FILE", help="JSONL file of task rows (the task's fields, e.g. question)")
     p.add_argument("--output", metavar="FILE", help="write JSONL (id, prompt, answer) here instead of printing")
     p.add_argument("--batch-size", type=int, default=8, help="queries per batch (default 8)")
+
+    p = sub.add_parser("predict", help="answer a JSONL file of queries (prompt, output, extracted answer per line); "
+                       "resumes after an interruption")
+    _answering_flags(p, several=False)
+    p.add_argument("--input", metavar="FILE", required=True, help="JSONL queries: the task's fields, or --field")
+    p.add_argument("--out", metavar="FILE", required=True, help="JSONL answers, appended; a rerun skips ids already there")
+    p.add_argument("--field", help="take each row's query from this field as it is (default: the task builds it)")
+    p.add_argument("--batch-size", type=int, help="queries per batched generate (default: eval.batch_size, 16)")
+    _common(p)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat/completions, completions, models, health)")
+    _answering_flags(p, several=True)
+    p.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, help="TCP port (default 8000; 0 = any free port)")
+    p.add_argument("--max-batch-size", type=int, help="micro-batching: most requests per batched generate (default 8)")
+    p.add_argument("--max-wait-ms", type=float, help="micro-batching: how long a batch waits to fill (default 10)")
+    p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, else none)")
+    _common(p)
 
     p = sub.add_parser("export", help="write one query's generated LoRA as a PEFT adapter folder")
     p.add_argument("--run", metavar="DIR", required=True, help="trained run folder")
@@ -111,6 +143,10 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
         "limit": "eval.limit",
         "data_dir": "data.data_dir",
         "batch_size": "eval.batch_size",
+        "host": "serve.host",
+        "port": "serve.port",
+        "max_batch_size": "serve.max_batch_size",
+        "max_wait_ms": "serve.max_wait_ms",
     }
     return [f"{key}={getattr(args, flag)}" for flag, key in pairs.items() if getattr(args, flag, None) is not None]
 
@@ -123,8 +159,17 @@ def _config(args: argparse.Namespace, defaults: list[str] = ()):
 
 
 def cmd_tasks(args) -> None:
-    from metatuner.tasks import TASKS
+    import yaml
 
+    from metatuner.config import absolute_task_files
+    from metatuner.tasks import TASKS, get_task
+
+    if args.task:
+        task = get_task(absolute_task_files(args.task), args.data_dir)
+        print(yaml.safe_dump(task.card(), sort_keys=False, allow_unicode=True, width=120), end="")
+        example = task.load("test")[0]
+        print(f"first test query ({example.id}):\n  {example.query}\n  gold: {example.answer}\n  target: {example.target}")
+        return
     for name in TASKS.names():
         task = TASKS.get(name)
         source = task.hub.path if task.hub else "built in (generated, no files)"
@@ -221,6 +266,7 @@ def cmd_run(args) -> None:
 
 def cmd_generate(args) -> None:
     from metatuner.recipes import load_run
+    from metatuner.serving.predict import prediction_record
     from metatuner.tasks import Example, get_task, read_jsonl
     from metatuner.training.predictor import MetaTunerPredictor
 
@@ -237,14 +283,44 @@ def cmd_generate(args) -> None:
         for b in range(0, len(examples), args.batch_size):
             batch = examples[b : b + args.batch_size]
             for ex, p in zip(batch, predictor.predict(task, batch, predictor.budget(task))):
-                answer = task.grade(p.output, ex)[0]["flexible"]
+                record = prediction_record(task, ex, p)
                 if sink:
-                    sink.write(json.dumps({"id": ex.id, "prompt": p.instruction, "output": p.output, "answer": answer}) + "\n")
+                    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
                 else:
-                    print(f"[{ex.id}]\n  prompt: {p.instruction}\n  output: {p.output}\n  answer: {answer}")
+                    print(f"[{ex.id}]\n  prompt: {p.instruction}\n  output: {p.output}\n  answer: {record['answer']}")
     finally:
         if sink:
             sink.close()
+
+
+def _named_predictors(args):
+    """The predictors a predict or serve command answers with, by name, and the config they resolved."""
+    from metatuner.recipes import named_predictors
+
+    methods = args.methods if isinstance(args.methods, list) else [args.methods] if args.methods else []
+    overrides = [*args.overrides, *_flag_overrides(args)]
+    return named_predictors(args.run, methods, None if args.run else _config(args), overrides)
+
+
+def cmd_predict(args) -> None:
+    from metatuner.serving.predict import predict_file
+
+    if bool(args.run) == bool(args.methods):
+        raise MetatunerError("predict answers with one predictor: give --run DIR or --method NAME")
+    if not Path(args.input).is_file():
+        raise MetatunerError(f"--input {args.input}: file not found")
+    found, cfg = _named_predictors(args)
+    [(name, (predictor, task))] = found.items()
+    total, now = predict_file(predictor, task, Path(args.input), Path(args.out), field=args.field,
+                              batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
+    print(f"{name}: answered {now} queries, {total - now} were already in {args.out} ({total} in all)")
+
+
+def cmd_serve(args) -> None:
+    from metatuner.serving.server import serve
+
+    found, cfg = _named_predictors(args)
+    serve(found, cfg.serve, args.api_key or os.environ.get(API_KEY_ENV) or None)
 
 
 def cmd_export(args) -> None:
@@ -265,7 +341,9 @@ def cmd_rescore(args) -> None:
         summary = Path(folder) / "summary.json"
         if not summary.is_file():
             raise MetatunerError(f"{folder} is not a results folder (no summary.json)")
-        task = get_task(json.loads(summary.read_text())["task"], args.data_dir)
+        saved = json.loads(summary.read_text())
+        # a spec file's task is found by its path (in the saved config), a registered one by its name
+        task = get_task(saved.get("config", {}).get("data", {}).get("task") or saved["task"], args.data_dir)
         _print_result(f"rescored {folder}", rescore(folder, task))
 
 
@@ -296,7 +374,7 @@ def cmd_report(args) -> None:
 COMMANDS = {
     "tasks": cmd_tasks, "methods": cmd_methods, "config": cmd_config, "eval": cmd_eval, "train": cmd_train,
     "run": cmd_run, "generate": cmd_generate, "export": cmd_export, "bench": cmd_bench, "report": cmd_report,
-    "rescore": cmd_rescore,
+    "rescore": cmd_rescore, "predict": cmd_predict, "serve": cmd_serve,
 }
 
 

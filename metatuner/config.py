@@ -13,6 +13,7 @@ saved with every run (``config.yaml`` in the run folder).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -56,6 +57,20 @@ class DataConfig:
     def __post_init__(self):
         _at_least("data.train_limit", self.train_limit, 1)
         _at_least("data.val_size", self.val_size, 0)
+        self.task = absolute_task_files(self.task)
+
+
+TASK_FILE_PREFIX = "file:"
+
+
+def absolute_task_files(name: str) -> str:
+    """``file:spec.yaml`` task names with their paths made absolute, so a run's saved config finds its spec
+    from any working directory (also the parts of a cross-task mix, ``file:a.yaml+gsm8k>file:b.yaml``)."""
+    return re.sub(
+        re.escape(TASK_FILE_PREFIX) + r"([^+>]+)",
+        lambda m: TASK_FILE_PREFIX + str(Path(m.group(1).strip()).expanduser().resolve()),
+        name,
+    )
 
 
 @dataclass
@@ -319,6 +334,29 @@ class BetterTogetherConfig:
 
 
 @dataclass
+class ServeConfig:
+    """The HTTP server (``metatuner serve``): where it listens, micro-batching and request limits."""
+
+    host: str = option("127.0.0.1", "address to bind (localhost by default; 0.0.0.0 exposes the server to the network)")
+    port: int = option(8000, "TCP port (0: any free port, printed at start)")
+    max_batch_size: int = option(8, "micro-batching: most requests answered by one batched generate (1 = one at a time)")
+    max_wait_ms: float = option(10.0, "micro-batching: how long a batch's first request waits for more to join it")
+    timeout_s: float = option(120.0, "a request not answered within this many seconds gets a 504 error")
+    max_input_chars: int = option(8000, "longest query (and system message) accepted, in characters")
+    max_tokens: int = option(1024, "largest max_tokens a request may ask for")
+    max_body_bytes: int = option(1_000_000, "largest request body accepted, in bytes")
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_input_chars", "max_tokens", "max_body_bytes"):
+            _at_least(f"serve.{name}", getattr(self, name), 1)
+        if not 0 <= self.port <= 65535:
+            raise ConfigKeyError("serve.port", f"serve.port must be in 0..65535, got {self.port}")
+        if self.max_wait_ms < 0 or self.timeout_s <= 0:
+            raise ConfigKeyError("serve", f"serve.max_wait_ms must be >= 0 and serve.timeout_s > 0, got "
+                                 f"{self.max_wait_ms} and {self.timeout_s}")
+
+
+@dataclass
 class RunConfig:
     """The root config. Sections are added here as the system grows (see configs/ for examples)."""
 
@@ -332,26 +370,36 @@ class RunConfig:
     dpo: DPOMethodConfig = option(None, "the DPO baseline", factory=DPOMethodConfig)
     opro: OPROConfig = option(None, "the OPRO baseline (and bettertogether's p step when prompt_optimizer=opro)", factory=OPROConfig)
     bettertogether: BetterTogetherConfig = option(None, "the BetterTogether baseline", factory=BetterTogetherConfig)
+    serve: ServeConfig = option(None, "the OpenAI-compatible server (metatuner serve)", factory=ServeConfig)
     out_dir: str = option("runs", "parent folder of run folders")
     seed: int = option(0, "global seed (torch, python, numpy)")
 
 
+class ConfigKeyError(MetatunerError):
+    """A bad config value or key; ``key`` is its dotted name, so a caller can point at where it was written."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
 def _at_least(name: str, value: int | None, low: int) -> None:
     if value is not None and value < low:
-        raise MetatunerError(f"{name} must be >= {low}, got {value}")
+        raise ConfigKeyError(name, f"{name} must be >= {low}, got {value}")
 
 
 # ---- building configs from dicts ---------------------------------------------------------------
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Builds dataclass ``cls`` from a (possibly partial) nested dict, checking names, types and choices."""
     if not isinstance(data, dict):
-        raise MetatunerError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+        raise ConfigKeyError(prefix.rstrip("."), f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise MetatunerError(
-            f"unknown config key '{prefix}{unknown[0]}'; allowed: {', '.join(prefix + n for n in fields)}"
+        raise ConfigKeyError(
+            prefix + unknown[0],
+            f"unknown config key '{prefix}{unknown[0]}'; allowed: {', '.join(prefix + n for n in fields)}",
         )
     kwargs = {}
     for name, value in data.items():
@@ -370,7 +418,7 @@ def _coerce(key: str, value: Any, hint: Any, choices: tuple | None) -> Any:
     if value is None or (optional and value in ("none", "null", "None")):
         if optional:
             return None
-        raise MetatunerError(f"{key} may not be empty")
+        raise ConfigKeyError(key, f"{key} may not be empty")
     ok = {
         bool: lambda v: isinstance(v, bool),
         int: lambda v: isinstance(v, int) and not isinstance(v, bool),
@@ -379,7 +427,7 @@ def _coerce(key: str, value: Any, hint: Any, choices: tuple | None) -> Any:
     }.get(base)
     if typing.get_origin(base) is list:
         if not isinstance(value, list):
-            raise MetatunerError(f"{key} must be a list, got {value!r}")
+            raise ConfigKeyError(key, f"{key} must be a list, got {value!r}")
         elem = typing.get_args(base)[0]
         return [_coerce(f"{key}[{i}]", v, elem, None) for i, v in enumerate(value)]
     if base in (int, float) and isinstance(value, str):
@@ -389,10 +437,10 @@ def _coerce(key: str, value: Any, hint: Any, choices: tuple | None) -> Any:
         except ValueError:
             pass
     if ok is None or not ok(value):
-        raise MetatunerError(f"{key} must be {getattr(base, '__name__', base)}, got {value!r}")
+        raise ConfigKeyError(key, f"{key} must be {getattr(base, '__name__', base)}, got {value!r}")
     value = base(value)
     if choices and value not in choices:
-        raise MetatunerError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        raise ConfigKeyError(key, f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
     return value
 
 

@@ -6,6 +6,7 @@ the resolved config and the results. The CLI only parses arguments and calls the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -18,9 +19,10 @@ from metatuner.config import RunConfig, save_config, to_dict
 from metatuner.errors import MetatunerError
 from metatuner.files import write_text_atomic
 from metatuner.evaluation.harness import EvalResult, evaluate, select
+from metatuner.evaluation.predictors import Predictor
 from metatuner.methods import get_method
 from metatuner.models.loading import load_model, process_state
-from metatuner.tasks import Example, get_task
+from metatuner.tasks import Example, Task, get_task
 from metatuner.training.build import build_metatuner  # noqa: F401 - re-exported: callers import it from here too
 
 
@@ -92,19 +94,12 @@ def eval_method(cfg: RunConfig, out_dir: Path | None) -> list[EvalResult]:
     its fit, into :func:`budget_dir` folders, each with a ``budget.json`` of its step and the seconds of
     fitting spent until then (scoring excluded); ``budget.json`` beside ``out_dir`` gives the full budget.
     """
-    method_cls = get_method(cfg.method)
     task = get_task(cfg.data.task, cfg.data.data_dir)
     for split in cfg.eval.splits:
         task.load(split)  # fail on bad data or an unknown split before loading the model
-    train, val = [], []
-    if method_cls.needs_training:
-        train, val = train_val_split(task.load("train"), cfg.data.train_limit, cfg.data.val_size, cfg.data.seed)
-    seed_everything(cfg.seed)
-    model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device)
     # a trained method's logs and checkpoints go beside the results folder, which appears only when complete
-    train_dir = out_dir.with_name(out_dir.name + "-train") if out_dir is not None and method_cls.needs_training else None
-    method = method_cls(model, tok, cfg, run_dir=train_dir)
-    start, scoring = time.perf_counter(), [0.0]
+    train_dir = out_dir.with_name(out_dir.name + "-train") if out_dir is not None else None
+    start, scoring, fitted = time.perf_counter(), [0.0], []
 
     def on_budget(step: int, predictor) -> None:
         began = time.perf_counter()
@@ -115,13 +110,16 @@ def eval_method(cfg: RunConfig, out_dir: Path | None) -> list[EvalResult]:
         scoring[0] += time.perf_counter() - began
         print(f"    step {step}: " + "; ".join(r.line() for r in results), flush=True)
 
-    if cfg.eval.budgets:
-        method.on_budget, method.budgets = on_budget, {b for b in cfg.eval.budgets if b < method.budget()}
-    predictor = method.fit(task, train, val)
+    def prepare(method) -> None:
+        fitted.append(method)
+        if cfg.eval.budgets:
+            method.on_budget, method.budgets = on_budget, {b for b in cfg.eval.budgets if b < method.budget()}
+
+    predictor, task = fit_method(cfg, train_dir, prepare=prepare)
     fit_seconds = time.perf_counter() - start - scoring[0]
     results = eval_splits(predictor, task, cfg, out_dir)
     if out_dir is not None:
-        write_budget(out_dir, method.budget(), fit_seconds)
+        write_budget(out_dir, fitted[0].budget(), fit_seconds)
     return results
 
 
@@ -129,6 +127,25 @@ def write_budget(folder: Path, step: int, fit_seconds: float) -> None:
     """``budget.json``: the optimizer steps a results folder's predictor was trained for, and the seconds
     of fitting (scoring of earlier learning-curve points excluded) it took to get there."""
     write_text_atomic(folder / "budget.json", json.dumps({"steps": step, "fit_seconds": fit_seconds}))
+
+
+def fit_method(cfg: RunConfig, train_dir: Path | None = None, model=None, prepare=None) -> tuple[Predictor, Task]:
+    """Fits ``cfg.method`` on its task's train split (methods that train keep their logs in ``train_dir``);
+    returns ``(predictor, task)``. ``model`` = ``(model, tokenizer)`` already loaded is used by methods that
+    do not train (they leave the weights as they are); the others load their own copy. ``prepare(method)``
+    is called before the fit (e.g. to hook learning-curve budgets)."""
+    method_cls = get_method(cfg.method)
+    task = get_task(cfg.data.task, cfg.data.data_dir)
+    train, val = [], []
+    if method_cls.needs_training:
+        train, val = train_val_split(task.load("train"), cfg.data.train_limit, cfg.data.val_size, cfg.data.seed)
+    seed_everything(cfg.seed)
+    if model is None or method_cls.needs_training:
+        model = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device)
+    method = method_cls(*model, cfg, run_dir=train_dir if method_cls.needs_training else None)
+    if prepare is not None:
+        prepare(method)
+    return method.fit(task, train, val), task
 
 
 # ---- MetaTuner ---------------------------------------------------------------------------------
@@ -170,13 +187,40 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()):
     return mt, cfg
 
 
-def eval_run(run_dir: str | Path, overrides: list[str], out_dir: Path | None) -> list[EvalResult]:
-    """Scores a trained MetaTuner run on its task's test splits (``eval.splits``)."""
+def run_predictor(run_dir: str | Path, overrides: list[str] = ()) -> tuple[Predictor, Task, RunConfig]:
+    """A trained run's MetaTuner as a predictor, with its task and config (plus overrides)."""
     from metatuner.training.predictor import MetaTunerPredictor
 
     mt, cfg = load_run(run_dir, overrides)
-    task = get_task(cfg.data.task, cfg.data.data_dir)
-    return eval_splits(MetaTunerPredictor(mt), task, cfg, out_dir)
+    return MetaTunerPredictor(mt), get_task(cfg.data.task, cfg.data.data_dir), cfg
+
+
+def named_predictors(run_dir: str | Path | None, methods: list[str], cfg: RunConfig | None,
+                     overrides: list[str] = ()) -> tuple[dict[str, tuple[Predictor, Task]], RunConfig]:
+    """Predictors by the name they answer to: a trained run's MetaTuner as ``metatuner``, and each method of
+    ``methods`` by its name, fitted on the run's config (plus overrides), else on ``cfg``. Methods that do not
+    train answer with the run's base model itself (no adapter is active outside MetaTuner's batches)."""
+    found: dict[str, tuple[Predictor, Task]] = {}
+    model = None
+    if run_dir is not None:
+        predictor, task, cfg = run_predictor(run_dir, overrides)
+        found["metatuner"] = (predictor, task)
+        model = (predictor.mt.actor, predictor.mt.tokenizer)
+    for name in methods:
+        if name in found:
+            raise MetatunerError(f"method {name!r} is named twice")
+        found[name] = fit_method(dataclasses.replace(cfg, method=name), model=model)
+        if model is None and not get_method(name).needs_training:
+            model = (found[name][0].model, found[name][0].tokenizer)
+    if not found:
+        raise MetatunerError("nothing to answer with: give --run DIR (a trained run) and/or --method NAME")
+    return found, cfg
+
+
+def eval_run(run_dir: str | Path, overrides: list[str], out_dir: Path | None) -> list[EvalResult]:
+    """Scores a trained MetaTuner run on its task's test splits (``eval.splits``)."""
+    predictor, task, cfg = run_predictor(run_dir, overrides)
+    return eval_splits(predictor, task, cfg, out_dir)
 
 
 def main_job(cfg: RunConfig, run_dir: Path) -> tuple[list[EvalResult], list[EvalResult]]:

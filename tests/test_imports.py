@@ -128,3 +128,13 @@ def test_the_graph_sees_lazy_relative_and_from_package_imports():
     sources["metatuner.e"] = "def h():\n    from metatuner.a.b import f\n"
     cycle = ["metatuner.a.b", "metatuner.a.c", "metatuner.a.d", "metatuner.e", "metatuner.a.b"]
     assert find_cycle(import_graph(sources)) == cycle and all_cycles(import_graph(sources)) == [cycle]
+
+
+def test_only_the_cli_imports_the_serving_package():
+    """Serving sits above evaluation, training and the recipes, and below the CLI: nothing else imports it."""
+    graph = import_graph(package_sources())
+    users = sorted(m for m, deps in graph.items() if not m.startswith("metatuner.serving")
+                   and any(d.startswith("metatuner.serving") for d in deps))
+    assert users == ["metatuner.cli"]
+    assert any(d.startswith("metatuner.recipes") or d.startswith("metatuner.evaluation")
+               for d in graph["metatuner.serving.predict"] | graph["metatuner.serving.engine"])

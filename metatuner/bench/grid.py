@@ -115,8 +115,9 @@ def shipped_protocols() -> list[str]:
 
 def file_name(task: str) -> str:
     """A task name usable in a path everywhere: a cross-task mix's '>' is not allowed in Windows paths
-    (``math+cosmosqa>gsm8k`` -> ``math+cosmosqa-to-gsm8k``)."""
-    return task.replace(">", "-to-")
+    (``math+cosmosqa>gsm8k`` -> ``math+cosmosqa-to-gsm8k``), and a spec file counts by its name
+    (``file:/data/capitals.yaml`` -> ``capitals``)."""
+    return re.sub(r"file:([^+>]+)", lambda m: Path(m.group(1).strip()).stem, task).replace(">", "-to-")
 
 
 def cell_dir(out: Path, task: str, method: str, seed: int) -> Path:

@@ -177,11 +177,15 @@ class Arithmetic(Task):
     splits = SPLITS
     required_fields = ("id", "question", "answer", "solution")
     primary_metric = "exact_match_flexible"
+    metric = "numeric"
 
     def load(self, split: str) -> list[Example]:
         """Generates the split; the data folder is not used."""
         self.check_split(split)
         return [self.example_from_row(row) for row in generate(split)]
+
+    def card(self) -> dict[str, Any]:
+        return {**super().card(), "data": "built in: generated word problems, no files"}
 
     def example_from_row(self, row: dict[str, Any]) -> Example:
         return Example(id=row["id"], query=row["question"], answer=row["answer"], target=row["solution"])

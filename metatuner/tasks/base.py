@@ -73,6 +73,13 @@ class Task(ABC):
     splits: ClassVar[tuple[str, ...]] = SPLITS
     #: fields every raw row must have
     required_fields: ClassVar[tuple[str, ...]] = ()
+    #: the fields a query is built from: what a row needs when it has no gold answer (``predict``)
+    query_fields: ClassVar[tuple[str, ...]] = ("question",)
+    #: how the query is written from those fields, the gold answer's field and the metric's name
+    #: (``metatuner.tasks.metrics``): what a spec file says, so built-in tasks print in a spec's shape
+    template: ClassVar[str] = "{question}"
+    answer_field: ClassVar[str] = "answer"
+    metric: ClassVar[str]
     #: the metric reported first (and used to pick the best checkpoint / prompt)
     primary_metric: ClassVar[str]
     hub: ClassVar[HubSource | None] = None
@@ -115,6 +122,13 @@ class Task(ABC):
         extracted = self.extract(output)
         return extracted, self.score(extracted, example)
 
+    def card(self) -> dict[str, Any]:
+        """The task in the shape of a spec file (``metatuner tasks NAME`` prints it)."""
+        data = {"files": f"<data>/{self.name}/{{train,test}}.jsonl"} | ({"hub": self.hub.path} if self.hub else {})
+        return {"name": self.name, "version": self.version, "data": data, "template": self.template,
+                "answer": self.answer_field, "instruction": self.instruction, "max_new_tokens": self.max_new_tokens,
+                "metric": self.metric, "primary_metric": self.primary_metric}
+
     def choices(self, example: Example) -> list[str] | None:
         """For multiple-choice tasks, the answer continuations compared by likelihood; else None."""
         return None
@@ -129,11 +143,12 @@ class Task(ABC):
         self.check_split(split)
         data_dir = self.data_dir or os.environ.get(DATA_DIR_ENV)
         if data_dir:
-            rows = read_jsonl(Path(data_dir) / self.name / f"{split}.jsonl")
+            numbered = numbered_jsonl(Path(data_dir) / self.name / f"{split}.jsonl")
             where = str(Path(data_dir) / self.name / f"{split}.jsonl")
         else:
             rows, where = self._load_hub(split)
-        examples = [self.checked_example(row, where, i + 1) for i, row in enumerate(rows)]
+            numbered = list(enumerate(rows, 1))
+        examples = [self.checked_example(row, where, n) for n, row in numbered]
         if not examples:
             raise MetatunerError(f"{where}: the {split} split of task {self.name!r} is empty")
         return examples
@@ -146,6 +161,24 @@ class Task(ABC):
                 f"(needs: {', '.join(self.required_fields)})"
             )
         return self.example_from_row(row)
+
+    def query_example(self, row: dict[str, Any], where: str, line: int) -> Example:
+        """An example from a row that may lack the gold answer (the input of ``predict``): the whole example
+        when the row has every required field, else the query alone, with an empty answer."""
+        if all(f in row for f in self.required_fields):
+            return self.checked_example(row, where, line)
+        missing = [f for f in self.query_fields if f not in row]
+        if missing:
+            raise MetatunerError(
+                f"{where}:{line}: row lacks field(s) {', '.join(missing)} that the queries of task {self.name!r} "
+                f"are made of (needs: {', '.join(self.query_fields)})"
+            )
+        return self.unlabelled_example(row)
+
+    def unlabelled_example(self, row: dict[str, Any]) -> Example:
+        """The query of a row that has the ``query_fields`` but no answer (override when the query is built
+        from several fields)."""
+        return Example(id=str(row["id"]), query=str(row[self.query_fields[0]]), answer="", target="")
 
     def _load_hub(self, split: str) -> tuple[list[dict[str, Any]], str]:
         if self.hub is None:
@@ -178,6 +211,12 @@ class Task(ABC):
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Reads a JSON Lines file; errors name the file and the 1-based line number."""
+    return [row for _, row in numbered_jsonl(path)]
+
+
+def numbered_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """The objects of a JSON Lines file with their 1-based line numbers (blank lines skipped)."""
+    path = Path(path)
     if not path.is_file():
         raise MetatunerError(f"data file not found: {path}")
     rows = []
@@ -191,7 +230,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
                 raise MetatunerError(f"{path}:{n}: malformed JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise MetatunerError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+            rows.append((n, row))
     return rows
 
 

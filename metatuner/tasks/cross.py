@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Callable
 
 from metatuner.errors import MetatunerError
 from metatuner.tasks.base import TASKS, Example, Task
@@ -29,7 +29,8 @@ class CrossTask(Task):
         self.name = f"{'+'.join(t.name for t in train_tasks)}>{test_task.name}"
         # the test task's settings describe the task as a whole (reports, budgets, baselines' prompt)
         for attr in ("instruction", "cot_instruction", "max_new_tokens", "cot_max_new_tokens", "stop",
-                     "primary_metric", "version", "splits"):
+                     "primary_metric", "version", "splits", "required_fields", "query_fields", "template",
+                     "answer_field", "metric"):
             setattr(self, attr, getattr(test_task, attr))
 
     def load(self, split: str) -> list[Example]:
@@ -61,6 +62,13 @@ class CrossTask(Task):
     def messages(self, instruction: str, example: Example) -> list[dict[str, str]]:
         return self.source(example).messages(instruction, example)
 
+    def card(self) -> dict[str, Any]:
+        return {"name": self.name, "train_tasks": [t.name for t in self.train_tasks], "test_task": self.test_task.card()}
+
+    def query_example(self, row: dict[str, Any], where: str, line: int) -> Example:
+        """A query to answer (``predict``, ``serve``) is one of the test task's."""
+        return self.test_task.query_example(row, where, line)
+
     # a cross task grades through its sources; these are the test task's, for callers that need them
     def example_from_row(self, row: dict[str, Any]) -> Example:
         return self.test_task.example_from_row(row)
@@ -72,10 +80,12 @@ class CrossTask(Task):
         return self.source(example).score(extracted, example)
 
 
-def parse_cross(name: str, data_dir: str | os.PathLike | None) -> CrossTask:
+def parse_cross(name: str, data_dir: str | os.PathLike | None,
+                resolve: Callable[[str, str | os.PathLike | None], Task] | None = None) -> CrossTask:
+    """The mix ``name``; ``resolve(part, data_dir)`` makes each part's task (default: the registered task)."""
+    resolve = resolve or (lambda part, folder: TASKS.get(part)(data_dir=folder))
     train_part, _, test_part = name.partition(">")
     train_names = [n.strip() for n in train_part.split("+") if n.strip()]
     if not train_names or not test_part.strip() or ">" in test_part:
         raise MetatunerError(f"bad cross-task name {name!r}; expected {SYNTAX}")
-    train = [TASKS.get(n)(data_dir=data_dir) for n in train_names]
-    return CrossTask(train, TASKS.get(test_part.strip())(data_dir=data_dir))
+    return CrossTask([resolve(n, data_dir) for n in train_names], resolve(test_part.strip(), data_dir))

@@ -34,6 +34,7 @@ class GSM8K(Task):
     cot_max_new_tokens = 256
     required_fields = ("id", "question", "answer")
     primary_metric = "exact_match_flexible"
+    metric = "numeric"
     hub = HubSource("openai/gsm8k", configs=("main",))
 
     def example_from_row(self, row: dict[str, Any]) -> Example:

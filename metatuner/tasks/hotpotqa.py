@@ -78,6 +78,7 @@ class HotpotQA(Task):
     cot_max_new_tokens = 192
     required_fields = ("id", "question", "answer", "type")
     primary_metric = "f1_flexible"
+    metric = "f1"
     hub = HubSource(
         "hotpotqa/hotpot_qa", configs=("distractor",), splits={"train": "train", "test": "validation"}
     )
@@ -96,19 +97,30 @@ class HotpotQA(Task):
         )
 
     def extract(self, output: str) -> dict[str, str | None]:
-        stated = after_last_answer_is(output)
-        strict = _clean(_SENTENCE_END_RE.split(stated, maxsplit=1)[0]) if stated is not None else None
-        if strict is not None:
-            return {"strict": strict, "flexible": strict}
-        yes_no = _YES_NO_RE.match(output)
-        lines = [line for line in output.splitlines() if line.strip()]
-        flexible = yes_no.group(1).lower() if yes_no else (_clean(lines[0]) if lines else None)
-        return {"strict": None, "flexible": flexible}
+        return extract_phrase(output, yes_no=True)
 
     def score(self, extracted: dict[str, str | None], example: Example) -> dict[str, float]:
-        return {
-            "exact_match_strict": exact_match(extracted["strict"], example.answer),
-            "f1_strict": f1(extracted["strict"], example.answer),
-            "exact_match_flexible": exact_match(extracted["flexible"], example.answer),
-            "f1_flexible": f1(extracted["flexible"], example.answer),
-        }
+        return score_phrase(extracted, example.answer)
+
+
+def extract_phrase(output: str, yes_no: bool = False) -> dict[str, str | None]:
+    """Strict: the sentence after the last "The answer is". Flexible: strict, else (with ``yes_no``) a leading
+    yes/no, else the first line."""
+    stated = after_last_answer_is(output)
+    strict = _clean(_SENTENCE_END_RE.split(stated, maxsplit=1)[0]) if stated is not None else None
+    if strict is not None:
+        return {"strict": strict, "flexible": strict}
+    leading = _YES_NO_RE.match(output) if yes_no else None
+    lines = [line for line in output.splitlines() if line.strip()]
+    flexible = leading.group(1).lower() if leading else (_clean(lines[0]) if lines else None)
+    return {"strict": None, "flexible": flexible}
+
+
+def score_phrase(extracted: dict[str, str | None], gold: str) -> dict[str, float]:
+    """Exact match and token F1 of the strict and the flexible answer against the gold phrase."""
+    return {
+        "exact_match_strict": exact_match(extracted["strict"], gold),
+        "f1_strict": f1(extracted["strict"], gold),
+        "exact_match_flexible": exact_match(extracted["flexible"], gold),
+        "f1_flexible": f1(extracted["flexible"], gold),
+    }

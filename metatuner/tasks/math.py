@@ -73,6 +73,10 @@ class Math(Task):
     max_new_tokens = 384
     cot_max_new_tokens = 512
     required_fields = ("id", "problem", "solution", "level", "type")
+    query_fields = ("problem",)
+    template = "{problem}"
+    answer_field = "solution"
+    metric = "math"
     primary_metric = "accuracy_flexible"
     hub = HubSource(
         "EleutherAI/hendrycks_math",
@@ -105,14 +109,25 @@ class Math(Task):
         )
 
     def extract(self, output: str) -> dict[str, str | None]:
-        strict = last_boxed(output)
-        return {"strict": strict, "flexible": strict if strict is not None else _loose_answer(output)}
+        return extract_math(output)
 
     def score(self, extracted: dict[str, str | None], example: Example) -> dict[str, float]:
-        return {
-            "accuracy_strict": float(equivalent(example.answer, extracted["strict"])),
-            "accuracy_flexible": float(equivalent(example.answer, extracted["flexible"])),
-        }
+        return score_math(extracted, example.answer)
+
+
+def extract_math(output: str) -> dict[str, str | None]:
+    """Strict: the last ``\\boxed{}``. Flexible: strict, else the answer after "The answer is", else the last
+    ``$...$`` span."""
+    strict = last_boxed(output)
+    return {"strict": strict, "flexible": strict if strict is not None else _loose_answer(output)}
+
+
+def score_math(extracted: dict[str, str | None], gold: str) -> dict[str, float]:
+    """math_verify equivalence of the strict and the flexible answer with the gold one."""
+    return {
+        "accuracy_strict": float(equivalent(gold, extracted["strict"])),
+        "accuracy_flexible": float(equivalent(gold, extracted["flexible"])),
+    }
 
 
 def _loose_answer(output: str) -> str | None:

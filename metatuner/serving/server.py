@@ -1,0 +1,202 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over the micro-batching engine, run by uvicorn.
+
+A thin layer: each route checks its request (``protocol``), makes one ``Engine.submit`` call and writes the
+answer back; every error is a JSON body ``{"error": {...}}`` with a 4xx/5xx status, never a crash or a hang:
+
+- 400 malformed JSON, missing or empty messages, no user message, bad or unsupported parameters, a query or
+  system message over ``serve.max_input_chars``, ``max_tokens`` over ``serve.max_tokens``;
+- 401 a missing or wrong API key, when the server has one (``Authorization: Bearer KEY``);
+- 404 an unknown model or path; 413 a body whose Content-Length is over ``serve.max_body_bytes``;
+- 504 no answer within ``serve.timeout_s`` (the request is dropped if it has not started); 503 shutting down.
+
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``.
+uvicorn stops cleanly on SIGTERM or Ctrl-C: it stops accepting, finishes the requests in flight, then the
+engine stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import signal
+import socket
+import threading
+from concurrent.futures import Future
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from metatuner.config import ServeConfig
+from metatuner.evaluation.predictors import Predictor
+from metatuner.serving.engine import Answer, Engine, Served
+from metatuner.serving.protocol import (
+    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, Extra,
+    ModelCard, ModelList, TextChoice, Usage, error_body,
+)
+from metatuner.tasks.base import Task
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.body = status, error_body(message, type_, code, param)
+
+
+def _error(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, code), status_code=status)
+
+
+def create_app(engine: Engine, settings: ServeConfig, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app answering with ``engine``; starting and stopping the app starts and stops the engine."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="metatuner", description="OpenAI-compatible API over MetaTuner", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def gate(request: Request, call_next):
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit():
+            return _error(400, "bad Content-Length header")
+        if int(length) > settings.max_body_bytes:
+            return _error(413, f"request body of {length} bytes exceeds serve.max_body_bytes={settings.max_body_bytes}",
+                          code="request_too_large")
+        if api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return _error(401, "missing or wrong API key (send Authorization: Bearer KEY)", "authentication_error",
+                              "invalid_api_key")
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return JSONResponse(e.body, status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        first = e.errors()[0]
+        if first.get("type") == "json_invalid":
+            return _error(400, f"malformed JSON body ({first.get('ctx', {}).get('error', 'invalid JSON')})")
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        message = first.get("msg", "invalid request").removeprefix("Value error, ")
+        return JSONResponse(error_body(f"{where}: {message}" if where else message, param=where or None), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        if e.status_code in (404, 405):
+            return _error(e.status_code, f"no endpoint {request.method} {request.url.path}; endpoints: POST "
+                          "/v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health", code="not_found")
+        return _error(e.status_code, str(e.detail))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": list(engine.models), "batches": engine.batches, "answered": engine.answered}
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=name) for name in engine.models])
+
+    def checked(model: str, query: str, instruction: str | None, budget: int | None) -> int:
+        """The request's token budget, after checking the model, the input sizes and the budget."""
+        if model not in engine.models:
+            raise ApiError(404, f"unknown model {model!r}; available: {', '.join(engine.models)}", code="model_not_found",
+                           param="model")
+        if not query.strip():
+            raise ApiError(400, "the query (last user message or prompt) is empty")
+        for what, text in (("query", query), ("system message", instruction or "")):
+            if len(text) > settings.max_input_chars:
+                raise ApiError(400, f"the {what} has {len(text)} characters; serve.max_input_chars allows "
+                               f"{settings.max_input_chars}", code="context_length_exceeded")
+        budget = budget or engine.budget(model)
+        if budget > settings.max_tokens:
+            raise ApiError(400, f"max_tokens={budget} exceeds serve.max_tokens={settings.max_tokens}", param="max_tokens")
+        return budget
+
+    async def answer(future: Future) -> Answer:
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), settings.timeout_s)
+        except asyncio.TimeoutError:
+            future.cancel()  # dropped if it has not started
+            raise ApiError(504, f"no answer within serve.timeout_s={settings.timeout_s}s", "timeout", "timeout") from None
+        except RuntimeError as e:
+            raise ApiError(503, str(e), "server_error", "unavailable") from None
+        except Exception as e:  # noqa: BLE001 - a failed generate is this request's error, not the server's end
+            raise ApiError(500, f"{type(e).__name__}: {e}", "server_error") from None
+
+    def usage_and_extra(a: Answer, budget: int) -> dict:
+        p = a.prediction
+        return {"usage": Usage(prompt_tokens=a.prompt_tokens, completion_tokens=p.new_tokens,
+                               total_tokens=a.prompt_tokens + p.new_tokens),
+                "metatuner": Extra(prompt=p.instruction, answer=a.extracted, batch_size=a.batch_size)}
+
+    def finish(a: Answer, budget: int) -> str:
+        return "length" if a.prediction.new_tokens >= budget else "stop"
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest) -> ChatCompletion:
+        query, instruction = body.query(), body.instruction()
+        budget = checked(body.model, query, instruction, body.budget())
+        a = await answer(engine.submit(body.model, query, budget, instruction))
+        choice = ChatChoice(message=AssistantMessage(content=a.prediction.output), finish_reason=finish(a, budget))
+        return ChatCompletion(model=body.model, choices=[choice], **usage_and_extra(a, budget))
+
+    @app.post("/v1/completions")
+    async def complete(body: CompletionRequest) -> Completion:
+        budget = checked(body.model, body.query(), None, body.budget())
+        a = await answer(engine.submit(body.model, body.query(), budget))
+        choice = TextChoice(text=a.prediction.output, finish_reason=finish(a, budget))
+        return Completion(model=body.model, choices=[choice], **usage_and_extra(a, budget))
+
+    return app
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (port 0: any free port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        from metatuner.errors import MetatunerError
+
+        raise MetatunerError(f"cannot listen on {host}:{port} ({e.strerror})") from None
+    sock.listen(128)
+    return sock
+
+
+def serve(models: dict[str, tuple[Predictor, Task]], settings: ServeConfig, api_key: str | None = None) -> None:
+    """Serves ``models`` (name -> (predictor, task)) until SIGTERM / Ctrl-C; prints the address when ready."""
+    import uvicorn
+
+    engine = Engine({name: Served(p, t) for name, (p, t) in models.items()}, settings.max_batch_size,
+                    settings.max_wait_ms)
+    sock = bind(settings.host, settings.port)
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(create_app(engine, settings, api_key), log_level="warning",
+                            timeout_graceful_shutdown=int(settings.timeout_s) + 5)
+    server = uvicorn.Server(config)
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1"
+    print(f"serving {', '.join(models)} at {url} (batches of up to {settings.max_batch_size} requests, "
+          f"{settings.max_wait_ms:g} ms){'; API key required' if api_key else ''}", flush=True)
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the handler it found: a no-op
+    # one here, so the command ends normally (exit 0) after a clean shutdown
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: None) if on_main else None
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
+    print("server stopped", flush=True)

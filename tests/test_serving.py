@@ -1,0 +1,280 @@
+"""The OpenAI-compatible server, called with real clients (openai; DSPy when installed) on a free localhost port:
+served answers equal `metatuner generate`'s, concurrent requests share one batched generate with per-row prompts
+and LoRA and answer exactly as alone, bad requests get JSON 4xx errors, and SIGTERM stops the server cleanly.
+The engine's batching rules are tested on a scripted predictor, without a model."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from metatuner.cli import main
+from metatuner.config import ServeConfig
+from metatuner.evaluation.predictors import Prediction, Predictor
+from metatuner.serving.engine import Engine, Served
+from metatuner.serving.server import bind, create_app
+from metatuner.tasks import get_task
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = f"file:{ROOT / 'examples' / 'capitals.yaml'}"
+KEY = "sk-test"
+QUERIES = ["What is the capital of Peru?", "What is the capital of Kenya?", "Who wrote Hamlet?", "2+2?",
+           "What is the capital of a country with a long name, such as the United Arab Emirates?"]
+TINY_TRAIN = [
+    "train.steps=4", "train.batch_size=2", "train.rollouts=2", "generator.max_prompt_tokens=6", "train.save_every=4",
+    "train.actor_warmup_steps=2", "train.generator_warmup_queries=2", "train.generator_warmup_steps=1",
+    "train.lr_static=0.05", "train.lr_hypernet=0.05", "data.train_limit=8", "data.val_size=2", "train.gate=false",
+]
+
+
+@contextlib.contextmanager
+def running(app):
+    """Serves ``app`` on a free 127.0.0.1 port in a thread; yields its base URL; always shuts it down."""
+    import uvicorn
+
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+        assert not thread.is_alive(), "server did not stop"
+
+
+def client(url: str, key: str = KEY):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+# ---- a real tiny model behind the server -------------------------------------------------------
+@pytest.fixture(scope="module")
+def lively_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny model whose random weights are large enough that greedy answers differ between queries."""
+    from conftest import make_model
+
+    path = tmp_path_factory.mktemp("lively")
+    make_model(tiny_tokenizer, init_range=0.2).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, lively_model_dir):
+    run = tmp_path_factory.mktemp("serve") / "run"
+    assert main(["train", "--task", SPEC, "--model", str(lively_model_dir), "--out", str(run), "--no-eval", *TINY_TRAIN]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def served(run_dir):
+    """MetaTuner and zero-shot behind one server, micro-batching up to 8 requests within 300 ms."""
+    from metatuner.recipes import named_predictors
+
+    found, _ = named_predictors(run_dir, ["zero-shot"], None)
+    settings = ServeConfig(max_batch_size=8, max_wait_ms=300, max_input_chars=200, max_tokens=64, max_body_bytes=4000)
+    engine = Engine({n: Served(p, t) for n, (p, t) in found.items()}, settings.max_batch_size, settings.max_wait_ms)
+    with running(create_app(engine, settings, api_key=KEY)) as url:
+        yield url, engine
+
+
+def generated(run_dir, query, tmp_path) -> dict:
+    out = tmp_path / f"g{abs(hash(query))}.jsonl"
+    assert main(["generate", "--run", str(run_dir), "--question", query, "--output", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_served_answers_equal_metatuner_generate(served, run_dir, tmp_path):
+    url, _ = served
+    api = client(url)
+    assert sorted(m.id for m in api.models.list()) == ["metatuner", "zero-shot"]
+    for query in QUERIES[:2]:
+        want = generated(run_dir, query, tmp_path)
+        chat = api.chat.completions.create(model="metatuner", messages=[{"role": "user", "content": query}])
+        text = api.completions.create(model="metatuner", prompt=query)
+        assert chat.choices[0].message.content == text.choices[0].text == want["output"] != ""
+        assert chat.model_extra["metatuner"]["prompt"] == want["prompt"] == text.model_extra["metatuner"]["prompt"]
+        assert chat.model_extra["metatuner"]["answer"] == want["answer"]
+        assert chat.usage.completion_tokens > 0 and chat.usage.prompt_tokens > chat.usage.completion_tokens
+
+
+def test_export_of_a_run_on_a_spec_task(run_dir, tmp_path):
+    assert main(["export", "--run", str(run_dir), "--query", QUERIES[0], "--out", str(tmp_path / "adapter")]) == 0
+    assert json.loads((tmp_path / "adapter" / "query.json").read_text())["task"] == "capitals"
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_system_message_replaces_the_initial_prompt(served):
+    url, _ = served
+    api = client(url)
+    system = "Reply with one word."
+    for model in ("metatuner", "zero-shot"):
+        chat = api.chat.completions.create(model=model, messages=[
+            {"role": "system", "content": system}, {"role": "user", "content": QUERIES[0]}])
+        assert chat.model_extra["metatuner"]["prompt"].startswith(system)  # MetaTuner may append its hint
+    plain = api.chat.completions.create(model="zero-shot", messages=[{"role": "user", "content": QUERIES[0]}])
+    assert plain.model_extra["metatuner"]["prompt"] == get_task(SPEC).instruction
+
+
+def test_concurrent_requests_share_a_batch_and_answer_as_alone(served):
+    url, engine = served
+    api = client(url)
+    models = ["metatuner", "zero-shot"]
+    alone = {(m, q): api.chat.completions.create(model=m, messages=[{"role": "user", "content": q}])
+             for m in models for q in QUERIES}
+    batches = engine.batches
+
+    def ask(job):
+        m, q = job
+        return job, api.chat.completions.create(model=m, messages=[{"role": "user", "content": q}])
+
+    jobs = [(m, q) for q in QUERIES for m in models]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = dict(pool.map(ask, jobs))
+    for job, reply in together.items():
+        assert reply.choices[0].message.content == alone[job].choices[0].message.content
+        assert reply.model_extra["metatuner"]["prompt"] == alone[job].model_extra["metatuner"]["prompt"]
+    assert max(r.model_extra["metatuner"]["batch_size"] for r in together.values()) > 1
+    assert engine.batches - batches < len(jobs)  # fewer batched generates than requests
+    # per-row prompts and LoRA: different queries of one batch got different answers
+    assert len({together[("metatuner", q)].choices[0].message.content for q in QUERIES}) > 1
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ("{not json", 400, "malformed JSON body"),
+        ('{"model": "metatuner"}', 400, "messages: Field required"),
+        ('{"model": "metatuner", "messages": []}', 400, "messages: List should have at least 1 item"),
+        ('{"model": "metatuner", "messages": [{"role": "system", "content": "x"}]}', 400, "no user message"),
+        ('{"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}', 404, "unknown model 'gpt-9'; available: metatuner, zero-shot"),
+        ('{"model": "metatuner", "messages": [{"role": "user", "content": "' + "x" * 300 + '"}]}', 400, "allows 200"),
+        ('{"model": "metatuner", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}', 400, "exceeds serve.max_tokens=64"),
+        ('{"model": "metatuner", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', 400, "max_tokens"),
+        ('{"model": "metatuner", "messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n must be 1"),
+        ('{"model": "metatuner", "messages": [{"role": "user", "content": "hi"}], "stream": true}', 400, "stream=true is not supported"),
+        ('{"model": "metatuner", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}', 400, "temperature"),
+        ('{"model": "metatuner", "messages": [{"role": "wizard", "content": "hi"}]}', 400, "messages.0.role"),
+        ('{"model": "metatuner", "messages": [{"role": "user", "content": "' + "x" * 5000 + '"}]}', 413, "exceeds serve.max_body_bytes"),
+    ],
+)
+def test_bad_requests_get_json_errors(served, body, status, message):
+    import httpx2 as httpx
+
+    url, _ = served
+    reply = httpx.post(f"{url}/v1/chat/completions", content=body, timeout=30,
+                       headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert reply.status_code == status and message in reply.json()["error"]["message"], reply.text
+    assert httpx.get(f"{url}/health", timeout=30).json()["status"] == "ok"  # still serving
+
+
+def test_the_api_key_is_required_when_set(served):
+    import httpx2 as httpx
+    import openai
+
+    url, _ = served
+    assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 401  # no key
+    with pytest.raises(openai.AuthenticationError) as e:
+        client(url, "sk-wrong").models.list()
+    assert e.value.status_code == 401 and "API key" in e.value.body["message"]
+    assert httpx.get(f"{url}/health", timeout=30).status_code == 200  # health needs no key
+    assert httpx.get(f"{url}/v2/nothing", timeout=30).json()["error"]["code"] == "not_found"
+
+
+def test_dspy_as_a_client(served):
+    dspy = pytest.importorskip("dspy")
+    url, _ = served
+    lm = dspy.LM("openai/zero-shot", api_base=f"{url}/v1", api_key=KEY, cache=False, max_tokens=16)
+    direct = client(url).chat.completions.create(model="zero-shot", messages=[{"role": "user", "content": QUERIES[0]}],
+                                                  max_tokens=16)
+    assert lm(messages=[{"role": "user", "content": QUERIES[0]}])[0] == direct.choices[0].message.content
+
+
+def test_sigterm_stops_the_server_cleanly(lively_model_dir):
+    import httpx2 as httpx
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metatuner.cli", "serve", "--method", "zero-shot", "--model", str(lively_model_dir),
+         "--task", SPEC, "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
+    try:
+        line = proc.stdout.readline()  # "serving zero-shot at http://127.0.0.1:PORT/v1 ..." once it listens
+        assert line.startswith("serving zero-shot at http://127.0.0.1:"), line + proc.stdout.read()
+        url = line.split(" at ")[1].split()[0]
+        reply = httpx.post(f"{url}/chat/completions", json={"model": "zero-shot", "messages": [
+            {"role": "user", "content": QUERIES[0]}]}, timeout=60)
+        assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert "server stopped" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# ---- the engine's batching rules, on a scripted predictor ----------------------------------------
+class Scripted(Predictor):
+    """Answers each query with its text reversed, after ``delay`` seconds; records every batch."""
+
+    def __init__(self, delay: float = 0.0):
+        self.delay, self.batches = delay, []
+
+    def predict(self, task, examples, max_new_tokens):
+        self.batches.append([ex.query for ex in examples])
+        time.sleep(self.delay)
+        return [Prediction(task.instruction_for(ex), ex.query, ex.query[::-1], 1) for ex in examples]
+
+
+def test_the_engine_batches_by_model_and_budget_up_to_its_size():
+    task = get_task(SPEC)
+    a, b = Scripted(delay=1.0), Scripted()
+    engine = Engine({"a": Served(a, task), "b": Served(b, task)}, max_batch_size=3, max_wait_ms=100).start()
+    try:
+        first = engine.submit("a", "q0", 8)  # alone after 100 ms, it occupies the worker while the rest queue up
+        time.sleep(0.4)
+        futures = [engine.submit("a", f"q{i}", 8) for i in range(1, 5)]
+        futures += [engine.submit("b", "x", 8), engine.submit("a", "long", 16),
+                    engine.submit("a", "own p~", 8, instruction="Be brief.")]
+        answers = [f.result(timeout=30) for f in [first, *futures]]
+    finally:
+        engine.stop()
+    assert [x.prediction.output for x in answers] == ["0q", "1q", "2q", "3q", "4q", "x", "gnol", "~p nwo"]
+    assert a.batches == [["q0"], ["q1", "q2", "q3"], ["q4", "own p~"], ["long"]] and b.batches == [["x"]]
+    assert answers[-1].prediction.instruction == "Be brief." and answers[1].prediction.instruction == task.instruction
+
+
+def test_a_timed_out_request_is_dropped_and_the_server_keeps_serving():
+    import httpx2 as httpx
+
+    task = get_task(SPEC)
+    slow = Scripted(delay=0.5)
+    engine = Engine({"slow": Served(slow, task)}, max_batch_size=1, max_wait_ms=0)
+    with running(create_app(engine, ServeConfig(timeout_s=0.2))) as url:
+        with ThreadPoolExecutor(2) as pool:
+            replies = list(pool.map(lambda q: httpx.post(f"{url}/v1/completions", json={"model": "slow", "prompt": q},
+                                                         timeout=30), ["first", "second"]))
+        assert [r.status_code for r in replies] == [504, 504]
+        assert all(r.json()["error"]["code"] == "timeout" for r in replies)
+        time.sleep(0.6)
+        assert len(slow.batches) == 1  # the request that timed out while waiting never ran
+        assert httpx.get(f"{url}/health", timeout=30).json()["answered"] == 1
