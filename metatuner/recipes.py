@@ -2,24 +2,35 @@
 
 Each recipe resolves its inputs (task, splits, model, method), runs, and writes a run folder holding
 the resolved config and the results. The CLI only parses arguments and calls these.
+
+A run folder has one owner: a lock file ``run.lock`` (:mod:`metatuner.locks`) held while a process trains
+in it. A new run folder appears at once with its ``config.yaml`` and lock (:func:`run_folder`), so a
+crash leaves either no folder or one that ``metatuner train --resume`` continues.
 """
 
 from __future__ import annotations
 
 import random
+import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from metatuner.config import RunConfig, save_config, to_dict
+from metatuner import files, locks
+from metatuner.config import RunConfig, config_text, save_config, to_dict
 from metatuner.errors import MetatunerError
 from metatuner.evaluation.harness import EvalResult, evaluate, select
 from metatuner.methods import get_method
 from metatuner.models.loading import load_model, process_state
 from metatuner.tasks import Example, get_task
 from metatuner.training.build import build_metatuner  # noqa: F401 - re-exported: callers import it from here too
+
+
+RUN_LOCK = "run.lock"
 
 
 def seed_everything(seed: int) -> None:
@@ -52,34 +63,112 @@ def train_val_split(examples: list[Example], limit: int | None, val_size: int, s
 def eval_predictor(predictor, task, cfg: RunConfig, out_dir: Path | None, progress: bool = True) -> EvalResult:
     """Scores any predictor on the configured test subset of ``task``: the one evaluation path."""
     test = select(task.load("test"), cfg.eval.limit, cfg.eval.subset, cfg.eval.seed)
-    result = evaluate(
+    return evaluate(
         predictor, task, test, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
         likelihood=cfg.eval.likelihood, out_dir=out_dir, config=to_dict(cfg), progress=progress,
+        extra_files={"config.yaml": config_text(cfg)},
     )
-    if out_dir is not None:
-        save_config(cfg, out_dir / "config.yaml")
-    return result
+
+
+def refuse_existing(out_dir: Path | None) -> None:
+    """Stops before any work when the results folder ``--out`` names exists and is not empty."""
+    if out_dir is not None and files.is_nonempty_dir(out_dir):
+        raise MetatunerError(f"results folder {out_dir} already exists; choose another --out or remove it")
 
 
 def eval_method(cfg: RunConfig, out_dir: Path | None) -> EvalResult:
     """Fits ``cfg.method`` (zero-shot, cot, ...) and scores it on the configured test subset."""
+    refuse_existing(out_dir)
     method_cls = get_method(cfg.method)
     task = get_task(cfg.data.task, cfg.data.data_dir)
     task.load("test")  # fail on bad data before loading the model
     train, val = [], []
     if method_cls.needs_training:
         train, val = train_val_split(task.load("train"), cfg.data.train_limit, cfg.data.val_size, cfg.data.seed)
-    seed_everything(cfg.seed)
-    model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device)
     # a trained method's logs and checkpoints go beside the results folder, which appears only when complete
     train_dir = out_dir.with_name(out_dir.name + "-train") if out_dir is not None and method_cls.needs_training else None
-    method = method_cls(model, tok, cfg, run_dir=train_dir)
-    return eval_predictor(method.fit(task, train, val), task, cfg, out_dir)
+    lock = own_train_dir(train_dir) if train_dir is not None else None
+    try:
+        seed_everything(cfg.seed)
+        model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device)
+        method = method_cls(model, tok, cfg, run_dir=train_dir)
+        return eval_predictor(method.fit(task, train, val), task, cfg, out_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def own_train_dir(train_dir: Path) -> locks.Lock:
+    """Owns the training folder of a results folder still to be made. Whatever it holds is what an
+    interrupted earlier attempt left (the results folder never appeared), and is removed."""
+    files.make_dirs(train_dir)
+    lock = locks.hold(train_dir / RUN_LOCK, f"training folder {train_dir}")
+    for entry in train_dir.iterdir():
+        if entry.name != RUN_LOCK:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    return lock
+
+
+@contextmanager
+def run_folder(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Iterator[None]:
+    """Owns the training run folder ``run_dir`` for the block (the main process, under several).
+
+    A new folder appears at once holding ``config.yaml`` and the lock; an existing non-empty one is
+    refused. ``resume``: the folder's lock is taken over (refused while its owner lives) and its config
+    saved again with this command's overrides. Every process gets the main process's error.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    state = process_state(cfg.model.device)
+    lock, error = None, ""
+    if state.is_main_process:
+        try:
+            lock = _take_run_folder(cfg, run_dir) if resume else _create_run_folder(cfg, run_dir)
+        except MetatunerError as e:
+            error = str(e)
+    if state.num_processes > 1:
+        error = broadcast_object_list([error])[0]
+    if error:
+        raise MetatunerError(error)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _create_run_folder(cfg: RunConfig, run_dir: Path) -> locks.Lock:
+    if files.is_nonempty_dir(run_dir):
+        raise MetatunerError(f"run folder {run_dir} already exists; use --resume {run_dir} to continue it, "
+                             "or choose another --out")
+    lock = None
+    try:
+        with files.new_folder(run_dir) as tmp:
+            files.write_new(tmp / "config.yaml", config_text(cfg))
+            lock = locks.hold(tmp / RUN_LOCK, f"run folder {run_dir}")
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    lock.moved(run_dir / RUN_LOCK)
+    return lock
+
+
+def _take_run_folder(cfg: RunConfig, run_dir: Path) -> locks.Lock:
+    lock = locks.hold(run_dir / RUN_LOCK, f"run folder {run_dir}")
+    try:
+        if (run_dir / "config.yaml").read_text() != config_text(cfg):
+            save_config(cfg, run_dir / "config.yaml")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 # ---- MetaTuner ---------------------------------------------------------------------------------
 def train_metatuner(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True):
-    """Warm-up and joint training into ``run_dir``; returns the trained MetaTuner and the task."""
+    """Warm-up and joint training into the run folder ``run_dir`` (see :func:`run_folder`); returns the
+    trained MetaTuner and the task."""
     from metatuner.training.trainer import Trainer
 
     task = get_task(cfg.data.task, cfg.data.data_dir)
@@ -87,9 +176,6 @@ def train_metatuner(cfg: RunConfig, run_dir: Path, resume: bool = False, progres
     seed_everything(cfg.seed)
     model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device)
     mt = build_metatuner(cfg, model, tok)
-    if process_state(cfg.model.device).is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     Trainer(cfg, mt, task, train, val, run_dir, progress=progress).run(resume=resume)
     return mt, task
 
@@ -116,6 +202,16 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()):
     return mt, cfg
 
 
+def export_adapter(run_dir: str | Path, query: str, out_dir: Path) -> str:
+    """Writes ``query``'s generated LoRA of a trained run as a PEFT adapter folder; returns its prompt."""
+    from metatuner.models.export import export_peft_adapter
+
+    if files.is_nonempty_dir(out_dir):  # before the model loads
+        raise MetatunerError(f"export folder {out_dir} is not empty")
+    mt, cfg = load_run(run_dir)
+    return export_peft_adapter(mt, get_task(cfg.data.task, cfg.data.data_dir), query, out_dir)
+
+
 def eval_run(run_dir: str | Path, overrides: list[str], out_dir: Path | None) -> EvalResult:
     """Scores a trained MetaTuner run on its task's test subset."""
     from metatuner.training.predictor import MetaTunerPredictor
@@ -130,7 +226,8 @@ def main_job(cfg: RunConfig, run_dir: Path) -> tuple[EvalResult, EvalResult]:
     from metatuner.evaluation.predictors import LMPredictor
     from metatuner.training.predictor import MetaTunerPredictor
 
-    mt, task = train_metatuner(cfg, run_dir)
-    tuned = eval_predictor(MetaTunerPredictor(mt), task, cfg, run_dir / "eval-metatuner")
-    base = LMPredictor(mt.actor, mt.tokenizer, None, name="zero-shot")  # p~, and no adapter is active
-    return tuned, eval_predictor(base, task, cfg, run_dir / "eval-zero-shot")
+    with run_folder(cfg, run_dir):
+        mt, task = train_metatuner(cfg, run_dir)
+        tuned = eval_predictor(MetaTunerPredictor(mt), task, cfg, run_dir / "eval-metatuner")
+        base = LMPredictor(mt.actor, mt.tokenizer, None, name="zero-shot")  # p~, and no adapter is active
+        return tuned, eval_predictor(base, task, cfg, run_dir / "eval-zero-shot")

@@ -13,11 +13,12 @@ methods and, where runs validated at several steps, the validation score by step
 
 from __future__ import annotations
 
-import json
+import io
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from metatuner import files
 from metatuner.bench.grid import file_name
 from metatuner.evaluation.harness import confidence_interval, normal_interval
 
@@ -128,20 +129,7 @@ def _paired_table(rows: list[dict], methods: list[str], tasks: list[str]) -> lis
     return lines
 
 
-def read_log(path: Path) -> list[dict]:
-    """The records of a training ``log.jsonl``, in order; [] when the file is missing. A line that is not
-    a JSON object (the torn last line of a run killed mid-write, or still writing) is skipped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+read_log = files.read_json_lines  # a training log.jsonl: a torn last line is skipped
 
 
 def _evals(rows: list[dict], root: Path) -> list[tuple[dict, list[dict]]]:
@@ -199,7 +187,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
+    files.make_dirs(out)
     agg = aggregate(rows)
     written = []
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -215,7 +203,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         ax.set_title(f"{task}: mean over seeds, 95% CI")
         fig.tight_layout()
         path = out / f"bar-{file_name(task)}.png"
-        fig.savefig(path, dpi=110)
+        _save(fig, path)
         plt.close(fig)
         written.append(path)
     written += _curves(rows, out, plt)
@@ -244,7 +232,7 @@ def _curves(rows: list[dict], out: Path, plt) -> list[Path]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"curves-{file_name(task)}.png"
-        fig.savefig(path, dpi=110)
+        _save(fig, path)
         plt.close(fig)
         written.append(path)
     return written
@@ -282,10 +270,17 @@ def _val_curves(rows: list[dict], out: Path, plt) -> list[Path]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"curves-val-{file_name(task)}.png"
-        fig.savefig(path, dpi=110)
+        _save(fig, path)
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _save(fig, path: Path) -> None:
+    """A figure as PNG through the crash-safe write path."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    files.write_bytes(path, buf.getvalue())
 
 
 def report(run_dir: Path) -> tuple[Path, list[Path]]:
@@ -295,10 +290,12 @@ def report(run_dir: Path) -> tuple[Path, list[Path]]:
     path = run_dir / "results.json"
     if not path.is_file():
         raise MetatunerError(f"{path} not found; run `metatuner bench` first")
-    rows = json.loads(path.read_text())
+    rows = files.read_json(path)
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise MetatunerError(f"{path} does not hold a grid's results (a list of cells)")
     if not rows:
         raise MetatunerError(f"{path} holds no finished cell yet")
     md = run_dir / "results.md"
     section = diagnostics_table(rows, run_dir)
-    md.write_text(table(rows) + ("\n\n" + section if section else "") + "\n")
+    files.write_text(md, table(rows) + ("\n\n" + section if section else "") + "\n")
     return md, plot(rows, run_dir / "plots")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from metatuner.errors import MetatunerError
 from metatuner.tasks.base import TASKS, Example, HubSource, Task
 
 LETTERS = ("A", "B", "C", "D")
@@ -59,6 +60,7 @@ class CosmosQA(Task):
     max_new_tokens = 16
     cot_max_new_tokens = 192
     required_fields = ("id", "context", "question", "answer0", "answer1", "answer2", "answer3", "label")
+    field_types = {"id": (str, int), "label": (int, str)}
     primary_metric = "accuracy_flexible"
     # the hub repo is script-based; its parquet conversion loads with datasets >= 4
     hub = HubSource("allenai/cosmos_qa", splits={"train": "train", "test": "validation"},
@@ -66,7 +68,9 @@ class CosmosQA(Task):
 
     def example_from_row(self, row: dict[str, Any]) -> Example:
         options = tuple(row[f"answer{i}"] for i in range(len(LETTERS)))
-        label = int(row["label"])
+        label = int(row["label"]) if str(row["label"]).strip() in ("0", "1", "2", "3") else None
+        if label is None:
+            raise MetatunerError(f"label must be 0, 1, 2 or 3, got {row['label']!r:.40}")
         listed = "\n".join(f"{letter}) {text}" for letter, text in zip(LETTERS, options))
         return Example(
             id=row["id"],
