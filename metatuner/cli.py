@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+import unicodedata
 from pathlib import Path
 
 from metatuner import interrupts
@@ -34,8 +35,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def _print_error(message: str) -> None:
-    # one line, whatever the message holds (a newline, a byte that is not UTF-8, from a path or a value)
-    line = message.replace("\r", "\\r").replace("\n", "\\n")
+    # one line, whatever the message quotes from a path or a value: control characters and line
+    # separators are escaped, and so is what cannot be encoded (a file name that is not UTF-8)
+    line = "".join(repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Zl", "Zp") and c != "\t" else c
+                   for c in message)
     print(f"metatuner: error: {line}".encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
 
 

@@ -68,10 +68,14 @@ def pid_alive(pid: int) -> bool:
 
 
 def _remove(path: Path) -> None:
+    """Best-effort removal (cleaning up after a failure must not hide the failure)."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+    elif path.exists() or path.is_symlink():
+        try:
+            path.unlink()
+        except OSError:
+            pass
 
 
 def sweep(path: Path, every_name: bool = False) -> None:
@@ -129,7 +133,7 @@ def write_bytes(path: Path, data: bytes) -> None:
                 os.close(fd)
             os.replace(tmp, path)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            _remove(tmp)
             raise
         fsync_dir(path.parent)
 
@@ -193,7 +197,7 @@ def staged_folder(final: Path) -> Iterator[Path]:
     make_dirs(final.parent)
     sweep(final)
     tmp = _temporary(final)
-    _remove(tmp)
+    _remove(tmp)  # only ever ours: a leftover of a dead process with our pid
     with _reported("create folder", tmp):
         tmp.mkdir()
     try:

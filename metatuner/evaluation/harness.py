@@ -139,33 +139,32 @@ def evaluate(
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].query))
     records: list[dict[str, Any] | None] = [None] * len(examples)
     new_tokens = 0
-    bar = tqdm(total=len(examples), desc=f"eval {task.name}", unit="ex", disable=not progress)
-    for b in range(0, len(order), batch_size):
-        if stoppable:
-            interrupts.check(f"during the evaluation of {task.name} ({b} of {len(order)} done); nothing written")
-        idx = order[b : b + batch_size]
-        batch = [examples[i] for i in idx]
-        preds = predictor.predict(task, batch, budget)
-        choice_lp = predictor.choice_logprobs(task, batch) if likelihood else None
-        for j, (i, ex, p) in enumerate(zip(idx, batch, preds, strict=True)):
-            extracted, scores = task.grade(p.output, ex)
-            rec = {
-                "id": ex.id,
-                "instruction": p.instruction,
-                "input": p.rendered,
-                "output": p.output,
-                "extracted": extracted,
-                "gold": ex.answer,
-                "scores": scores,
-            }
-            if choice_lp is not None:
-                rec["choice_logprobs"] = choice_lp[j]
-                best = max(range(len(choice_lp[j])), key=choice_lp[j].__getitem__)
-                rec["scores"]["accuracy_likelihood"] = float(best == ex.meta["label"])
-            records[i] = rec
-            new_tokens += p.new_tokens
-        bar.update(len(batch))
-    bar.close()
+    with tqdm(total=len(examples), desc=f"eval {task.name}", unit="ex", disable=not progress) as bar:
+        for b in range(0, len(order), batch_size):
+            if stoppable:
+                interrupts.check(f"during the evaluation of {task.name} ({b} of {len(order)} done); nothing written")
+            idx = order[b : b + batch_size]
+            batch = [examples[i] for i in idx]
+            preds = predictor.predict(task, batch, budget)
+            choice_lp = predictor.choice_logprobs(task, batch) if likelihood else None
+            for j, (i, ex, p) in enumerate(zip(idx, batch, preds, strict=True)):
+                extracted, scores = task.grade(p.output, ex)
+                rec = {
+                    "id": ex.id,
+                    "instruction": p.instruction,
+                    "input": p.rendered,
+                    "output": p.output,
+                    "extracted": extracted,
+                    "gold": ex.answer,
+                    "scores": scores,
+                }
+                if choice_lp is not None:
+                    rec["choice_logprobs"] = choice_lp[j]
+                    best = max(range(len(choice_lp[j])), key=choice_lp[j].__getitem__)
+                    rec["scores"]["accuracy_likelihood"] = float(best == ex.meta["label"])
+                records[i] = rec
+                new_tokens += p.new_tokens
+            bar.update(len(batch))
     seconds = time.perf_counter() - start
     done = [r for r in records if r is not None]
     result = EvalResult(task.name, len(done), summarize(done), task.primary_metric, seconds, done)

@@ -177,18 +177,20 @@ class Trainer:
         ``stream``. A stop request is honoured between two of its steps (after the last one, the caller's
         own safe point follows), so a checkpoint inside a warm-up is never at its end."""
         params = [p for ps in self.groups.values() for p in ps]
-        for k in tqdm(range(start, steps), desc=phase.replace("_", " "), disable=not self.progress,
-                      initial=start, total=steps):
-            began = time.perf_counter()
-            loss = loss_fn(self._share(stream.next(self.tc.batch_size)))
-            self._check_finite(self.step + 1, {name: loss})
-            loss.backward()
-            lrs = self._lrs()
-            self._optimizer_step(params)
-            self.log({"phase": phase, "step": self.step, f"{name}_loss": loss.item(), **lrs,
-                      "seconds": time.perf_counter() - began})
-            if k + 1 < steps:
-                self._stop_point()
+        # closed also on an error, so the error's line starts on a line of its own
+        with tqdm(total=steps, initial=start, desc=phase.replace("_", " "), disable=not self.progress) as bar:
+            for k in range(start, steps):
+                began = time.perf_counter()
+                loss = loss_fn(self._share(stream.next(self.tc.batch_size)))
+                self._check_finite(self.step + 1, {name: loss})
+                loss.backward()
+                lrs = self._lrs()
+                self._optimizer_step(params)
+                self.log({"phase": phase, "step": self.step, f"{name}_loss": loss.item(), **lrs,
+                          "seconds": time.perf_counter() - began})
+                bar.update(1)
+                if k + 1 < steps:
+                    self._stop_point()
 
     def _lrs(self) -> dict[str, float]:
         """The learning rate each component is stepped with now (logged with the step)."""
@@ -208,9 +210,10 @@ class Trainer:
         (D2 comes from the checkpoint) and ``start`` steps."""
         queries = DataStream(self.train_set, self.cfg.data.seed + 2).next(self.tc.generator_warmup_queries)
         if start == 0:
-            for i in tqdm(range(0, len(queries), self.tc.batch_size), desc="warm-up G (rollouts)",
-                          disable=not self.progress):
-                self._offer(self._share(queries[i : i + self.tc.batch_size]), None, None)
+            with tqdm(total=len(queries), desc="warm-up G (rollouts)", disable=not self.progress) as bar:
+                for i in range(0, len(queries), self.tc.batch_size):
+                    self._offer(self._share(queries[i : i + self.tc.batch_size]), None, None)
+                    bar.update(len(queries[i : i + self.tc.batch_size]))
         ids = list(dict.fromkeys(ex.id for ex in queries))
         stream = DataStream([self.by_id[i] for i in ids], self.cfg.data.seed + 3, cursor=start * self.tc.batch_size)
 
@@ -239,24 +242,23 @@ class Trainer:
 
     def train_joint(self) -> None:
         total = self.tc.steps
-        bar = tqdm(total=total - self.joint_start, initial=self.step - self.joint_start, desc="joint training",
-                   disable=not self.progress)
         if self.tc.freeze_static and self.mt.has_static:
             for p in self.mt.m_lora.adapter_parameters("static"):
                 p.requires_grad_(False)
-        while self.step < total:
-            record = self.train_step()
-            if self.step % self.tc.log_every == 0:
-                self.log(record)
-            if self.tc.eval_every and self.step % self.tc.eval_every == 0 and self.val and self.step < total:
-                self.evaluate_val()
-            saved = self.step % self.tc.save_every == 0 or self.step == total
-            if saved:
-                self.save()
-            self._stop_point(saved)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k.endswith("_loss")})
-            bar.update(1)
-        bar.close()
+        with tqdm(total=total - self.joint_start, initial=self.step - self.joint_start, desc="joint training",
+                  disable=not self.progress) as bar:
+            while self.step < total:
+                record = self.train_step()
+                if self.step % self.tc.log_every == 0:
+                    self.log(record)
+                if self.tc.eval_every and self.step % self.tc.eval_every == 0 and self.val and self.step < total:
+                    self.evaluate_val()
+                saved = self.step % self.tc.save_every == 0 or self.step == total
+                if saved:
+                    self.save()
+                bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k.endswith("_loss")})
+                bar.update(1)
+                self._stop_point(saved)
 
     def finish(self) -> None:
         """The final validation (diagnostics, and the prompt gate), saved with the last checkpoint."""
