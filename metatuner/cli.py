@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="metatuner",
         description="Per-query prompt and LoRA co-optimization for language models (MetaTuner).",
+        epilog="exit codes: 0 done; 2 bad input or environment (one error line); 143 / 130 stopped by SIGTERM / "
+        "SIGINT at a safe point (train saves a checkpoint first: continue with train --resume)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show library log messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

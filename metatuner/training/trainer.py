@@ -28,6 +28,10 @@ The loop runs on ``accelerate``: under ``accelerate launch`` each process takes 
 batch, gradients are averaged across processes in one all-reduce before each step, and the rollouts'
 expert outputs are gathered so every process (and the checkpoint) holds all of D2. Only the main
 process writes logs and checkpoints. Every loss term is logged by name to ``log.jsonl`` and TensorBoard.
+
+After each optimizer step the loop is at a safe point: on a SIGTERM / SIGINT (:mod:`metatuner.interrupts`)
+it saves a checkpoint and stops, and :meth:`Trainer.run` with ``resume`` continues from any checkpoint
+(also one inside a warm-up) bit for bit.
 """
 
 from __future__ import annotations
@@ -49,38 +53,12 @@ from metatuner.errors import MetatunerError
 from metatuner.models.metatuner import MetaTuner
 from metatuner.tasks.base import Example, Task
 from metatuner.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from metatuner.training.collective import agreed_signal, average_gradients
 from metatuner.training.experts import ExpertSet
 from metatuner.training.logbook import Logbook
 from metatuner.training.rollouts import rollout
 from metatuner.training.schedule import make_scheduler
-
-
-class DataStream:
-    """An endless, seeded, resumable stream of training examples: a fresh shuffle every epoch."""
-
-    def __init__(self, examples: list[Example], seed: int, cursor: int = 0):
-        self.examples, self.seed, self.cursor = examples, seed, cursor
-        self._epoch, self._order = -1, []
-
-    def peek(self, n: int) -> list[Example]:
-        """The next ``n`` examples, without moving the stream."""
-        cursor = self.cursor
-        try:
-            return self.next(n)
-        finally:
-            self.cursor = cursor
-
-    def next(self, n: int) -> list[Example]:
-        out = []
-        for _ in range(n):
-            epoch, pos = divmod(self.cursor, len(self.examples))
-            if epoch != self._epoch:
-                self._order = list(range(len(self.examples)))
-                random.Random(self.seed * 100_003 + epoch).shuffle(self._order)
-                self._epoch = epoch
-            out.append(self.examples[self._order[pos]])
-            self.cursor += 1
-        return out
+from metatuner.training.stream import DataStream
 
 
 class Trainer:
@@ -197,7 +175,7 @@ class Trainer:
         return {f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups}
 
     def _optimizer_step(self, params: list[torch.Tensor]) -> None:
-        self._sync_gradients(params)
+        average_gradients(self.acc, params)
         self._clip(params)
         self.optimizer.step()
         self.scheduler.step()
@@ -379,29 +357,6 @@ class Trainer:
         items = list(items)
         return list(gather_object(items)) if self.acc.num_processes > 1 else items
 
-    def _sync_gradients(self, params: list[torch.Tensor]) -> None:
-        """Averages gradients across processes with one all-reduce of a flat buffer.
-
-        A parameter's gradient is the mean over the processes that produced one (a process whose share had
-        no expert prompt yet gives the decoder none), and stays ``None`` where none did, as in one process.
-        Every process calls this with the same parameters, so the collective never waits on a missing one.
-        """
-        if self.acc.num_processes == 1:
-            return
-        params = [p for p in params if p.requires_grad]
-        if not params:
-            return
-        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
-        present = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
-        flat = self.acc.reduce(torch.cat([*grads, present]), reduction="sum")
-        counts = flat[-len(params):]
-        offset = 0
-        for p, count in zip(params, counts.tolist()):
-            n = p.numel()
-            if count > 0:
-                p.grad = (flat[offset : offset + n] / count).view_as(p).to(p.dtype)
-            offset += n
-
     def _clip(self, params) -> None:
         """Clips each component's gradient on its own, so the regularizer's large gradients on G never
         shrink the static LoRA's or F's step (one joint norm would)."""
@@ -416,9 +371,7 @@ class Trainer:
     def _stop_point(self, saved: bool = False) -> None:
         """A safe point: after a SIGTERM / SIGINT (in any process), save a checkpoint (unless one was just
         saved) and raise :class:`~metatuner.interrupts.Stopped`."""
-        signum = interrupts.requested() or 0
-        if self.acc.num_processes > 1:  # every process stops at the same step, or the collectives would hang
-            signum = int(self.acc.reduce(torch.tensor([signum], device=self.acc.device), reduction="max").item())
+        signum = agreed_signal(self.acc, interrupts.requested())
         if not signum:
             return
         if not saved:
@@ -437,34 +390,13 @@ class Trainer:
 
     # ---- evaluation, logging, checkpoints ----------------------------------------------------------
     def evaluate_val(self, final: bool = False) -> dict[str, Any]:
-        """Scores the validation split with generated prompts and logs the diagnostics; at the end
-        (``final``) also with p~, and sets the prompt gate (``mt.serve_generated``)."""
-        from metatuner.evaluation.harness import evaluate
-        from metatuner.training.diagnostics import lora_diagnostics, prompt_diagnostics
-        from metatuner.training.predictor import MetaTunerPredictor
+        """Scores the validation split and logs the diagnostics; at the end (``final``) also sets the prompt
+        gate (see :func:`~metatuner.training.diagnostics.validate`)."""
+        from metatuner.training.diagnostics import validate
 
-        mt, task, bs = self.mt, self.task, self.cfg.eval.batch_size
-        run = lambda predictor: evaluate(predictor, task, self.val, batch_size=bs, likelihood=False,  # noqa: E731
-                                         progress=False, stoppable=False)
-        generated = MetaTunerPredictor(mt, prompts="generated")
-        result = run(generated)
-        record: dict[str, Any] = {"phase": "eval", "step": self.step, f"val_{result.primary_metric}": result.score}
-        if mt.use_hypernet:
-            with torch.no_grad():
-                parts = [mt.factors(mt.encode(task, self.val[i : i + bs])) for i in range(0, len(self.val), bs)]
-            factors = {k: (torch.cat([p[k][0] for p in parts]), torch.cat([p[k][1] for p in parts])) for k in parts[0]}
-            record.update(lora_diagnostics(factors, mt.rows_scale))
-        if mt.use_prompt:
-            trace = [generated.trace[ex.id] for ex in self.val]
-            record.update(prompt_diagnostics([mt.compose(task, ex, o) for ex, (o, _) in zip(self.val, trace)],
-                                             [task.instruction_for(ex) for ex in self.val], [c for _, c in trace]))
-            if final and self.tc.gate:
-                initial = run(MetaTunerPredictor(mt, prompts="initial"))
-                mt.serve_generated = result.score >= initial.score + self.tc.gate_margin
-                record.update({f"val_{result.primary_metric}_initial": initial.score,
-                               "gate": "generated" if mt.serve_generated else "initial"})
-        record["sample_prompts"] = [{"id": r["id"], "prompt": r["instruction"], "output": r["output"]}
-                                    for r in result.records[:3]]
+        gate_margin = self.tc.gate_margin if final and self.tc.gate else None
+        record = {"phase": "eval", "step": self.step,
+                  **validate(self.mt, self.task, self.val, self.cfg.eval.batch_size, gate_margin)}
         self.log(record)
         return record
 
