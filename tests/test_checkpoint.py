@@ -260,3 +260,16 @@ def test_non_json_extra_fails_before_writing(tmp_path):
     with pytest.raises(MetatunerError, match="extra state is not JSON-serialisable"):
         save_checkpoint(tmp_path, 1, trainable(model), opt, sched, {"bad": object()})
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_checkpoint_from_before_manifests_still_loads(tmp_path):
+    import json
+
+    model, opt, sched = build()
+    path = save_checkpoint(tmp_path, 1, trainable(model), opt, sched, {"v": 1})
+    (path / "manifest.json").unlink()
+    state = json.loads((path / "state.json").read_text())
+    del state["format"]
+    (path / "state.json").write_text(json.dumps(state))
+    assert verify(path) == [] and latest_checkpoint(tmp_path) == path
+    assert load_checkpoint(path, opt, sched)[1] == {"step": 1, "extra": {"v": 1}}

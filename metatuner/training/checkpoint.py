@@ -153,32 +153,32 @@ def verify(path: Path) -> list[str]:
     path = Path(path)
     if not path.is_dir():
         return ["the folder does not exist"]
-    try:
-        state = json.loads((path / "state.json").read_bytes())
-        legacy = "format" not in state
-    except (OSError, ValueError):
-        state, legacy = None, False
-    if legacy:  # written before checkpoints had a manifest: nothing to check against
-        return []
+    if not (path / MANIFEST).is_file():
+        try:  # written before checkpoints had a manifest: nothing to check against
+            if "format" not in json.loads((path / "state.json").read_bytes()):
+                return []
+        except (OSError, ValueError, TypeError):
+            pass
+        return [f"{MANIFEST} is missing"]
     try:
         manifest = json.loads((path / MANIFEST).read_bytes())["files"]
-    except FileNotFoundError:
-        return [f"{MANIFEST} is missing"]
-    except (OSError, ValueError, KeyError, TypeError):
+        wanted = {name: (int(want["size"]), str(want["sha256"])) for name, want in manifest.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return [f"{MANIFEST} is unreadable"]
     problems = []
-    for name, want in manifest.items():
+    for name, (size, sha256) in wanted.items():
         try:
             data = (path / name).read_bytes()
         except FileNotFoundError:
             problems.append(f"{name} is missing")
             continue
-        if len(data) != want["size"]:
-            problems.append(f"{name} has {len(data)} bytes, {want['size']} expected (truncated?)")
-        elif hashlib.sha256(data).hexdigest() != want["sha256"]:
+        except OSError as e:
+            problems.append(f"{name} is unreadable ({e.strerror or e})")
+            continue
+        if len(data) != size:
+            problems.append(f"{name} has {len(data)} bytes, {size} expected (truncated?)")
+        elif hashlib.sha256(data).hexdigest() != sha256:
             problems.append(f"{name} is corrupted (sha256 mismatch)")
-    if state is None and not problems:
-        problems.append("state.json is unreadable")
     return problems
 
 
