@@ -67,5 +67,6 @@ def requested() -> int | None:
 
 def check(detail: str) -> None:
     """Raises :class:`Stopped` when a stop was requested; ``detail`` says where and what was kept."""
-    if _requested is not None:
-        raise Stopped(_requested, detail)
+    signum = requested()
+    if signum is not None:
+        raise Stopped(signum, detail)

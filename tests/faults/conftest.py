@@ -19,6 +19,8 @@ import yaml
 
 from metatuner.training.checkpoint import STEP_DIR, latest_checkpoint, verify
 
+
+# ---- the tally ----------------------------------------------------------------------------------------
 def pytest_configure(config):
     # hypothesis keeps a cache in ./.hypothesis; the suite writes nothing into the source tree
     from hypothesis.configuration import set_hypothesis_home_dir
@@ -50,6 +52,7 @@ def pytest_terminal_summary(terminalreporter):
         )
 
 
+# ---- checks of folders --------------------------------------------------------------------------------
 def snapshot(root: Path) -> dict[str, bytes | None]:
     """Every path under ``root`` with its bytes (None for a folder)."""
     root = Path(root)
@@ -75,10 +78,11 @@ def log_records(path: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in path.read_text().splitlines()]
 
 
-def assert_complete_results_folder(folder: Path) -> None:
-    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "records.jsonl", "summary.json"], folder
+def assert_complete_results_folder(folder: Path, *extra: str) -> None:
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["config.yaml", "records.jsonl", "summary.json", *extra])
 
 
+# ---- reference runs, uninterrupted ---------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def forkserver():
     """Starts the fork server once (it imports torch, transformers and metatuner)."""
@@ -105,6 +109,7 @@ TRAIN = [
 
 
 def train_argv(model_dir, run_dir, resume: bool) -> list[str]:
+    """``train`` of the tiny model into ``run_dir``, or ``train --resume`` of it."""
     if resume:
         return ["train", "--resume", str(run_dir)]
     return ["train", "--model", str(model_dir), "--limit", "3", "--out", str(run_dir), *TRAIN]
@@ -121,6 +126,7 @@ def train_state(run_dir) -> dict:
 
 
 def assert_nothing_half_written(root) -> None:
+    """No leftover under ``root``, every checkpoint intact, every ``latest`` naming a folder."""
     assert leftovers(root) == []
     for ckpt_dir in root.rglob("checkpoints"):
         steps = [p for p in ckpt_dir.iterdir() if STEP_DIR.fullmatch(p.name)]
@@ -159,18 +165,15 @@ def protocol(tmp_path: Path, model_dir: Path) -> Path:
 
 
 def grid_state(out) -> dict:
+    """What a finished grid holds: its rows (without timing), each cell's records, each training log."""
     rows = json.loads((out / "results.json").read_text())
     drop = {"eval_seconds", "fit_seconds", "environment"}
     cells = sorted(p for p in (out / "cells").iterdir() if not p.name.endswith("-train"))
     for cell in cells:
-        assert_complete_results_folder_with_cell(cell)
+        assert_complete_results_folder(cell, "cell.json")
     return {"rows": [{k: v for k, v in r.items() if k not in drop} for r in rows],
             "records": {p.name: results(p)[1] for p in cells},
             "logs": {p.name: log_records(p / "log.jsonl") for p in (out / "cells").glob("*-train")}}
-
-
-def assert_complete_results_folder_with_cell(cell) -> None:
-    assert sorted(p.name for p in cell.iterdir()) == ["cell.json", "config.yaml", "records.jsonl", "summary.json"]
 
 
 @pytest.fixture(scope="session")

@@ -72,3 +72,28 @@ def test_sigterm_during_bench_keeps_finished_cells_and_releases_the_one_in_progr
     assert grid_state(out) == reference
     assert_nothing_half_written(out)
     count("faults survived")
+
+
+def test_sigterm_to_bench_with_workers_is_forwarded_once_and_each_worker_stops_at_a_safe_point(
+        tmp_path, reference_grid, monkeypatch):
+    import pytest
+
+    from metatuner import interrupts
+    from metatuner.bench.grid import Protocol, run_grid
+
+    spec, reference, _ = reference_grid
+    out = tmp_path / "grid"
+    cells = out / "cells"
+    # the parent's handler is what main() installs; here the request is faked once a cell is done
+    monkeypatch.setattr(interrupts, "requested", lambda: signal.SIGTERM if list(cells.glob("*/summary.json")) else None)
+    count("faults injected")
+    with pytest.raises(interrupts.Stopped, match="and its 2 workers"):
+        run_grid(Protocol.load(spec), out, workers=2)
+    monkeypatch.undo()
+    logs = [(out / "logs" / f"worker-{k}.log").read_text() for k in range(2)]
+    assert all(log.count("SIGTERM received") <= 1 for log in logs)  # forwarded once, never twice
+    assert list((out / "claims").iterdir()) == [] and leftovers(out) == []  # the cell in progress was released
+    run_grid(Protocol.load(spec), out)
+    assert grid_state(out) == reference
+    assert_nothing_half_written(out)
+    count("faults survived")
