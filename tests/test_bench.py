@@ -1,6 +1,7 @@
 """The benchmark grid on a tiny model: cells run once, reruns skip them, the report rebuilds from JSON."""
 
 import json
+import os
 
 import pytest
 import yaml
@@ -39,6 +40,16 @@ def test_grid_runs_every_cell_once_and_rerun_skips(protocol_file, tmp_path, monk
     calls = []
     monkeypatch.setattr(recipes, "eval_method", lambda cfg, out_dir: calls.append(cfg) or pytest.fail("re-ran"))
     assert len(run_grid(Protocol.load(protocol_file), out)) == 6 and calls == []
+
+
+def test_results_ignore_a_cell_folder_another_worker_is_still_writing(protocol_file, tmp_path):
+    out = tmp_path / "grid"
+    rows = run_grid(Protocol.load(protocol_file), out, only=["zero-shot"])
+    import shutil
+
+    done = grid.cell_dir(out, "arithmetic", "zero-shot", 0)
+    shutil.copytree(done, done.with_name(f".{done.name}.tmp-{os.getpid()}"))  # complete files, not yet renamed
+    assert grid.collect(out) == rows
 
 
 def test_an_unfinished_cell_is_the_only_one_rerun(protocol_file, tmp_path):

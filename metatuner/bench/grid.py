@@ -250,6 +250,8 @@ def collect(out: Path) -> list[dict]:
     """Rebuilds ``results.json`` from every finished cell (atomically)."""
     rows = []
     for summary_path in sorted((out / "cells").glob("*/summary.json")):
+        if summary_path.parent.name.startswith("."):  # a cell folder still being written by another worker
+            continue
         s = json.loads(summary_path.read_text())
         _, method, seed = summary_path.parent.name.split("--")
         task = s["task"]
