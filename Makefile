@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run test smoke bench clean
+.PHONY: install run test smoke faults bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt scripts/install.sh
 	VENV=$(VENV) scripts/install.sh
@@ -18,6 +18,9 @@ test: install
 
 smoke: install
 	$(PY) -m pytest -q -m smoke
+
+faults: install
+	$(PY) -m pytest -q tests/faults
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

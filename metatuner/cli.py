@@ -2,6 +2,10 @@
 
 Every command accepts ``--config FILE`` (YAML holding overrides) and trailing ``key=value``
 overrides (``eval.limit=20 model.dtype=bfloat16``); ``metatuner config`` lists every key.
+
+Exit codes: 0 done; 2 a problem with the input or the environment (one line on stderr, ``metatuner:
+error: ...``); 143 / 130 stopped by SIGTERM / SIGINT at a safe point (training saved a checkpoint first:
+``metatuner train --resume`` continues it); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,12 +16,32 @@ import logging
 import os
 import sys
 import time
+import unicodedata
 from pathlib import Path
 
+from metatuner import interrupts
 from metatuner.errors import MetatunerError
 
 MAIN_JOB_CONFIG = "quick"
 API_KEY_ENV = "METATUNER_API_KEY"  # the server's key when --api-key is not given
+
+LONG_RUNNING = ("eval", "train", "run", "bench")  # stop at a safe point on SIGTERM / SIGINT
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit code 2, like every other error."""
+
+    def error(self, message: str):
+        _print_error(f"{message} (see `{self.prog} --help`)")
+        sys.exit(2)
+
+
+def _print_error(message: str) -> None:
+    # one line, whatever the message quotes from a path or a value: control characters and line
+    # separators are escaped, and so is what cannot be encoded (a file name that is not UTF-8)
+    line = "".join(repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Zl", "Zp") and c != "\t" else c
+                   for c in message)
+    print(f"metatuner: error: {line}".encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -32,7 +56,8 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="evaluate the first N test items (eval.subset=random for a seeded sample)")
     p.add_argument("--data-dir", help="folder with <task>/{train,test}.jsonl (default: $METATUNER_DATA_DIR, else the hub)")
     p.add_argument("--batch-size", type=int, help="generation batch size (default 16)")
-    p.add_argument("--out", help="folder to create for the results (default: runs/<kind>-<task>-<time>)")
+    p.add_argument("--out", help="folder to create for the results (default: runs/<kind>-<task>-<time>); "
+                   "an existing non-empty folder is refused")
 
 
 def _answering_flags(p: argparse.ArgumentParser, several: bool) -> None:
@@ -49,9 +74,11 @@ def _answering_flags(p: argparse.ArgumentParser, several: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from metatuner.bench.grid import shipped_protocols
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="metatuner",
         description="Per-query prompt and LoRA co-optimization for language models (MetaTuner).",
+        epilog="exit codes: 0 done; 2 bad input or environment (one error line); 143 / 130 stopped by SIGTERM / "
+        "SIGINT at a safe point (train saves a checkpoint first: continue with train --resume)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show library log messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -71,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train MetaTuner (warm-up, then joint training), then evaluate on test")
     _eval_flags(p)
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly where its last checkpoint stopped")
-    p.add_argument("--no-eval", action="store_true", help="skip the test evaluation after training")
+    p.add_argument("--no-eval", action="store_true",
+                   help="skip the test evaluation after training (kept by --resume: eval.after_training=false)")
     _common(p)
 
     p = sub.add_parser("generate", help="answer questions with a trained run, showing the generated prompt")
@@ -148,7 +176,8 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
         "max_batch_size": "serve.max_batch_size",
         "max_wait_ms": "serve.max_wait_ms",
     }
-    return [f"{key}={getattr(args, flag)}" for flag, key in pairs.items() if getattr(args, flag, None) is not None]
+    flags = [f"{key}={getattr(args, flag)}" for flag, key in pairs.items() if getattr(args, flag, None) is not None]
+    return flags + (["eval.after_training=false"] if getattr(args, "no_eval", False) else [])
 
 
 def _config(args: argparse.Namespace, defaults: list[str] = ()):
@@ -210,11 +239,12 @@ def _print_results(title: str, results) -> None:
 
 
 def cmd_eval(args) -> None:
-    from metatuner.recipes import eval_method, eval_run, new_run_dir
+    from metatuner.recipes import eval_method, eval_run, new_run_dir, refuse_existing
 
     if args.run:
         overrides = [*args.overrides, *_flag_overrides(args)]
         out = Path(args.out) if args.out else Path(args.run) / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+        refuse_existing(out)
         _print_results("metatuner", eval_run(args.run, overrides, out))
         return
     cfg = _config(args)
@@ -227,7 +257,8 @@ def cmd_train(args) -> None:
 
     from metatuner.config import load_config
     from metatuner.models.loading import process_state
-    from metatuner.recipes import eval_splits, new_run_dir, train_metatuner
+    from metatuner.recipes import eval_splits, new_run_dir, run_folder, train_metatuner
+    from metatuner.training.checkpoint import latest_checkpoint
     from metatuner.training.predictor import MetaTunerPredictor
 
     if args.resume:
@@ -241,16 +272,23 @@ def cmd_train(args) -> None:
     if not args.resume:
         run_dir = Path(args.out) if args.out else new_run_dir(cfg.out_dir, "metatuner", cfg.data.task)
         run_dir = Path(broadcast_object_list([str(run_dir)])[0])  # the main process's name (time-stamped)
-        if run_dir.exists():
-            raise MetatunerError(f"run folder {run_dir} already exists; use --resume {run_dir} to continue it")
-    state.wait_for_everyone()  # every process has checked the folder before the main one creates it
-    mt, task = train_metatuner(cfg, run_dir, resume=bool(args.resume))
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return  # the main process scores the trained model and prints; the others are done
-    print(f"trained: {run_dir}")
-    if not args.no_eval:
-        _print_results("metatuner", eval_splits(MetaTunerPredictor(mt), task, cfg, run_dir / "eval-test"))
+    hint = f"continue with: metatuner train --resume {run_dir}"
+    with run_folder(cfg, run_dir, resume=bool(args.resume)):
+        # a run killed before its first checkpoint starts again from step 0
+        resume = bool(args.resume) and latest_checkpoint(run_dir) is not None
+        try:
+            mt, task = train_metatuner(cfg, run_dir, resume=resume)
+            state.wait_for_everyone()
+            if not state.is_main_process:
+                return  # the main process scores the trained model and prints; the others are done
+            print(f"trained: {run_dir}")
+            done = run_dir / "eval-test"
+            if cfg.eval.after_training and (done / "summary.json").is_file():
+                print(f"already evaluated: {done}")
+            elif cfg.eval.after_training:
+                _print_results("metatuner", eval_splits(MetaTunerPredictor(mt), task, cfg, done))
+        except interrupts.Stopped as e:
+            raise interrupts.Stopped(e.signum, f"{e.detail}; {hint}") from None
 
 
 def cmd_run(args) -> None:
@@ -264,33 +302,46 @@ def cmd_run(args) -> None:
     print(f"run folder: {run_dir}")
 
 
+def _query(text: str, flag: str) -> str:
+    if not text.strip():
+        raise MetatunerError(f"{flag} is empty; give the text of the question")
+    return text
+
+
 def cmd_generate(args) -> None:
+    from metatuner.files import write_text
     from metatuner.recipes import load_run
     from metatuner.serving.predict import prediction_record
     from metatuner.tasks import Example, get_task, read_jsonl
     from metatuner.training.predictor import MetaTunerPredictor
 
+    if args.question is not None:
+        _query(args.question, "--question")
+    if args.batch_size < 1:
+        raise MetatunerError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.output and Path(args.output).is_dir():
+        raise MetatunerError(f"--output {args.output} is a folder; give a file name")
     mt, cfg = load_run(args.run)
     task = get_task(cfg.data.task, cfg.data.data_dir)
-    if args.question:
+    if args.question is not None:
         examples = [Example(id="question", query=args.question, answer="", target="")]
     else:
         rows = read_jsonl(Path(args.input))
         examples = [task.checked_example(row, args.input, i + 1) for i, row in enumerate(rows)]
+        if not examples:
+            raise MetatunerError(f"{args.input} holds no rows")
     predictor = MetaTunerPredictor(mt)
-    sink = open(args.output, "w") if args.output else None
-    try:
-        for b in range(0, len(examples), args.batch_size):
-            batch = examples[b : b + args.batch_size]
-            for ex, p in zip(batch, predictor.predict(task, batch, predictor.budget(task))):
-                record = prediction_record(task, ex, p)
-                if sink:
-                    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-                else:
-                    print(f"[{ex.id}]\n  prompt: {p.instruction}\n  output: {p.output}\n  answer: {record['answer']}")
-    finally:
-        if sink:
-            sink.close()
+    lines = []
+    for b in range(0, len(examples), args.batch_size):
+        batch = examples[b : b + args.batch_size]
+        for ex, p in zip(batch, predictor.predict(task, batch, predictor.budget(task))):
+            record = prediction_record(task, ex, p)
+            if args.output:
+                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+            else:
+                print(f"[{ex.id}]\n  prompt: {p.instruction}\n  output: {p.output}\n  answer: {record['answer']}")
+    if args.output:
+        write_text(Path(args.output), "".join(lines))  # the whole file at once, never a part of it
 
 
 def _named_predictors(args):
@@ -324,26 +375,20 @@ def cmd_serve(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from metatuner.models.export import export_peft_adapter
-    from metatuner.recipes import load_run
-    from metatuner.tasks import get_task
+    from metatuner.recipes import export_adapter
 
-    mt, cfg = load_run(args.run)
-    prompt = export_peft_adapter(mt, get_task(cfg.data.task, cfg.data.data_dir), args.query, Path(args.out))
+    prompt = export_adapter(args.run, _query(args.query, "--query"), Path(args.out))
     print(f"prompt: {prompt}\nadapter: {args.out} (PeftModel.from_pretrained(base_model, {args.out!r}))")
 
 
 def cmd_rescore(args) -> None:
-    from metatuner.evaluation.harness import rescore
+    from metatuner.evaluation.harness import read_results_folder, rescore
     from metatuner.tasks import get_task
 
     for folder in args.results:
-        summary = Path(folder) / "summary.json"
-        if not summary.is_file():
-            raise MetatunerError(f"{folder} is not a results folder (no summary.json)")
-        saved = json.loads(summary.read_text())
+        saved, _ = read_results_folder(Path(folder))
         # a spec file's task is found by its path (in the saved config), a registered one by its name
-        task = get_task(saved.get("config", {}).get("data", {}).get("task") or saved["task"], args.data_dir)
+        task = get_task(saved.get("config", {}).get("data", {}).get("task") or str(saved.get("task")), args.data_dir)
         _print_result(f"rescored {folder}", rescore(folder, task))
 
 
@@ -351,10 +396,10 @@ def cmd_bench(args) -> None:
     from metatuner.bench.grid import Protocol, run_grid
     from metatuner.bench.report import report
 
-    protocol = Protocol.load(args.config, args.overrides)
-    out = Path(args.out) if args.out else Path("runs") / f"bench-{protocol.name}"
     if args.workers < 1:
         raise MetatunerError(f"--workers must be at least 1, got {args.workers}")
+    protocol = Protocol.load(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / f"bench-{protocol.name}"
     run_grid(protocol, out, args.data_dir, args.only, args.workers)
     if args.no_report:
         return
@@ -394,10 +439,17 @@ def main(argv: list[str] | None = None) -> int:
                 f"`metatuner {args.command}` runs in one process, not {processes}; start only `metatuner train` "
                 "with accelerate launch / torchrun"
             )
-        COMMANDS[args.command](args)
+        if args.command in LONG_RUNNING:
+            with interrupts.stop_at_safe_points():
+                COMMANDS[args.command](args)
+        else:
+            COMMANDS[args.command](args)
     except MetatunerError as e:
-        print(f"metatuner: error: {e}", file=sys.stderr)
+        _print_error(str(e))
         return 2
+    except interrupts.Stopped as e:
+        print(f"metatuner: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("metatuner: interrupted", file=sys.stderr)
         return 130

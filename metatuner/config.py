@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from metatuner import files
 from metatuner.errors import MetatunerError
 
 SHIPPED = Path(__file__).parent / "configs"
@@ -89,6 +90,9 @@ class EvalConfig:
     budgets: list[int] | None = option(
         None, "learning curve: also score a trained method at these optimizer steps of its training (warm-ups "
         "counted), each into <folder>.b<step>; the run's own end is scored as usual"
+    )
+    after_training: bool = option(
+        True, "`metatuner train` scores the test split when training ends (--no-eval sets false; --resume keeps it)"
     )
 
     def __post_init__(self):
@@ -395,7 +399,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         raise ConfigKeyError(prefix.rstrip("."), f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted((k for k in data if k not in fields), key=str)
     if unknown:
         raise ConfigKeyError(
             prefix + unknown[0],
@@ -451,12 +455,42 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise MetatunerError(f"override {item!r} is not of the form key=value (e.g. eval.limit=20)")
         key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise MetatunerError(f"override {item!r} has an empty key (keys look like eval.limit)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise MetatunerError(f"override {item!r}: invalid value ({str(e).splitlines()[0]})") from None
         node = out
-        *parents, leaf = key.strip().split(".")
-        for p in parents:
+        *parents, leaf = parts
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+            if not isinstance(node, dict):
+                raise MetatunerError(f"override {item!r} conflicts with an earlier {'.'.join(parts[: i + 1])}=...")
+        if isinstance(node.get(leaf), dict):
+            raise MetatunerError(f"override {item!r} conflicts with an earlier {key.strip()}.<key>=...")
+        node[leaf] = value
     return out
+
+
+def read_yaml_mapping(path: Path, what: str = "config file") -> dict[str, Any]:
+    """The mapping a YAML file holds ({} for an empty file); unreadable or malformed files are one clear error."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise MetatunerError(f"{path}: {what} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise MetatunerError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise MetatunerError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise MetatunerError(f"{path}: a {what} holds a mapping of keys (e.g. eval: {{limit: 20}}), not a {type(data).__name__}")
+    return data
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -480,10 +514,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = 
         if not p.is_file():
             names = ", ".join(sorted(f.stem for f in SHIPPED.glob("*.yaml")))
             raise MetatunerError(f"config file not found: {p} (shipped configs: {names})")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise MetatunerError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+        data = read_yaml_mapping(p)
     data = merge(data, parse_overrides(list(overrides)))
     return from_dict(cls, data)
 
@@ -492,8 +523,13 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def config_text(cfg: Any) -> str:
+    """The resolved config as the YAML a run folder keeps (``config.yaml``)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Any, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    files.write_text(path, config_text(cfg))
 
 
 def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -2,6 +2,10 @@
 
 Each recipe resolves its inputs (task, splits, model, method), runs, and writes a run folder holding
 the resolved config and the results. The CLI only parses arguments and calls these.
+
+A run folder has one owner: a lock file ``run.lock`` (:mod:`metatuner.locks`) held while a process trains
+in it. A new run folder appears at once with its ``config.yaml`` and lock (:func:`run_folder`), so a
+crash leaves either no folder or one that ``metatuner train --resume`` continues.
 """
 
 from __future__ import annotations
@@ -9,21 +13,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from metatuner.config import RunConfig, save_config, to_dict
+from metatuner import files, locks
+from metatuner.config import RunConfig, config_text, save_config, to_dict
 from metatuner.errors import MetatunerError
-from metatuner.files import write_text_atomic
 from metatuner.evaluation.harness import EvalResult, evaluate, select
 from metatuner.evaluation.predictors import Predictor
 from metatuner.methods import get_method
 from metatuner.models.loading import load_model, process_state
 from metatuner.tasks import Example, Task, get_task
 from metatuner.training.build import build_metatuner  # noqa: F401 - re-exported: callers import it from here too
+
+
+RUN_LOCK = "run.lock"
 
 
 def seed_everything(seed: int) -> None:
@@ -59,26 +69,33 @@ def split_dir(out_dir: Path, split: str) -> Path:
 
 
 def eval_predictor(predictor, task, cfg: RunConfig, out_dir: Path | None, progress: bool = True,
-                   split: str | None = None) -> EvalResult:
+                   split: str | None = None, extra_files: dict[str, str] | None = None) -> EvalResult:
     """Scores any predictor on the configured subset of one test split of ``task`` (default: the first of
-    ``eval.splits``): the one evaluation path."""
+    ``eval.splits``): the one evaluation path. The results folder holds the resolved ``config.yaml`` and
+    ``extra_files`` (name -> text), written with it."""
     split = split or cfg.eval.splits[0]
     test = select(task.load(split), cfg.eval.limit, cfg.eval.subset, cfg.eval.seed)
-    result = evaluate(
+    return evaluate(
         predictor, task, test, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
         likelihood=cfg.eval.likelihood, out_dir=out_dir, config=to_dict(cfg), progress=progress, split=split,
+        extra_files={"config.yaml": config_text(cfg), **(extra_files or {})},
     )
-    if out_dir is not None:
-        save_config(cfg, out_dir / "config.yaml")
-    return result
 
 
-def eval_splits(predictor, task, cfg: RunConfig, out_dir: Path | None, progress: bool = True) -> list[EvalResult]:
+def refuse_existing(out_dir: Path | None) -> None:
+    """Stops before any work when the results folder ``--out`` names exists and is not empty."""
+    if out_dir is not None and files.is_nonempty_dir(out_dir):
+        raise MetatunerError(f"results folder {out_dir} already exists; choose another --out or remove it")
+
+
+def eval_splits(predictor, task, cfg: RunConfig, out_dir: Path | None, progress: bool = True,
+                extra_files: dict[str, str] | None = None) -> list[EvalResult]:
     """Scores a predictor on every split of ``eval.splits`` (in that order): the first into ``out_dir``,
     each other into :func:`split_dir`. ``out_dir`` is written last, so its appearing means all are done."""
     first, *others = cfg.eval.splits
-    results = {s: eval_predictor(predictor, task, cfg, split_dir(out_dir, s) if out_dir else None, progress, s) for s in others}
-    results[first] = eval_predictor(predictor, task, cfg, out_dir, progress, first)
+    results = {s: eval_predictor(predictor, task, cfg, split_dir(out_dir, s) if out_dir else None, progress, s,
+                                 extra_files) for s in others}
+    results[first] = eval_predictor(predictor, task, cfg, out_dir, progress, first, extra_files)
     return [results[s] for s in cfg.eval.splits]
 
 
@@ -91,22 +108,23 @@ def eval_method(cfg: RunConfig, out_dir: Path | None) -> list[EvalResult]:
     """Fits ``cfg.method`` (zero-shot, cot, ...) once and scores it on every split of ``eval.splits``.
 
     With ``eval.budgets`` (a learning curve) a trained method is also scored at those optimizer steps of
-    its fit, into :func:`budget_dir` folders, each with a ``budget.json`` of its step and the seconds of
-    fitting spent until then (scoring excluded); ``budget.json`` beside ``out_dir`` gives the full budget.
+    its fit, into :func:`budget_dir` folders. Every results folder holds a ``budget.json``: the optimizer
+    steps its predictor was trained for and the seconds of fitting it took (earlier points' scoring
+    excluded), so a method's budget is counted in full.
     """
+    refuse_existing(out_dir)
     task = get_task(cfg.data.task, cfg.data.data_dir)
     for split in cfg.eval.splits:
         task.load(split)  # fail on bad data or an unknown split before loading the model
     # a trained method's logs and checkpoints go beside the results folder, which appears only when complete
-    train_dir = out_dir.with_name(out_dir.name + "-train") if out_dir is not None else None
+    needs_training = get_method(cfg.method).needs_training
+    train_dir = out_dir.with_name(out_dir.name + "-train") if out_dir is not None and needs_training else None
     start, scoring, fitted = time.perf_counter(), [0.0], []
 
     def on_budget(step: int, predictor) -> None:
         began = time.perf_counter()
         folder = budget_dir(out_dir, step) if out_dir is not None else None
-        results = eval_splits(predictor, task, cfg, folder, progress=False)
-        if folder is not None:
-            write_budget(folder, step, began - start - scoring[0])
+        results = eval_splits(predictor, task, cfg, folder, False, budget_file(step, began - start - scoring[0]))
         scoring[0] += time.perf_counter() - began
         print(f"    step {step}: " + "; ".join(r.line() for r in results), flush=True)
 
@@ -115,18 +133,20 @@ def eval_method(cfg: RunConfig, out_dir: Path | None) -> list[EvalResult]:
         if cfg.eval.budgets:
             method.on_budget, method.budgets = on_budget, {b for b in cfg.eval.budgets if b < method.budget()}
 
-    predictor, task = fit_method(cfg, train_dir, prepare=prepare)
-    fit_seconds = time.perf_counter() - start - scoring[0]
-    results = eval_splits(predictor, task, cfg, out_dir)
-    if out_dir is not None:
-        write_budget(out_dir, fitted[0].budget(), fit_seconds)
-    return results
+    lock = own_train_dir(train_dir) if train_dir is not None else None
+    try:
+        predictor, task = fit_method(cfg, train_dir, prepare=prepare)
+        fit_seconds = time.perf_counter() - start - scoring[0]
+        return eval_splits(predictor, task, cfg, out_dir, True, budget_file(fitted[0].budget(), fit_seconds))
+    finally:
+        if lock is not None:
+            lock.release()
 
 
-def write_budget(folder: Path, step: int, fit_seconds: float) -> None:
-    """``budget.json``: the optimizer steps a results folder's predictor was trained for, and the seconds
-    of fitting (scoring of earlier learning-curve points excluded) it took to get there."""
-    write_text_atomic(folder / "budget.json", json.dumps({"steps": step, "fit_seconds": fit_seconds}))
+def budget_file(steps: int, fit_seconds: float) -> dict[str, str]:
+    """``budget.json`` of a results folder: the optimizer steps its predictor was trained for and the
+    seconds of fitting it took to get there."""
+    return {"budget.json": json.dumps({"steps": steps, "fit_seconds": fit_seconds})}
 
 
 def fit_method(cfg: RunConfig, train_dir: Path | None = None, model=None, prepare=None) -> tuple[Predictor, Task]:
@@ -148,9 +168,77 @@ def fit_method(cfg: RunConfig, train_dir: Path | None = None, model=None, prepar
     return method.fit(task, train, val), task
 
 
+def own_train_dir(train_dir: Path) -> locks.Lock:
+    """Owns the training folder of a results folder still to be made. Whatever it holds is what an
+    interrupted earlier attempt left (the results folder never appeared), and is removed."""
+    files.make_dirs(train_dir)
+    lock = locks.hold(train_dir / RUN_LOCK, f"training folder {train_dir}")
+    for entry in train_dir.iterdir():
+        if entry.name != RUN_LOCK:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    return lock
+
+
+@contextmanager
+def run_folder(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Iterator[None]:
+    """Owns the training run folder ``run_dir`` for the block (the main process, under several).
+
+    A new folder appears at once holding ``config.yaml`` and the lock; an existing non-empty one is
+    refused. ``resume``: the folder's lock is taken over (refused while its owner lives) and its config
+    saved again with this command's overrides. Every process gets the main process's error.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    state = process_state(cfg.model.device)
+    lock, error = None, ""
+    if state.is_main_process:
+        try:
+            lock = _take_run_folder(cfg, run_dir) if resume else _create_run_folder(cfg, run_dir)
+        except MetatunerError as e:
+            error = str(e)
+    if state.num_processes > 1:
+        error = broadcast_object_list([error])[0]
+    if error:
+        raise MetatunerError(error)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _create_run_folder(cfg: RunConfig, run_dir: Path) -> locks.Lock:
+    if files.is_nonempty_dir(run_dir):
+        raise MetatunerError(f"run folder {run_dir} already exists; use --resume {run_dir} to continue it, "
+                             "or choose another --out")
+    lock = None
+    try:
+        with files.new_folder(run_dir) as tmp:
+            files.write_new(tmp / "config.yaml", config_text(cfg))
+            lock = locks.hold(tmp / RUN_LOCK, f"run folder {run_dir}")
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    lock.moved(run_dir / RUN_LOCK)
+    return lock
+
+
+def _take_run_folder(cfg: RunConfig, run_dir: Path) -> locks.Lock:
+    lock = locks.hold(run_dir / RUN_LOCK, f"run folder {run_dir}")
+    try:
+        if (run_dir / "config.yaml").read_text() != config_text(cfg):
+            save_config(cfg, run_dir / "config.yaml")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 # ---- MetaTuner ---------------------------------------------------------------------------------
 def train_metatuner(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True):
-    """Warm-up and joint training into ``run_dir``; returns the trained MetaTuner and the task."""
+    """Warm-up and joint training into the run folder ``run_dir`` (see :func:`run_folder`); returns the
+    trained MetaTuner and the task."""
     from metatuner.training.trainer import Trainer
 
     task = get_task(cfg.data.task, cfg.data.data_dir)
@@ -158,9 +246,6 @@ def train_metatuner(cfg: RunConfig, run_dir: Path, resume: bool = False, progres
     seed_everything(cfg.seed)
     model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device)
     mt = build_metatuner(cfg, model, tok)
-    if process_state(cfg.model.device).is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     Trainer(cfg, mt, task, train, val, run_dir, progress=progress).run(resume=resume)
     return mt, task
 
@@ -185,6 +270,16 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()):
     mt.load_trainable_state(tensors)
     mt.serve_generated = state["extra"].get("serve_generated", True)  # the validation gate's verdict
     return mt, cfg
+
+
+def export_adapter(run_dir: str | Path, query: str, out_dir: Path) -> str:
+    """Writes ``query``'s generated LoRA of a trained run as a PEFT adapter folder; returns its prompt."""
+    from metatuner.models.export import export_peft_adapter
+
+    if files.is_nonempty_dir(out_dir):  # before the model loads
+        raise MetatunerError(f"export folder {out_dir} is not empty")
+    mt, cfg = load_run(run_dir)
+    return export_peft_adapter(mt, get_task(cfg.data.task, cfg.data.data_dir), query, out_dir)
 
 
 def run_predictor(run_dir: str | Path, overrides: list[str] = ()) -> tuple[Predictor, Task, RunConfig]:
@@ -229,7 +324,8 @@ def main_job(cfg: RunConfig, run_dir: Path) -> tuple[list[EvalResult], list[Eval
     from metatuner.evaluation.predictors import LMPredictor
     from metatuner.training.predictor import MetaTunerPredictor
 
-    mt, task = train_metatuner(cfg, run_dir)
-    tuned = eval_splits(MetaTunerPredictor(mt), task, cfg, run_dir / "eval-metatuner")
-    base = LMPredictor(mt.actor, mt.tokenizer, None, name="zero-shot")  # p~, and no adapter is active
-    return tuned, eval_splits(base, task, cfg, run_dir / "eval-zero-shot")
+    with run_folder(cfg, run_dir):
+        mt, task = train_metatuner(cfg, run_dir)
+        tuned = eval_splits(MetaTunerPredictor(mt), task, cfg, run_dir / "eval-metatuner")
+        base = LMPredictor(mt.actor, mt.tokenizer, None, name="zero-shot")  # p~, and no adapter is active
+        return tuned, eval_splits(base, task, cfg, run_dir / "eval-zero-shot")

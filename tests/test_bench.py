@@ -1,6 +1,7 @@
 """The benchmark grid on a tiny model: cells run once, reruns skip them, the report rebuilds from JSON."""
 
 import json
+import os
 
 import pytest
 import yaml
@@ -39,6 +40,16 @@ def test_grid_runs_every_cell_once_and_rerun_skips(protocol_file, tmp_path, monk
     calls = []
     monkeypatch.setattr(recipes, "eval_method", lambda cfg, out_dir: calls.append(cfg) or pytest.fail("re-ran"))
     assert len(run_grid(Protocol.load(protocol_file), out)) == 6 and calls == []
+
+
+def test_results_ignore_a_cell_folder_another_worker_is_still_writing(protocol_file, tmp_path):
+    out = tmp_path / "grid"
+    rows = run_grid(Protocol.load(protocol_file), out, only=["zero-shot"])
+    import shutil
+
+    done = grid.cell_dir(out, "arithmetic", "zero-shot", 0)
+    shutil.copytree(done, done.with_name(f".{done.name}.tmp-{os.getpid()}"))  # complete files, not yet renamed
+    assert grid.collect(out) == rows
 
 
 def test_an_unfinished_cell_is_the_only_one_rerun(protocol_file, tmp_path):
@@ -204,24 +215,73 @@ def test_bench_help_lists_every_shipped_protocol(capsys):
         assert name in out
 
 
-def test_a_cell_held_by_a_live_process_is_skipped_and_a_dead_ones_claim_is_taken_over(protocol_file, tmp_path):
-    import os
-    import socket
+CLAIMER = """
+import sys, time
+from pathlib import Path
+from metatuner.bench.grid import claim
+out, start_at, hold_until, folders = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4:]
+held = []  # kept until exit
+for k, f in enumerate(folders):  # one race per folder, 0.1 s apart, all processes in step
+    time.sleep(max(0.0, start_at + 0.1 * k - time.time()))
+    held.append(claim(out, Path(f)))
+print(" ".join("won" if h else "lost" for h in held), flush=True)
+time.sleep(max(0.0, hold_until - time.time()))
+"""
+
+
+def claimer(out, folders, start_at, hold_until):
+    """A process that claims ``folders``' cells one by one from ``start_at`` (0.1 s apart), prints won/lost
+    for each, and holds them until ``hold_until``."""
     import subprocess
     import sys
+
+    return subprocess.Popen([sys.executable, "-c", CLAIMER, str(out), str(start_at), str(hold_until), *map(str, folders)],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def dead_pid():
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_a_cell_held_by_a_live_process_is_skipped_and_a_dead_ones_claim_is_taken_over(protocol_file, tmp_path):
+    import time
 
     out = tmp_path / "grid"
     held, stale = grid.cell_dir(out, "arithmetic", "cot", 0), grid.cell_dir(out, "arithmetic", "sft", 1)
     (out / "claims").mkdir(parents=True)
-    (out / "claims" / f"{held.name}.claim").write_text(f"{socket.gethostname()} {os.getppid()}")
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (out / "claims" / f"{stale.name}.claim").write_text(f"{socket.gethostname()} {dead.pid}")
-    rows = run_grid(Protocol.load(protocol_file), out)
+    holder = claimer(out, [held], 0, time.time() + 600)
+    assert holder.stdout.readline().strip() == "won"
+    (out / "claims" / f"{stale.name}.claim").write_text(f"pid {dead_pid()} on this host (killed)\n")
+    try:
+        rows = run_grid(Protocol.load(protocol_file), out)
+    finally:
+        holder.kill()
+        holder.wait()
     assert sorted((r["method"], r["seed"]) for r in rows) == sorted(
         [(m, s) for m in ("zero-shot", "cot", "sft") for s in (0, 1) if (m, s) != ("cot", 0)])
     assert (stale / "summary.json").is_file() and not (held / "summary.json").exists()
     assert sorted(p.name for p in (out / "claims").iterdir()) == [f"{held.name}.claim"]  # ours were released
+
+
+def test_processes_racing_for_a_dead_workers_claim_exactly_one_wins(tmp_path):
+    import time
+
+    out = tmp_path / "grid"
+    folders = [out / "cells" / f"arithmetic--sft--seed{i}" for i in range(20)]  # 20 races
+    (out / "claims").mkdir(parents=True)
+    dead = dead_pid()
+    for folder in folders:
+        (out / "claims" / f"{folder.name}.claim").write_text(f"pid {dead} on this host (killed)\n")
+    start_at = time.time() + 2.0
+    procs = [claimer(out, folders, start_at, start_at + 4.0) for _ in range(4)]
+    results = [p.communicate(timeout=60)[0].split() for p in procs]
+    winners = [sum(r[i] == "won" for r in results) for i in range(len(folders))]
+    assert winners == [1] * len(folders)
 
 
 def test_workers_run_every_cell_exactly_once(protocol_file, tmp_path):

@@ -1,15 +1,18 @@
+import errno
 import math
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-import safetensors.torch
 import torch
 from safetensors.torch import load_file
 
+from metatuner import files
 from metatuner.errors import MetatunerError
-from metatuner.training import checkpoint
-from metatuner.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from metatuner.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, verify
 
 
 class Toy(torch.nn.Module):
@@ -85,7 +88,7 @@ def test_resume_is_exact(tmp_path):
     seed_all(99)
     tensors, state = load_checkpoint(latest_checkpoint(tmp_path), opt, sched)
     assert latest_checkpoint(tmp_path) == path
-    assert state == {"step": 3, "extra": {"data_position": 24}}
+    assert state == {"format": 2, "step": 3, "extra": {"data_position": 24}}
     model.load_state_dict(tensors, strict=False)
     model.frozen.load_state_dict(first[0].frozen.state_dict())  # frozen weights come from the base model
     train(model, opt, sched, steps=3)
@@ -121,15 +124,16 @@ def test_crash_while_writing_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     train(model, opt, sched, steps=1)
     calls = []
+    real_write = files._write_all
 
-    def crashing_save_file(tensors, filename, *args, **kwargs):
-        calls.append(filename)
+    def disk_full_at_second_file(fd, data):
+        calls.append(fd)
         if len(calls) == 2:
-            raise OSError("disk full")
-        return safetensors.torch.save_file(tensors, filename, *args, **kwargs)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(fd, data)
 
-    monkeypatch.setattr(checkpoint, "save_file", crashing_save_file)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(files, "_write_all", disk_full_at_second_file)
+    with pytest.raises(MetatunerError, match="cannot write .*step-000002/scheduler.json: No space left on device"):
         save_checkpoint(tmp_path, 2, trainable(model), opt, sched, {"n": 2})
 
     assert (tmp_path / "checkpoints" / "latest").read_text() == latest_before
@@ -141,16 +145,17 @@ def test_crash_while_writing_keeps_previous_checkpoint(tmp_path, monkeypatch):
 def test_crash_before_latest_is_updated(tmp_path, monkeypatch):
     model, opt, sched = build()
     first = save_checkpoint(tmp_path, 1, trainable(model), opt, sched, {})
-    real_replace = checkpoint.os.replace
+    real_replace = os.replace
 
     def crash_on_latest(src, dst):
         if str(dst).endswith("latest"):
             raise OSError("killed")
         real_replace(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "replace", crash_on_latest)
-    with pytest.raises(OSError, match="killed"):
+    monkeypatch.setattr(files.os, "replace", crash_on_latest)
+    with pytest.raises(MetatunerError, match="killed"):
         save_checkpoint(tmp_path, 2, trainable(model), opt, sched, {})
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == first.name
     assert latest_checkpoint(tmp_path) == first
 
 
@@ -162,6 +167,78 @@ def test_keeps_only_the_newest(tmp_path):
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
     assert names == ["step-000003", "step-000004"]
     assert latest_checkpoint(tmp_path).name == "step-000004"
+
+
+class Crash(BaseException):
+    """A stand-in for kill -9 at one system call: nothing after it runs, no cleanup either."""
+
+
+@pytest.mark.parametrize("crash_at", range(1, 13))  # every link, rename and replace of the save
+def test_saving_a_step_again_never_leaves_latest_dangling(tmp_path, monkeypatch, crash_at):
+    model, opt, sched = build()
+    save_checkpoint(tmp_path, 1, trainable(model), opt, sched, {"v": 0})
+    train(model, opt, sched, steps=1)
+    save_checkpoint(tmp_path, 2, trainable(model), opt, sched, {"v": 1})
+    ops = []
+    real = {name: getattr(os, name) for name in ("rename", "replace", "link")}
+
+    def crashing(name):
+        def op(*args, **kwargs):
+            ops.append(name)
+            if len(ops) == crash_at:
+                raise Crash
+            return real[name](*args, **kwargs)
+        return op
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for name in real:
+        monkeypatch.setattr(os, name, crashing(name))
+    monkeypatch.setattr(os, "getpid", lambda: dead.pid)  # its leftovers are a dead process's
+    monkeypatch.setattr(files, "_remove", lambda path: None)  # a killed process cleans nothing up
+    try:
+        save_checkpoint(tmp_path, 2, trainable(model), opt, sched, {"v": 2})  # the same step again
+    except Crash:
+        pass
+    monkeypatch.undo()
+    assert len(ops) >= crash_at
+    root = tmp_path / "checkpoints"
+    named = root / (root / "latest").read_text().strip()
+    assert named.is_dir() and verify(named) == [], f"latest names {named.name} after a crash at operation {crash_at}"
+    _, state = load_checkpoint(latest_checkpoint(tmp_path), opt, sched)
+    assert state["step"] == 2 and state["extra"]["v"] in (1, 2)
+    save_checkpoint(tmp_path, 3, trainable(model), opt, sched, {"v": 3})  # the next save cleans up
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000002", "step-000003"]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "delete-manifest"])
+def test_a_damaged_checkpoint_is_named_and_the_previous_one_used(tmp_path, caplog, damage):
+    model, opt, sched = build()
+    first = save_checkpoint(tmp_path, 1, trainable(model), opt, sched, {"v": 1})
+    train(model, opt, sched, steps=1)
+    second = save_checkpoint(tmp_path, 2, trainable(model), opt, sched, {"v": 2})
+    victim = second / ("manifest.json" if damage == "delete-manifest" else "optimizer.safetensors")
+    data = victim.read_bytes()
+    if damage == "flip":
+        victim.write_bytes(data[:100] + bytes([data[100] ^ 0x01]) + data[101:])
+    elif damage == "truncate":
+        victim.write_bytes(data[: len(data) // 2])
+    else:
+        victim.unlink()
+    with caplog.at_level("WARNING"):
+        assert latest_checkpoint(tmp_path) == first
+    assert "step-000002" in caplog.text and victim.name in caplog.text and "using" in caplog.text
+    with pytest.raises(MetatunerError, match=f"cannot load checkpoint .*step-000002: {victim.name}"):
+        load_checkpoint(second, opt, sched)
+    (first / "trainable.safetensors").write_bytes(b"")
+    with pytest.raises(MetatunerError, match="no intact checkpoint in .*step-000001: trainable.safetensors has 0 bytes"):
+        latest_checkpoint(tmp_path)
+
+
+def test_fewer_than_two_kept_checkpoints_is_refused(tmp_path):
+    model, opt, sched = build()
+    with pytest.raises(MetatunerError, match="keep must be >= 2"):
+        save_checkpoint(tmp_path, 1, trainable(model), opt, sched, {}, keep=1)
 
 
 def test_no_checkpoint_yet(tmp_path):
@@ -183,3 +260,16 @@ def test_non_json_extra_fails_before_writing(tmp_path):
     with pytest.raises(MetatunerError, match="extra state is not JSON-serialisable"):
         save_checkpoint(tmp_path, 1, trainable(model), opt, sched, {"bad": object()})
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_checkpoint_from_before_manifests_still_loads(tmp_path):
+    import json
+
+    model, opt, sched = build()
+    path = save_checkpoint(tmp_path, 1, trainable(model), opt, sched, {"v": 1})
+    (path / "manifest.json").unlink()
+    state = json.loads((path / "state.json").read_text())
+    del state["format"]
+    (path / "state.json").write_text(json.dumps(state))
+    assert verify(path) == [] and latest_checkpoint(tmp_path) == path
+    assert load_checkpoint(path, opt, sched)[1] == {"step": 1, "extra": {"v": 1}}

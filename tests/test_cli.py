@@ -81,3 +81,43 @@ def test_bad_input_gives_one_line_and_no_results_folder(capsys, tmp_path, tiny_m
     assert code == 2
     assert err.startswith("metatuner: error: ") and message in err and err.count("\n") == 1
     assert not out_dir.exists()
+
+
+def test_data_that_is_not_utf8_names_the_file_and_line(capsys, tmp_path, tiny_model_dir):
+    data = tmp_path / "data" / "gsm8k"
+    data.mkdir(parents=True)
+    (data / "test.jsonl").write_bytes(b'{"id": "1", "question": "q", "answer": "#### 1"}\n{"question": "caf\xe9"}\n')
+    code, _, err = run(capsys, "eval", "--task", "gsm8k", "--data-dir", str(tmp_path / "data"), "--model",
+                       str(tiny_model_dir), "--out", str(tmp_path / "out"))
+    assert code == 2 and err.count("\n") == 1
+    assert f"{data / 'test.jsonl'}:2: not UTF-8 text" in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--run", "nowhere", "--question", ""], "--question is empty"),
+    (["generate", "--run", "nowhere", "--question", "q", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["export", "--run", "nowhere", "--query", "  ", "--out", "a"], "--query is empty"),
+    (["eval", "--limit", "x"], "argument --limit: invalid int value: 'x' (see `metatuner eval --help`)"),
+    (["bench", "--config", "cpu", "--workers", "0"], "--workers must be at least 1"),
+    (["config", "eval.limit=[1"], "override 'eval.limit=[1': invalid value"),
+    (["config", "eval=1", "eval.limit=2"], "conflicts with an earlier eval=..."),
+])
+def test_more_bad_input_gives_one_line(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("metatuner: error: ") and message in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["eval", "train", "run"])
+def test_out_on_an_existing_non_empty_folder_is_refused_before_any_work(capsys, tmp_path, tiny_model_dir, command):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    code, _, err = run(capsys, command, "--model", str(tiny_model_dir), "--out", str(out), "eval.limit=1")
+    assert code == 2 and "already exists" in err and err.count("\n") == 1
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]

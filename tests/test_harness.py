@@ -98,8 +98,13 @@ def test_existing_results_folder_is_not_overwritten(tmp_path):
     task = get_task("arithmetic")
     items = task.load("test")[:2]
     (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "mine.txt").write_text("keep")
     with pytest.raises(MetatunerError, match="already exists"):
         evaluate(Scripted({ex.id: "" for ex in items}), task, items, out_dir=tmp_path / "r", progress=False)
+    assert [p.name for p in (tmp_path / "r").iterdir()] == ["mine.txt"]
+    (tmp_path / "empty").mkdir()  # an empty folder is taken
+    evaluate(Scripted({ex.id: "" for ex in items}), task, items, out_dir=tmp_path / "empty", progress=False)
+    assert (tmp_path / "empty" / "summary.json").is_file()
 
 
 def test_interrupted_evaluation_leaves_no_results_folder(tmp_path):

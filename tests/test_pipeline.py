@@ -39,10 +39,46 @@ def test_train_refuses_to_overwrite_and_resume_needs_a_run(capsys, trained_run, 
     assert "not found" in capsys.readouterr().err
 
 
-def test_resume_of_a_finished_run_adds_no_steps(trained_run):
+def test_resume_of_a_finished_run_adds_no_steps(capsys, trained_run):
     before = (trained_run / "log.jsonl").read_text()
-    assert main(["train", "--resume", str(trained_run), "--no-eval"]) == 0
+    evaluated = (trained_run / "eval-test" / "summary.json").read_text()
+    assert main(["train", "--resume", str(trained_run)]) == 0
     assert (trained_run / "log.jsonl").read_text() == before
+    assert f"already evaluated: {trained_run / 'eval-test'}" in capsys.readouterr().out
+    assert (trained_run / "eval-test" / "summary.json").read_text() == evaluated
+
+
+def test_a_run_folder_has_one_owner(capsys, trained_run):
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from metatuner import locks; "
+         "l = locks.try_lock(sys.argv[1]); print(bool(l), flush=True); time.sleep(60)", str(trained_run / "run.lock")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        assert main(["train", "--resume", str(trained_run)]) == 2
+        err = capsys.readouterr().err
+        assert f"run folder {trained_run} is in use by pid {holder.pid}" in err and err.count("\n") == 1
+    finally:
+        holder.kill()  # like kill -9: the lock file stays, its lock goes with the process
+        holder.wait()
+    assert (trained_run / "run.lock").is_file()
+    assert main(["train", "--resume", str(trained_run)]) == 0  # a dead owner's lock is taken over
+    assert not (trained_run / "run.lock").exists()
+
+
+def test_no_eval_is_kept_by_resume(tmp_path, tiny_model_dir):
+    import yaml
+
+    run_dir = tmp_path / "r"
+    assert main(["train", "--model", str(tiny_model_dir), "--out", str(run_dir), "--no-eval", "train.steps=2",
+                 "train.actor_warmup_steps=1", "train.generator_warmup_queries=0", "train.batch_size=2",
+                 "data.train_limit=4", "data.val_size=0"]) == 0
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["eval"]["after_training"] is False
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert not (run_dir / "eval-test").exists()
 
 
 def test_eval_run_and_generate(capsys, trained_run, tmp_path):

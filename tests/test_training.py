@@ -128,6 +128,51 @@ def test_resume_continues_exactly(tiny_tokenizer, tmp_path, monkeypatch):
         assert torch.equal(straight[k], resumed[k]), k
 
 
+STOP_ARGS = ["train.steps=8", "train.actor_warmup_steps=3", "train.generator_warmup_queries=4",
+             "train.generator_warmup_steps=2", "train.save_every=3", "train.sync_every=2", "train.lr_hypernet=0.01",
+             "train.lr_static=0.01", "train.lr_schedule=cosine", "train.warmup_ratio=0.2"]
+
+
+def log_without_timing(run_dir):
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_tokenizer, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight")
+    cfg, mt, task, train = setup(tiny_tokenizer, STOP_ARGS)
+    Trainer(cfg, mt, task, train, [], run_dir, progress=False).run()
+    return {k: v.clone() for k, v in mt.trainable_state().items()}, log_without_timing(run_dir)
+
+
+# steps 1-3 warm up M, 4-5 warm up G, 6-8 are joint: inside M's warm-up, inside G's, right after the
+# warm-ups, inside joint training
+@pytest.mark.parametrize("stop_after", [1, 4, 5, 7])
+def test_a_stop_request_saves_at_the_next_step_and_resume_continues_exactly(tiny_tokenizer, tmp_path, monkeypatch,
+                                                                            straight_run, stop_after):
+    import signal
+
+    from metatuner import interrupts
+    from metatuner.training.checkpoint import latest_checkpoint
+
+    cfg, mt, task, train = setup(tiny_tokenizer, STOP_ARGS)
+    trainer = Trainer(cfg, mt, task, train, [], tmp_path, progress=False)
+    monkeypatch.setattr(interrupts, "requested", lambda: signal.SIGTERM if trainer.step >= stop_after else None)
+    with pytest.raises(interrupts.Stopped, match=f"stopped by SIGTERM at step {stop_after}; checkpoint saved") as e:
+        trainer.run()
+    assert e.value.exit_code == 143 and latest_checkpoint(tmp_path).name == f"step-{stop_after:06d}"
+    monkeypatch.undo()
+    torch.manual_seed(99)  # the restored RNG state must win
+    cfg, mt, task, train = setup(tiny_tokenizer, STOP_ARGS)
+    Trainer(cfg, mt, task, train, [], tmp_path, progress=False).run(resume=True)
+    straight, log = straight_run
+    resumed = mt.trainable_state()
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+    assert log_without_timing(tmp_path) == log  # the records after the checkpoint were cut, then written again
+
+
 def test_resume_without_checkpoint_is_an_error(tiny_tokenizer, tmp_path):
     cfg, mt, task, train = setup(tiny_tokenizer)
     with pytest.raises(MetatunerError, match="no checkpoint"):

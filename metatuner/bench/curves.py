@@ -14,7 +14,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from metatuner.bench import stats
+from metatuner import files
 from metatuner.bench.grid import file_name
+from metatuner.bench.plots import save_png
 
 
 def curve_points(points: list[dict]) -> dict[str, dict[str, list[dict]]]:
@@ -57,7 +59,7 @@ def plot_curves(points: list[dict], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
+    files.make_dirs(out)
     written = []
     for task, methods in curve_points(points).items():
         top = max(p["budget"] for ps in methods.values() for p in ps)
@@ -78,7 +80,7 @@ def plot_curves(points: list[dict], out: Path) -> list[Path]:
             ax.legend(fontsize=7)
             fig.tight_layout()
             path = out / f"learning-{axis}-{file_name(task)}.png"
-            fig.savefig(path, dpi=110)
+            save_png(fig, path)
             plt.close(fig)
             written.append(path)
     return written

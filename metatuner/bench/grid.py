@@ -5,11 +5,14 @@ their config overrides, and the overrides every cell shares. Each cell is one ``
 the method is fitted on the task's train split (validation carved from train, seeded) and scored on
 the same test subset by the one evaluation harness. A cell's results folder appears only when the
 cell is complete, so a rerun skips finished cells and an interrupted grid loses at most the cell in
-progress. After every cell ``results.json`` is rebuilt from all finished cells.
+progress. After every cell ``results.json`` is rebuilt from all finished cells. A SIGTERM or SIGINT
+stops the grid at the next safe point of the cell in progress (:mod:`metatuner.interrupts`): finished
+cells stay, the interrupted one is released, and rerunning the same command continues.
 
 Several grid processes may work on one folder at once (``--workers N`` starts them; separate
-invocations work too): a process claims a cell with a file created exclusively under ``claims/``
-holding its pid, skips cells another live process holds, and takes over claims of processes that died.
+invocations work too): a process claims a cell by locking a file under ``claims/`` that holds its pid
+(:mod:`metatuner.locks`), skips cells another live process holds, and takes over the claims of processes
+that died; of several processes racing for one claim exactly one wins.
 
 Several test splits (``eval.splits``, e.g. ``[test, test_shift]`` for the built-in tasks' template-shift
 test): a cell fits its method once and scores it on each split; the first split's results are the cell's
@@ -25,7 +28,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -36,9 +38,9 @@ from typing import Any
 
 import yaml
 
-from metatuner.config import RunConfig, from_dict, merge, parse_overrides
+from metatuner import files, interrupts, locks
+from metatuner.config import RunConfig, from_dict, merge, parse_overrides, read_yaml_mapping
 from metatuner.errors import MetatunerError
-from metatuner.files import write_text_atomic
 from metatuner.tasks import get_task
 
 SHIPPED_BENCH = Path(__file__).resolve().parent.parent / "configs" / "bench"
@@ -64,18 +66,18 @@ class Protocol:
                 names = ", ".join(shipped_protocols())
                 raise MetatunerError(f"protocol file not found: {p} (shipped protocols: {names})")
             p = named
-        data = merge(yaml.safe_load(p.read_text()) or {}, parse_overrides(list(overrides)))
+        data = merge(read_yaml_mapping(p, "protocol file"), parse_overrides(list(overrides)))
         allowed = {"name", "tasks", "seeds", "methods", "common", "per_task"}
-        unknown = sorted(set(data) - allowed)
+        unknown = sorted((k for k in data if k not in allowed), key=str)
         if unknown:
             raise MetatunerError(f"{p}: unknown protocol key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
         for key in ("tasks", "seeds", "methods"):
             if not data.get(key):
                 raise MetatunerError(f"{p}: protocol needs a non-empty {key!r}")
         protocol = cls(
-            name=data.get("name", p.stem), tasks=list(data["tasks"]), seeds=[int(s) for s in data["seeds"]],
-            methods={k: dict(v or {}) for k, v in data["methods"].items()},
-            common=dict(data.get("common") or {}), per_task={k: dict(v or {}) for k, v in (data.get("per_task") or {}).items()},
+            name=str(data.get("name", p.stem)), tasks=_strings(data["tasks"], p, "tasks"), seeds=_seeds(data["seeds"], p),
+            methods=_mapping_of_mappings(data["methods"], p, "methods"), common=_mapping(data.get("common"), p, "common"),
+            per_task=_mapping_of_mappings(data.get("per_task"), p, "per_task"),
         )
         for cell in protocol.cells():  # every cell's config and test splits must be valid before any work starts
             cfg = protocol.config(*cell)
@@ -94,6 +96,30 @@ class Protocol:
         overrides.setdefault("method", method)
         overrides = merge(overrides, {"data": {"task": task, "seed": seed}, "seed": seed})
         return from_dict(RunConfig, overrides)
+
+
+def _strings(value, p: Path, key: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise MetatunerError(f"{p}: protocol key {key!r} must be a list of names, got {value!r:.80}")
+    return list(value)
+
+
+def _seeds(value, p: Path) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise MetatunerError(f"{p}: protocol key 'seeds' must be a list of integers, got {value!r:.80}")
+    return list(value)
+
+
+def _mapping(value, p: Path, key: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise MetatunerError(f"{p}: protocol key {key!r} must be a mapping of names, got {value!r:.80}")
+    return dict(value)
+
+
+def _mapping_of_mappings(value, p: Path, key: str) -> dict[str, dict[str, Any]]:
+    return {k: _mapping(v, p, f"{key}.{k}") for k, v in _mapping(value, p, key).items()}
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:
@@ -124,67 +150,38 @@ def cell_dir(out: Path, task: str, method: str, seed: int) -> Path:
     return out / "cells" / f"{file_name(task)}--{method}--seed{seed}"
 
 
-def claim(out: Path, folder: Path) -> bool:
-    """Claims a cell for this process; False when another live process on this machine holds it."""
-    claims = out / "claims"
-    claims.mkdir(parents=True, exist_ok=True)
-    path = claims / f"{folder.name}.claim"
-    me = f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                host, pid = path.read_text().split()
-            except (OSError, ValueError):  # being written or removed right now: look again
-                time.sleep(0.1)
-                continue
-            if host != socket.gethostname() or _alive(int(pid)):
-                return False
-            path.unlink(missing_ok=True)  # its process died: take the cell over
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        return True
-    return False
-
-
-def release(out: Path, folder: Path) -> None:
-    (out / "claims" / f"{folder.name}.claim").unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def claim(out: Path, folder: Path) -> locks.Lock | None:
+    """Claims a cell for this process (release it with ``.release()``); None when another live process
+    holds it. The claim of a process that died is taken over."""
+    return locks.try_lock(files.make_dirs(out / "claims") / f"{folder.name}.claim")
 
 
 def run_grid(protocol: Protocol, out: Path, data_dir: str | None = None, only: list[str] | None = None,
              workers: int = 1) -> list[dict]:
     """Runs every unfinished cell in order (``workers`` processes at once); returns the rows of ``results.json``."""
-    out.mkdir(parents=True, exist_ok=True)
+    files.make_dirs(out)
     spec = yaml.safe_dump(to_protocol_dict(protocol), sort_keys=False)
     if not (out / "protocol.yaml").is_file() or (out / "protocol.yaml").read_text() != spec:  # workers rewrite it
-        write_text_atomic(out / "protocol.yaml", spec)
+        files.write_text(out / "protocol.yaml", spec)
     if workers > 1:
         return _run_workers(protocol, out, data_dir, only, workers)
     from metatuner.recipes import eval_method
 
     cells = protocol.cells(only)
     for i, (task, method, seed) in enumerate(cells, 1):
+        interrupts.check(f"before cell {i} of {len(cells)}; finished cells are kept in {out}; rerun the same "
+                         "command to continue")
         folder = cell_dir(out, task, method, seed)
         if (folder / "summary.json").is_file():
             print(f"[{i}/{len(cells)}] {task} {method} seed {seed}: done, skipped")
             continue
-        if not claim(out, folder):
+        held = claim(out, folder)
+        if held is None:
             print(f"[{i}/{len(cells)}] {task} {method} seed {seed}: running in another process, skipped")
             continue
+        files.sweep(folder)  # what a process that died while writing this cell left
         if (folder / "summary.json").is_file():  # finished by another process just before the claim
-            release(out, folder)
+            held.release()
             continue
         for pattern in (f"{folder.name}@*", f"{folder.name}.b*"):  # other splits and learning-curve points
             for stale in folder.parent.glob(pattern):  # of an attempt that did not finish
@@ -198,20 +195,22 @@ def run_grid(protocol: Protocol, out: Path, data_dir: str | None = None, only: l
             results = eval_method(cfg, folder)
             total = time.perf_counter() - start
             scoring = sum(r.seconds for r in results)
-            (folder / "cell.json").write_text(json.dumps(
-                {"total_seconds": total, "fit_seconds": total - scoring, "eval_seconds": scoring}))
+            files.write_json(folder / "cell.json", {"total_seconds": total, "fit_seconds": total - scoring,
+                                                    "eval_seconds": scoring}, indent=None)
             for result in results:
                 print(f"    {result.line()}", flush=True)
         except MetatunerError:
             raise
+        except interrupts.Stopped as e:
+            raise interrupts.Stopped(e.signum, f"in cell {folder.name} ({e.detail}); finished cells are kept in "
+                                     f"{out}; rerun the same command to continue") from None
         except Exception as e:  # noqa: BLE001 - one failed cell must not lose the rest of the grid
             error = {"task": task, "method": method, "seed": seed, "error": f"{type(e).__name__}: {e}",
                      "traceback": traceback.format_exc(), "seconds": time.perf_counter() - start}
-            (out / "errors").mkdir(exist_ok=True)
-            (out / "errors" / f"{folder.name}.json").write_text(json.dumps(error, indent=2))
+            files.write_json(out / "errors" / f"{folder.name}.json", error)
             print(f"    FAILED: {error['error']} (see {out / 'errors'})", flush=True)
         finally:
-            release(out, folder)
+            held.release()
         collect(out)
     return collect(out)
 
@@ -224,8 +223,7 @@ def _run_workers(protocol: Protocol, out: Path, data_dir: str | None, only: list
     from tqdm.auto import tqdm
 
     cells = protocol.cells(only)
-    logs = out / "logs"
-    logs.mkdir(exist_ok=True)
+    logs = files.make_dirs(out / "logs")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     cmd = [sys.executable, "-m", "metatuner.cli", "bench", "--config", str(out / "protocol.yaml"), "--out", str(out),
@@ -237,17 +235,27 @@ def _run_workers(protocol: Protocol, out: Path, data_dir: str | None, only: list
     procs = []
     for k in range(workers):
         with (logs / f"worker-{k}.log").open("a") as log:
-            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
+            # a session of its own: a signal reaches a worker once, forwarded by this process, never twice
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
             time.sleep(1.0)  # staggered starts: each claims a different first cell
     done = lambda: sum((cell_dir(out, *c) / "summary.json").is_file() for c in cells)  # noqa: E731
     bar = tqdm(total=len(cells), initial=done(), desc=f"cells ({workers} workers, logs in {logs})", unit="cell")
     try:
         while any(p.poll() is None for p in procs):
-            time.sleep(5)
+            signum = interrupts.requested()
+            if signum is not None:  # each worker stops at its next safe point and releases its cell
+                for p in procs:
+                    if p.poll() is None:
+                        p.send_signal(signum)
+                for p in procs:
+                    p.wait()
+                interrupts.check(f"(and its {workers} workers); finished cells are kept in {out}; rerun the "
+                                 "same command to continue")
+            time.sleep(1)
             bar.update(done() - bar.n)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second signal: stop the workers at once
         for p in procs:
-            p.terminate()
+            p.kill()
         raise
     bar.update(done() - bar.n)
     bar.close()
@@ -273,6 +281,8 @@ def collect(out: Path) -> list[dict]:
     """
     rows, points = [], []
     for summary_path in sorted((out / "cells").glob("*/summary.json")):
+        if summary_path.parent.name.startswith("."):  # a cell folder still being written by another worker
+            continue
         s = json.loads(summary_path.read_text())
         cell = summary_path.parent.name.split("@")[0]  # a split's folder belongs to the cell it is named after
         point = _BUDGET.match(cell)
@@ -305,10 +315,10 @@ def collect(out: Path) -> list[dict]:
                            r["split"] != "test", r["split"], r["seed"], r["budget"] or 0)
         rows.sort(key=order)
         points.sort(key=order)
-    write_text_atomic(out / "results.json", json.dumps(rows, indent=1))
+    files.write_json(out / "results.json", rows, indent=1)
     if points:
         curves = sorted(points + [r for r in rows if r["budget"] is not None], key=lambda r: (r["method"], r["task"], r["seed"], r["budget"]))
-        write_text_atomic(out / "curves.json", json.dumps(curves, indent=1))
+        files.write_json(out / "curves.json", curves, indent=1)
     return rows
 
 

@@ -4,11 +4,20 @@ validation score by step."""
 
 from __future__ import annotations
 
+import io
 from collections import defaultdict
 from pathlib import Path
 
+from metatuner import files
 from metatuner.bench.grid import file_name
 from metatuner.bench.logs import number, read_log, train_evals
+
+
+def save_png(fig, path: Path) -> None:
+    """A figure as PNG through the crash-safe write path."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    files.write_bytes(path, buf.getvalue())
 
 
 def plot(rows: list[dict], out: Path, agg: dict[tuple[str, str], dict]) -> list[Path]:
@@ -18,7 +27,7 @@ def plot(rows: list[dict], out: Path, agg: dict[tuple[str, str], dict]) -> list[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
+    files.make_dirs(out)
     written = []
     methods = list(dict.fromkeys(r["method"] for r in rows))
     for task in dict.fromkeys(r["task"] for r in rows):
@@ -33,7 +42,7 @@ def plot(rows: list[dict], out: Path, agg: dict[tuple[str, str], dict]) -> list[
         ax.set_title(f"{task}: mean over seeds, 95% bootstrap interval")
         fig.tight_layout()
         path = out / f"bar-{file_name(task)}.png"
-        fig.savefig(path, dpi=110)
+        save_png(fig, path)
         plt.close(fig)
         written.append(path)
     written += _curves(rows, out, plt)
@@ -68,7 +77,7 @@ def _curves(rows: list[dict], out: Path, plt) -> list[Path]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"curves-{file_name(task)}.png"
-        fig.savefig(path, dpi=110)
+        save_png(fig, path)
         plt.close(fig)
         written.append(path)
     return written
@@ -106,7 +115,7 @@ def _val_curves(rows: list[dict], out: Path, plt) -> list[Path]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"curves-val-{file_name(task)}.png"
-        fig.savefig(path, dpi=110)
+        save_png(fig, path)
         plt.close(fig)
         written.append(path)
     return written

@@ -26,6 +26,7 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from metatuner import files
 from metatuner.bench import stats
 from metatuner.bench.curves import curves_table, load_points, plot_curves
 from metatuner.bench.logs import diagnostics, diagnostics_table
@@ -218,12 +219,14 @@ def report(run_dir: Path) -> tuple[Path, list[Path]]:
     path = run_dir / "results.json"
     if not path.is_file():
         raise MetatunerError(f"{path} not found; run `metatuner bench` first")
-    rows = json.loads(path.read_text())
+    rows = files.read_json(path)
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise MetatunerError(f"{path} does not hold a grid's results (a list of cells)")
     if not rows:
         raise MetatunerError(f"{path} holds no finished cell yet")
     points = load_points(run_dir)
     sections = [table(rows), curves_table(points), "\n".join(method_lines(rows, run_dir)),
                 diagnostics_table(rows, run_dir)]
     md = run_dir / "results.md"
-    md.write_text("\n\n".join(s for s in sections if s) + "\n")
+    files.write_text(md, "\n\n".join(s for s in sections if s) + "\n")
     return md, plot(rows, run_dir / "plots", aggregate(rows)) + plot_curves(points, run_dir / "plots")

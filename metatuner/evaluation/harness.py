@@ -16,8 +16,9 @@ Wilson's score interval for 0/1 scores, the normal one otherwise (:func:`confide
 grid's report, which has several training seeds, uses one bootstrap over seeds and items instead
 (:mod:`metatuner.bench.stats`).
 
-The folder is written under a temporary name and renamed when complete, so an interrupted run leaves
-no half-written results behind.
+The folder is written under a temporary name and renamed when complete (:mod:`metatuner.files`), so an
+interrupted run leaves no half-written results behind. A SIGTERM or SIGINT stops an evaluation between
+two batches (:mod:`metatuner.interrupts`), with nothing written.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import math
 import os
 import platform
 import random
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -37,8 +37,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from metatuner import files, interrupts
 from metatuner.errors import MetatunerError
-from metatuner.files import write_text_atomic
 from metatuner.evaluation.predictors import Predictor
 from metatuner.tasks.base import Example, Task
 
@@ -142,46 +142,54 @@ def evaluate(
     config: dict[str, Any] | None = None,
     progress: bool = True,
     split: str = "test",
+    stoppable: bool = True,
+    extra_files: dict[str, str] | None = None,
 ) -> EvalResult:
-    """Scores ``predictor`` on ``examples`` of ``task``; writes a results folder when ``out_dir`` is given.
-    ``split`` names the split the examples come from (recorded in the summary; ``rescore`` reloads it)."""
+    """Scores ``predictor`` on ``examples`` of ``task``; writes a results folder when ``out_dir`` is given,
+    with ``extra_files`` (name -> text, e.g. the run's ``config.yaml``) in it. ``split`` names the split the
+    examples come from (recorded in the summary; ``rescore`` reloads it).
+
+    ``stoppable``: a SIGTERM / SIGINT stops the evaluation between two batches (a trainer's validation
+    passes False: it stops at its own next step boundary instead).
+    """
     if not examples:
         raise MetatunerError(f"nothing to evaluate: no examples of task {task.name!r}")
     final = Path(out_dir) if out_dir is not None else None
-    if final is not None and final.exists():
+    if final is not None and files.is_nonempty_dir(final):
         raise MetatunerError(f"results folder {final} already exists; choose another --out or remove it")
     budget = max_new_tokens or predictor.budget(task)
     start = time.perf_counter()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].query))
     records: list[dict[str, Any] | None] = [None] * len(examples)
     new_tokens = 0
-    bar = tqdm(total=len(examples), desc=f"eval {task.name}", unit="ex", disable=not progress)
-    for b in range(0, len(order), batch_size):
-        idx = order[b : b + batch_size]
-        batch = [examples[i] for i in idx]
-        preds = predictor.predict(task, batch, budget)
-        choice_lp = predictor.choice_logprobs(task, batch) if likelihood else None
-        for j, (i, ex, p) in enumerate(zip(idx, batch, preds, strict=True)):
-            extracted, scores = task.grade(p.output, ex)
-            rec = {
-                "id": ex.id,
-                "instruction": p.instruction,
-                "input": p.rendered,
-                "output": p.output,
-                "extracted": extracted,
-                "gold": ex.answer,
-                "scores": scores,
-            }
-            if "family" in ex.meta:
-                rec["family"] = ex.meta["family"]
-            if choice_lp is not None:
-                rec["choice_logprobs"] = choice_lp[j]
-                best = max(range(len(choice_lp[j])), key=choice_lp[j].__getitem__)
-                rec["scores"]["accuracy_likelihood"] = float(best == ex.meta["label"])
-            records[i] = rec
-            new_tokens += p.new_tokens
-        bar.update(len(batch))
-    bar.close()
+    with tqdm(total=len(examples), desc=f"eval {task.name}", unit="ex", disable=not progress) as bar:
+        for b in range(0, len(order), batch_size):
+            if stoppable:
+                interrupts.check(f"during the evaluation of {task.name} ({b} of {len(order)} done); nothing written")
+            idx = order[b : b + batch_size]
+            batch = [examples[i] for i in idx]
+            preds = predictor.predict(task, batch, budget)
+            choice_lp = predictor.choice_logprobs(task, batch) if likelihood else None
+            for j, (i, ex, p) in enumerate(zip(idx, batch, preds, strict=True)):
+                extracted, scores = task.grade(p.output, ex)
+                rec = {
+                    "id": ex.id,
+                    "instruction": p.instruction,
+                    "input": p.rendered,
+                    "output": p.output,
+                    "extracted": extracted,
+                    "gold": ex.answer,
+                    "scores": scores,
+                }
+                if "family" in ex.meta:
+                    rec["family"] = ex.meta["family"]
+                if choice_lp is not None:
+                    rec["choice_logprobs"] = choice_lp[j]
+                    best = max(range(len(choice_lp[j])), key=choice_lp[j].__getitem__)
+                    rec["scores"]["accuracy_likelihood"] = float(best == ex.meta["label"])
+                records[i] = rec
+                new_tokens += p.new_tokens
+            bar.update(len(batch))
     seconds = time.perf_counter() - start
     done = [r for r in records if r is not None]
     result = EvalResult(task.name, len(done), summarize(done), task.primary_metric, seconds, done, split=split)
@@ -203,7 +211,7 @@ def evaluate(
             },
             "environment": environment(),
         }
-        write_results_folder(final, done, summary)
+        write_results_folder(final, done, summary, extra_files)
         result.out_dir = final
     return result
 
@@ -216,12 +224,9 @@ def rescore(results_dir: str | os.PathLike, task: Task) -> EvalResult:
     records the task version used and that it was re-scored.
     """
     folder = Path(results_dir)
-    if not (folder / "summary.json").is_file():
-        raise MetatunerError(f"{folder} is not a results folder (no summary.json)")
-    summary = json.loads((folder / "summary.json").read_text())
-    if summary["task"] != task.name:
-        raise MetatunerError(f"{folder} holds results of task {summary['task']!r}, not {task.name!r}")
-    records = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
+    summary, records = read_results_folder(folder)
+    if summary.get("task") != task.name:
+        raise MetatunerError(f"{folder} holds results of task {summary.get('task')!r}, not {task.name!r}")
     split = summary.get("split", "test")
     examples = {ex.id: ex for ex in task.load(split)}
     missing = [r["id"] for r in records if r["id"] not in examples]
@@ -236,26 +241,47 @@ def rescore(results_dir: str | os.PathLike, task: Task) -> EvalResult:
     metrics = summarize(records)
     summary.update(metrics=metrics, task_version=task.version,
                    rescored={"at": time.strftime("%Y-%m-%d %H:%M:%S"), "environment": environment()})
-    write_text_atomic(folder / "records.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    write_text_atomic(folder / "summary.json", json.dumps(summary, indent=2))
+    # records and summary change together: a new copy of the folder replaces the old one
+    with files.staged_folder(folder) as tmp:
+        for entry in folder.iterdir():
+            if entry.is_file() and entry.name not in ("records.jsonl", "summary.json"):
+                files.write_new(tmp / entry.name, entry.read_bytes())
+        _write_records_and_summary(tmp, records, summary)
+        files.replace_folder(tmp, folder)
     return EvalResult(task.name, len(records), metrics, task.primary_metric, summary["timing"]["seconds"],
                       records, folder, split)
 
 
-def write_results_folder(final: Path, records: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-    """Writes records and summary under a temporary name, then renames the folder into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+def write_results_folder(final: Path, records: list[dict[str, Any]], summary: dict[str, Any],
+                         extra: dict[str, str] | None = None) -> None:
+    """Writes records, summary and the ``extra`` files (name -> text) under a temporary name, then renames
+    the folder into place."""
+    with files.new_folder(final) as tmp:
+        _write_records_and_summary(tmp, records, summary)
+        for name, text in (extra or {}).items():
+            files.write_new(tmp / name, text)
+
+
+def _write_records_and_summary(folder: Path, records: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    files.write_new(folder / "records.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    files.write_new(folder / "summary.json", json.dumps(summary, indent=2))
+
+
+def read_results_folder(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(summary, records) of a results folder; a missing or malformed file is one clear error."""
+    folder = Path(folder)
+    files.sweep(folder)  # a rescore killed between its two renames left the old folder aside
+    if not (folder / "summary.json").is_file():
+        raise MetatunerError(f"{folder} is not a results folder (no summary.json)")
+    summary = files.read_json(folder / "summary.json")
+    if not isinstance(summary, dict):
+        raise MetatunerError(f"{folder / 'summary.json'} does not hold a results summary")
     try:
-        with (tmp / "records.jsonl").open("w") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        lines = (folder / "records.jsonl").read_text(encoding="utf-8").splitlines()
+        records = [json.loads(line) for line in lines]
+    except (OSError, ValueError) as e:
+        raise MetatunerError(f"cannot read {folder / 'records.jsonl'}: {e}") from None
+    return summary, records
 
 
 def environment() -> dict[str, Any]:

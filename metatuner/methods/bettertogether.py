@@ -32,6 +32,7 @@ from typing import Any, Iterator
 
 import torch
 
+from metatuner import files
 from metatuner.config import BetterTogetherConfig, RunConfig, parse_strategy
 from metatuner.errors import MetatunerError
 from metatuner.evaluation.harness import evaluate, select
@@ -120,8 +121,7 @@ class BetterTogether(Method):
         details = {"strategy": cfg.strategy, "chosen_step": best_step, "chosen_kind": self.history[best_step]["kind"],
                    "steps": self.history}
         if self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "bettertogether.json").write_text(json.dumps(details, indent=2, ensure_ascii=False))
+            files.write_text(self.run_dir / "bettertogether.json", json.dumps(details, indent=2, ensure_ascii=False))
         return ProgramPredictor(self.model, self.tokenizer, best, self.mt, details=details)
 
     # ---- data ------------------------------------------------------------------------------------

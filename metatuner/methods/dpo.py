@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from metatuner import files
 from metatuner.config import DPOMethodConfig, TrainConfig
 from metatuner.errors import MetatunerError
 from metatuner.evaluation.generation import generate, render_chat
@@ -186,9 +187,8 @@ class DPO(Method):
                 f"(prompt + answer); raise dpo.max_length"
             )
         if self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            with (self.run_dir / "dpo_pairs.jsonl").open("w") as f:
-                f.writelines(json.dumps(asdict(p), ensure_ascii=False) + "\n" for p in pairs)
+            files.write_text(self.run_dir / "dpo_pairs.jsonl",
+                             "".join(json.dumps(asdict(p), ensure_ascii=False) + "\n" for p in pairs))
         out_dir = self.run_dir / "dpo" if self.run_dir is not None else None
         # the learning-rate policy of every trained method: train.lr_schedule and train.warmup_ratio
         schedule, warmup = hf_schedule(getattr(self.config, "train", None) or TrainConfig(), cfg.steps)

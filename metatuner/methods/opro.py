@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from metatuner import files
 from metatuner.config import OPROConfig
 from metatuner.errors import MetatunerError
 from metatuner.evaluation.generation import generate, render_chat
@@ -152,7 +153,6 @@ class OPRO(Method):
         self.history = optimize_instruction(task.instruction, score, proposer, subset, cfg, seed)
         best, _ = best_of(self.history)
         if self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             rows = [{"instruction": i, "score": s} for i, s in self.history]
-            (self.run_dir / "opro.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False))
+            files.write_text(self.run_dir / "opro.json", json.dumps(rows, indent=2, ensure_ascii=False))
         return OPROPredictor(self.model, self.tokenizer, best, self.history)

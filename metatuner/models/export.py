@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 
+from metatuner import files
 from metatuner.errors import MetatunerError
 from metatuner.models.lora import peft_state_dict
 from metatuner.models.metatuner import MetaTuner
@@ -44,15 +45,15 @@ def query_lora(mt: MetaTuner, task: Task, example: Example) -> dict[str, tuple[t
 
 
 def export_peft_adapter(mt: MetaTuner, task: Task, query: str, out_dir: Path) -> str:
-    """Writes the PEFT adapter for ``query`` into ``out_dir``; returns the generated prompt."""
-    if out_dir.exists() and any(out_dir.iterdir()):
+    """Writes the PEFT adapter for ``query`` into ``out_dir`` (which appears complete, or not at all);
+    returns the generated prompt."""
+    if files.is_nonempty_dir(out_dir):
         raise MetatunerError(f"export folder {out_dir} is not empty")
     example = Example(id="query", query=query, answer="", target="")
     factors = query_lora(mt, task, example)
     rank = next(iter(factors.values()))[0].shape[0]
     # the validation gate's verdict decides between the generated prompt and p~, as in serving
     prompt = mt.generate_prompts(task, [example])[0] if mt.serve_generated else task.instruction_for(example)
-    out_dir.mkdir(parents=True, exist_ok=True)
     config = LoraConfig(
         r=rank,
         lora_alpha=rank,  # scale 1: the scales are folded into B
@@ -63,8 +64,9 @@ def export_peft_adapter(mt: MetaTuner, task: Task, query: str, out_dir: Path) ->
         task_type="CAUSAL_LM",
         base_model_name_or_path=getattr(mt.actor.config, "_name_or_path", None),
     )
-    config.save_pretrained(out_dir)
-    save_file(peft_state_dict(mt.m_lora, factors), str(out_dir / "adapter_model.safetensors"))
-    (out_dir / "prompt.txt").write_text(prompt + "\n")
-    (out_dir / "query.json").write_text(json.dumps({"task": task.name, "query": query, "prompt": prompt}, indent=2))
+    with files.new_folder(out_dir) as tmp:
+        config.save_pretrained(tmp)  # PEFT writes adapter_config.json; the folder is fsynced before it appears
+        files.write_new(tmp / "adapter_model.safetensors", save_bytes(peft_state_dict(mt.m_lora, factors)))
+        files.write_new(tmp / "prompt.txt", prompt + "\n")
+        files.write_new(tmp / "query.json", json.dumps({"task": task.name, "query": query, "prompt": prompt}, indent=2))
     return prompt

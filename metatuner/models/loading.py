@@ -13,14 +13,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from filelock import FileLock
 
+from metatuner import files
 from metatuner.errors import MetatunerError
 
 CACHE_ENV = "METATUNER_CACHE"
@@ -75,12 +74,8 @@ def _converted_alias(alias: str) -> Path:
         if (target / "config.json").is_file():  # another process finished while we waited
             return target
         logging.getLogger(__name__).warning("converting %s once into %s", spec.filename, target)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
-        try:
+        with files.new_folder(target) as tmp:  # fsynced, then renamed into place: complete or absent
             _convert_gguf(gguf_dir, spec.filename, tmp)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

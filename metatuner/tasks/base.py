@@ -71,8 +71,10 @@ class Task(ABC):
     stop: ClassVar[tuple[str, ...]] = ()
     #: the splits ``load`` accepts (the built-in tasks add a template-shift test, ``test_shift``)
     splits: ClassVar[tuple[str, ...]] = SPLITS
-    #: fields every raw row must have
+    #: fields every raw row must have; each must be a string unless ``field_types`` says otherwise
     required_fields: ClassVar[tuple[str, ...]] = ()
+    #: allowed JSON types of required fields that are not (only) strings, e.g. ``{"label": (int, str)}``
+    field_types: ClassVar[dict[str, tuple[type, ...]]] = {"id": (str, int)}
     #: the fields a query is built from: what a row needs when it has no gold answer (``predict``)
     query_fields: ClassVar[tuple[str, ...]] = ("question",)
     #: how the query is written from those fields, the gold answer's field and the metric's name
@@ -154,13 +156,23 @@ class Task(ABC):
         return examples
 
     def checked_example(self, row: dict[str, Any], where: str, line: int) -> Example:
+        """The Example of one raw row; a row that lacks a field or holds one of the wrong type, or that
+        ``example_from_row`` rejects, is an error naming the file and line."""
         missing = [f for f in self.required_fields if f not in row]
         if missing:
             raise MetatunerError(
                 f"{where}:{line}: row lacks field(s) {', '.join(missing)} needed by task {self.name!r} "
                 f"(needs: {', '.join(self.required_fields)})"
             )
-        return self.example_from_row(row)
+        for f in self.required_fields:
+            types = self.field_types.get(f, (str,))
+            if isinstance(row[f], bool) or not isinstance(row[f], types):
+                allowed = " or ".join({str: "a string", int: "an integer"}.get(t, t.__name__) for t in types)
+                raise MetatunerError(f"{where}:{line}: field {f!r} must be {allowed}, got {row[f]!r:.60}")
+        try:
+            return self.example_from_row(row)
+        except MetatunerError as e:
+            raise MetatunerError(f"{where}:{line}: {e}") from None
 
     def query_example(self, row: dict[str, Any], where: str, line: int) -> Example:
         """An example from a row that may lack the gold answer (the input of ``predict``): the whole example
@@ -210,7 +222,7 @@ class Task(ABC):
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Reads a JSON Lines file; errors name the file and the 1-based line number."""
+    """Reads a JSON Lines file (UTF-8); errors name the file and the 1-based line number."""
     return [row for _, row in numbered_jsonl(path)]
 
 
@@ -219,18 +231,25 @@ def numbered_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise MetatunerError(f"data file not found: {path}")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise MetatunerError(f"cannot read {path}: {e.strerror or e}") from None
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MetatunerError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise MetatunerError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            rows.append((n, row))
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise MetatunerError(f"{path}:{n}: not UTF-8 text (byte {e.start + 1} of the line is {raw[e.start]:#04x})") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MetatunerError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise MetatunerError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        rows.append((n, row))
     return rows
 
 

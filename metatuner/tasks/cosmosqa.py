@@ -12,6 +12,7 @@ import functools
 import re
 from typing import Any
 
+from metatuner.errors import MetatunerError
 from metatuner.tasks.base import TASKS, Example, HubSource, Task
 
 LETTERS = ("A", "B", "C", "D")
@@ -83,6 +84,7 @@ class CosmosQA(Task):
     cot_max_new_tokens = 192
     required_fields = ("id", "context", "question", "answer0", "answer1", "answer2", "answer3", "label")
     query_fields = ("context", "question", "answer0", "answer1", "answer2", "answer3")
+    field_types = {"id": (str, int), "label": (int, str)}
     primary_metric = "accuracy_flexible"
     template = "Context: {context}\nQuestion: {question}"
     answer_field = "label"
@@ -92,7 +94,9 @@ class CosmosQA(Task):
                     revision="refs/convert/parquet")
 
     def example_from_row(self, row: dict[str, Any]) -> Example:
-        label = int(row["label"])
+        label = int(row["label"]) if str(row["label"]).strip() in ("0", "1", "2", "3") else None
+        if label is None:
+            raise MetatunerError(f"label must be 0, 1, 2 or 3, got {row['label']!r:.40}")
         return dataclasses.replace(self.unlabelled_example(row), id=row["id"], answer=LETTERS[label],
                                    target=f"The answer is {LETTERS[label]}.", meta={"label": label})
 

@@ -1,4 +1,4 @@
-"""Training checkpoints: trainable state only, atomic on disk, exact on resume.
+"""Training checkpoints: trainable state only, crash-safe on disk, verified on load, exact on resume.
 
 A checkpoint is a folder ``run_dir/checkpoints/step-000123/`` holding
 
@@ -7,7 +7,8 @@ A checkpoint is a folder ``run_dir/checkpoints/step-000123/`` holding
   under ``state.{param_idx}.{name}``; param groups and non-tensor state values in JSON;
 - ``scheduler.json``: the scheduler's ``state_dict()`` (it must be JSON-serialisable);
 - ``rng.safetensors`` + ``rng.json``: torch CPU (and CUDA) RNG states; python and numpy RNG states;
-- ``state.json``: ``{"step": step, "extra": extra}`` with the caller's JSON data (data position, ...).
+- ``state.json``: ``{"format": 2, "step": step, "extra": extra}`` with the caller's JSON data;
+- ``manifest.json``: each other file's size and sha256.
 
 ``run_dir/checkpoints/latest`` names the newest complete folder. Usage::
 
@@ -18,14 +19,21 @@ A checkpoint is a folder ``run_dir/checkpoints/step-000123/`` holding
         model.load_state_dict(tensors, strict=False)
         start = state["step"]
 
-Saving writes into a hidden temporary sibling folder, moves it into place with ``os.replace`` and then
-replaces ``latest`` the same way, so a crash at any point leaves the previous checkpoint and ``latest``
-intact. Resuming reproduces parameters, optimizer state, learning rate and random draws bit for bit.
+Saving serialises everything first, writes the folder under a hidden name, fsyncs it and renames it into
+place (:mod:`metatuner.files`), then points ``latest`` at it. Saving a step again (the last step, once
+more after the final validation) first points ``latest`` at a hard-linked copy of the old folder, so
+``latest`` never names a folder that is being replaced. The newest ``keep`` (>= 2) step folders stay.
+
+:func:`latest_checkpoint` verifies the manifest: a checkpoint with a missing, truncated or corrupted file
+is named in a warning and the newest good one is used instead. Resuming reproduces parameters, optimizer
+state, learning rate and random draws bit for bit.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -35,12 +43,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_bytes
 
+from metatuner import files
 from metatuner.errors import MetatunerError
-from metatuner.files import write_text_atomic
 
 STEP_DIR = re.compile(r"step-(\d+)")
+HOLD_PREFIX = "hold-"  # a hard-linked copy ``latest`` names while a step is saved again
+MANIFEST = "manifest.json"
+FORMAT = 2  # checkpoints with a manifest; older ones (no "format" in state.json) load unverified
+logger = logging.getLogger(__name__)
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
@@ -48,22 +61,15 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", copy=True).contiguous()
 
 
-def _to_json(obj, what: str) -> str:
+def _to_json(obj, what: str) -> bytes:
     try:
-        return json.dumps(obj)
+        return json.dumps(obj).encode()
     except (TypeError, ValueError) as exc:
         raise MetatunerError(f"checkpoint {what} is not JSON-serialisable: {exc}") from None
 
 
-def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    scheduler, extra: dict, keep: int = 2) -> Path:
-    """Write checkpoint ``step`` under ``run_dir/checkpoints``, point ``latest`` at it, keep the newest ``keep``.
-
-    Returns the checkpoint folder. Everything is serialised before anything is written, so bad input
-    (a non-JSON ``extra``) fails without touching disk.
-    """
-    if keep < 1:
-        raise MetatunerError(f"checkpoint keep must be >= 1, got {keep}")
+def _serialise(step: int, tensors, optimizer, scheduler, extra: dict) -> dict[str, bytes]:
+    """Every file of the checkpoint, as bytes (so bad input fails before anything is written)."""
     opt = optimizer.state_dict()
     opt_tensors, opt_values = {}, {}
     for idx, values in opt["state"].items():
@@ -79,34 +85,47 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     rng_json = {"python": [py_version, list(py_state), py_gauss],
                 "numpy": [np_kind, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)]}
-    texts = {
+    blobs = {
         "optimizer.json": _to_json({"param_groups": opt["param_groups"], "state": opt_values}, "optimizer state"),
         "scheduler.json": _to_json(scheduler.state_dict(), "scheduler state"),
         "rng.json": _to_json(rng_json, "RNG state"),
-        "state.json": _to_json({"step": step, "extra": extra}, "extra state"),
+        "state.json": _to_json({"format": FORMAT, "step": step, "extra": extra}, "extra state"),
+        "trainable.safetensors": save_bytes({k: _cpu(v) for k, v in tensors.items()}),
+        "optimizer.safetensors": save_bytes(opt_tensors),
+        "rng.safetensors": save_bytes(rng_tensors),
     }
+    manifest = {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in blobs.items()}
+    blobs[MANIFEST] = json.dumps({"format": FORMAT, "files": manifest}, indent=1).encode()
+    return blobs
 
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
+
+def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                    scheduler, extra: dict, keep: int = 2) -> Path:
+    """Write checkpoint ``step`` under ``run_dir/checkpoints``, point ``latest`` at it, keep the newest ``keep``.
+
+    Returns the checkpoint folder. Everything is serialised before anything is written, so bad input
+    (a non-JSON ``extra``) fails without touching disk.
+    """
+    if keep < 2:
+        raise MetatunerError(f"checkpoint keep must be >= 2 (a damaged newest one falls back to the one before), got {keep}")
+    blobs = _serialise(step, tensors, optimizer, scheduler, extra)
+    root = files.make_dirs(Path(run_dir) / "checkpoints")
     name = f"step-{step:06d}"
-    final, tmp = root / name, root / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        save_file({k: _cpu(v) for k, v in tensors.items()}, tmp / "trainable.safetensors")
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
-        save_file(rng_tensors, tmp / "rng.safetensors")
-        for fname, text in texts.items():
-            (tmp / fname).write_text(text)
-        if final.exists():  # re-saving a step: os.replace cannot overwrite a non-empty folder
-            old = root / f".{name}.old-{os.getpid()}"
-            os.replace(final, old)
-            shutil.rmtree(old)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    write_text_atomic(root / "latest", name + "\n")
+    final, latest = root / name, root / "latest"
+    hold = root / f"{HOLD_PREFIX}{name}"
+    files.sweep(final, every_name=True)  # what saves killed mid-way left, of any step
+    _remove_stale_holds(root)
+    with files.staged_folder(final) as tmp:
+        for fname, data in blobs.items():
+            files.write_new(tmp / fname, data)
+        if final.is_dir() and _named(root) == name:  # saved again: ``latest`` names a linked copy meanwhile
+            shutil.rmtree(hold, ignore_errors=True)
+            shutil.copytree(final, hold, copy_function=os.link)
+            files.fsync_dir(root)
+            files.write_text(latest, hold.name + "\n")
+        files.replace_folder(tmp, final)
+    files.write_text(latest, name + "\n")
+    _remove_stale_holds(root)
 
     steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.fullmatch(p.name)) and p.is_dir())
     for _, old in steps[:-keep]:
@@ -115,15 +134,82 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
     return final
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The folder ``run_dir/checkpoints/latest`` names, or None when no checkpoint was completed."""
-    latest = Path(run_dir) / "checkpoints" / "latest"
-    if not latest.is_file():
+def _remove_stale_holds(root: Path) -> None:
+    named = _named(root)
+    for p in root.glob(f"{HOLD_PREFIX}*"):
+        if p.name != named:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _named(root: Path) -> str | None:
+    try:
+        return (root / "latest").read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
         return None
-    path = latest.parent / latest.read_text().strip()
+
+
+def verify(path: Path) -> list[str]:
+    """What is wrong with checkpoint folder ``path`` ([] when it is complete and intact)."""
+    path = Path(path)
     if not path.is_dir():
-        raise MetatunerError(f"{latest} names {path.name}, which does not exist")
-    return path
+        return ["the folder does not exist"]
+    if not (path / MANIFEST).is_file():
+        try:  # written before checkpoints had a manifest: nothing to check against
+            if "format" not in json.loads((path / "state.json").read_bytes()):
+                return []
+        except (OSError, ValueError, TypeError):
+            pass
+        return [f"{MANIFEST} is missing"]
+    try:
+        manifest = json.loads((path / MANIFEST).read_bytes())["files"]
+        wanted = {name: (int(want["size"]), str(want["sha256"])) for name, want in manifest.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return [f"{MANIFEST} is unreadable"]
+    problems = []
+    for name, (size, sha256) in wanted.items():
+        try:
+            data = (path / name).read_bytes()
+        except FileNotFoundError:
+            problems.append(f"{name} is missing")
+            continue
+        except OSError as e:
+            problems.append(f"{name} is unreadable ({e.strerror or e})")
+            continue
+        if len(data) != size:
+            problems.append(f"{name} has {len(data)} bytes, {size} expected (truncated?)")
+        elif hashlib.sha256(data).hexdigest() != sha256:
+            problems.append(f"{name} is corrupted (sha256 mismatch)")
+    return problems
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest intact checkpoint of ``run_dir``: the folder ``latest`` names, else (when that one is
+    damaged or missing, with a warning naming the damage) the newest intact step folder. None when no
+    checkpoint was completed; an error when every one is damaged."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    steps = sorted((p for p in root.iterdir() if STEP_DIR.fullmatch(p.name) and p.is_dir()), reverse=True)
+    named = _named(root)
+    candidates = list(dict.fromkeys(([root / named] if named else []) + steps))
+    damaged = []
+    for path in candidates:
+        problems = verify(path)
+        if not problems:
+            if damaged:
+                logger.warning("metatuner: warning: damaged checkpoint(s) skipped: %s; using %s",
+                               "; ".join(damaged), path)
+            return path
+        damaged.append(f"{path}: {', '.join(problems)}")
+    if damaged:
+        raise MetatunerError(f"no intact checkpoint in {root}: {'; '.join(damaged)}")
+    return None
+
+
+def _check(path: Path) -> None:
+    problems = verify(path)
+    if problems:
+        raise MetatunerError(f"cannot load checkpoint {path}: {', '.join(problems)}")
 
 
 def _match_types(saved, current):
@@ -134,6 +220,7 @@ def _match_types(saved, current):
 def read_trainable(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The trained tensors and ``state.json`` of a checkpoint, for inference (no optimizer, no RNG)."""
     path = Path(path)
+    _check(path)
     try:
         return load_file(path / "trainable.safetensors"), json.loads((path / "state.json").read_text())
     except (OSError, ValueError, SafetensorError) as exc:
@@ -149,9 +236,8 @@ def load_checkpoint(path: Path, optimizer, scheduler) -> tuple[dict[str, torch.T
     does not fit the optimizer.
     """
     path = Path(path)
+    _check(path)
     try:
-        if not path.is_dir():
-            raise FileNotFoundError("no such checkpoint folder")
         tensors = load_file(path / "trainable.safetensors")
         opt_tensors = load_file(path / "optimizer.safetensors")
         opt_json = json.loads((path / "optimizer.json").read_text())

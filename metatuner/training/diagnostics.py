@@ -27,6 +27,7 @@ input), their mean length in words, and the share cut by the token cap before fi
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -97,3 +98,36 @@ def prompt_diagnostics(prompts: list[str], initial: list[str], cut: list[bool]) 
         "prompt_words": sum(len(p.split()) for p in prompts) / n,
         "prompt_cut": sum(bool(c) for c in cut) / n,
     }
+
+
+def validate(mt, task, val: list, batch_size: int, gate_margin: float | None = None) -> dict[str, Any]:
+    """Scores MetaTuner on the validation examples with its generated prompts, with the diagnostics above;
+    with ``gate_margin`` (the final validation, gate on) also with p~, and sets the prompt gate: generated
+    prompts are served (``mt.serve_generated``) only if they score at least ``gate_margin`` higher."""
+    from metatuner.evaluation.harness import evaluate
+    from metatuner.training.predictor import MetaTunerPredictor
+
+    bs = batch_size
+    # a stop request waits for the trainer's next step boundary, not this evaluation's next batch
+    run = lambda predictor: evaluate(predictor, task, val, batch_size=bs, likelihood=False,  # noqa: E731
+                                     progress=False, stoppable=False)
+    generated = MetaTunerPredictor(mt, prompts="generated")
+    result = run(generated)
+    record: dict[str, Any] = {f"val_{result.primary_metric}": result.score}
+    if mt.use_hypernet:
+        with torch.no_grad():
+            parts = [mt.factors(mt.encode(task, val[i : i + bs])) for i in range(0, len(val), bs)]
+        factors = {k: (torch.cat([p[k][0] for p in parts]), torch.cat([p[k][1] for p in parts])) for k in parts[0]}
+        record.update(lora_diagnostics(factors, mt.rows_scale))
+    if mt.use_prompt:
+        trace = [generated.trace[ex.id] for ex in val]
+        record.update(prompt_diagnostics([mt.compose(task, ex, o) for ex, (o, _) in zip(val, trace)],
+                                         [task.instruction_for(ex) for ex in val], [c for _, c in trace]))
+        if gate_margin is not None:
+            initial = run(MetaTunerPredictor(mt, prompts="initial"))
+            mt.serve_generated = result.score >= initial.score + gate_margin
+            record.update({f"val_{result.primary_metric}_initial": initial.score,
+                           "gate": "generated" if mt.serve_generated else "initial"})
+    record["sample_prompts"] = [{"id": r["id"], "prompt": r["instruction"], "output": r["output"]}
+                                for r in result.records[:3]]
+    return record

@@ -28,11 +28,14 @@ The loop runs on ``accelerate``: under ``accelerate launch`` each process takes 
 batch, gradients are averaged across processes in one all-reduce before each step, and the rollouts'
 expert outputs are gathered so every process (and the checkpoint) holds all of D2. Only the main
 process writes logs and checkpoints. Every loss term is logged by name to ``log.jsonl`` and TensorBoard.
+
+After each optimizer step the loop is at a safe point: on a SIGTERM / SIGINT (:mod:`metatuner.interrupts`)
+it saves a checkpoint and stops, and :meth:`Trainer.run` with ``resume`` continues from any checkpoint
+(also one inside a warm-up) bit for bit.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -44,42 +47,18 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from metatuner import interrupts
 from metatuner.config import RunConfig
 from metatuner.errors import MetatunerError
 from metatuner.models.metatuner import MetaTuner
 from metatuner.tasks.base import Example, Task
 from metatuner.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from metatuner.training.collective import agreed_signal, average_gradients
 from metatuner.training.experts import ExpertSet
+from metatuner.training.logbook import Logbook
 from metatuner.training.rollouts import rollout
 from metatuner.training.schedule import make_scheduler
-
-
-class DataStream:
-    """An endless, seeded, resumable stream of training examples: a fresh shuffle every epoch."""
-
-    def __init__(self, examples: list[Example], seed: int, cursor: int = 0):
-        self.examples, self.seed, self.cursor = examples, seed, cursor
-        self._epoch, self._order = -1, []
-
-    def peek(self, n: int) -> list[Example]:
-        """The next ``n`` examples, without moving the stream."""
-        cursor = self.cursor
-        try:
-            return self.next(n)
-        finally:
-            self.cursor = cursor
-
-    def next(self, n: int) -> list[Example]:
-        out = []
-        for _ in range(n):
-            epoch, pos = divmod(self.cursor, len(self.examples))
-            if epoch != self._epoch:
-                self._order = list(range(len(self.examples)))
-                random.Random(self.seed * 100_003 + epoch).shuffle(self._order)
-                self._epoch = epoch
-            out.append(self.examples[self._order[pos]])
-            self.cursor += 1
-        return out
+from metatuner.training.stream import DataStream
 
 
 class Trainer:
@@ -104,7 +83,7 @@ class Trainer:
         self.optimizer = self.scheduler = None
         self.finished = False  # the final validation (and gate) has run
         self.on_step: Callable[[int], None] | None = None  # called with the step count after every optimizer step
-        self._writer = None
+        self._logbook: Logbook | None = None
 
     # ---- phases ----------------------------------------------------------------------------------
     def phase_steps(self) -> dict[str, int]:
@@ -115,24 +94,30 @@ class Trainer:
         return {"actor": actor, "generator": gen, "joint": self.tc.steps - actor - gen}
 
     def run(self, resume: bool = False) -> None:
+        """Trains from step 0, or (``resume``) from the newest intact checkpoint, in whichever phase it was
+        saved: a stop on SIGTERM may save one in the middle of a warm-up."""
         ckpt = latest_checkpoint(self.run_dir) if resume else None
         if resume and ckpt is None:
             raise MetatunerError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
         plan = self.phase_steps()
-        self.joint_start = plan["actor"] + plan["generator"]
-        if plan["actor"]:
+        actor, gen = plan["actor"], plan["generator"]
+        self.joint_start = actor + gen
+        if actor:
             self.mt.add_static_adapter(self.tc.static_rank, self.tc.static_alpha)
         self.setup_optimizer(self.tc.steps)
         if ckpt is not None:
             self.restore(ckpt)
         else:
+            self._open_log(keep_bytes=0)
             self.log({"phase": "plan", "step": 0, **{f"{k}_steps": v for k, v in plan.items()}})
             self._at_step()
-            if plan["actor"]:
-                self.warmup_actor(plan["actor"])
-            if plan["generator"]:
-                self.warmup_generator(plan["generator"])
+        if self.step < self.joint_start:
+            if self.step < actor:
+                self.warmup_actor(actor, start=self.step)
+            if gen:  # a checkpoint at step ``actor`` precedes G's rollouts; one inside G's warm-up follows them
+                self.warmup_generator(gen, start=self.step - actor)
             self.save()
+            self._stop_point(saved=True)
         self.train_joint()
         self.finish()
 
@@ -148,45 +133,52 @@ class Trainer:
         # here takes a share of one batch, so one optimizer step is one scheduler step
         self.optimizer, self.scheduler = self.acc.prepare(opt), make_scheduler(opt, self.tc, total)
 
-    def warmup_actor(self, steps: int | None = None, instruction: str | None = None) -> None:
+    def warmup_actor(self, steps: int | None = None, instruction: str | None = None, start: int = 0) -> None:
         """M's static LoRA, fine-tuned on (p~, x) -> y: exactly the SFT baseline.
 
         Run alone (the ``sft`` method, BetterTogether's w step) it trains a fresh static LoRA for ``steps``
         under its own schedule over those steps. ``instruction`` replaces ``p~`` in the inputs
-        (BetterTogether fine-tunes under its current prompt).
+        (BetterTogether fine-tunes under its current prompt). ``start``: steps already taken (a resume).
         """
         steps = self.tc.steps if steps is None else steps
         if self.optimizer is None:
             self.mt.add_static_adapter(self.tc.static_rank, self.tc.static_alpha)
             self.setup_optimizer(steps, {"static": list(self.mt.m_lora.adapter_parameters("static"))})
             self._at_step()
-        stream = DataStream(self.train_set, self.cfg.data.seed + 1)
+        stream = DataStream(self.train_set, self.cfg.data.seed + 1, cursor=start * self.tc.batch_size)
 
         def loss(batch: list[Example]) -> torch.Tensor:
             prompts = [instruction or self.task.instruction_for(ex) for ex in batch]
             return self.mt.answer_nll(self.task, batch, prompts, None, self.tc.max_length).mean()
 
-        self._supervised("warmup_actor", "sft", steps, stream, loss)
+        self._supervised("warmup_actor", "sft", steps, stream, loss, start)
 
-    def _supervised(self, phase: str, name: str, steps: int, stream: DataStream, loss_fn) -> None:
-        """A plain fine-tuning loop (the warm-ups): ``steps`` optimizer steps on batches of ``stream``."""
+    def _supervised(self, phase: str, name: str, steps: int, stream: DataStream, loss_fn, start: int = 0) -> None:
+        """A plain fine-tuning loop (the warm-ups): optimizer steps ``start``..``steps`` on batches of
+        ``stream``. A stop request is honoured between two of its steps (after the last one, the caller's
+        own safe point follows), so a checkpoint inside a warm-up is never at its end."""
         params = [p for ps in self.groups.values() for p in ps]
-        for _ in tqdm(range(steps), desc=phase.replace("_", " "), disable=not self.progress):
-            start = time.perf_counter()
-            loss = loss_fn(self._share(stream.next(self.tc.batch_size)))
-            self._check_finite(self.step + 1, {name: loss})
-            loss.backward()
-            lrs = self._lrs()
-            self._optimizer_step(params)
-            self.log({"phase": phase, "step": self.step, f"{name}_loss": loss.item(), **lrs,
-                      "seconds": time.perf_counter() - start})
+        # closed also on an error, so the error's line starts on a line of its own
+        with tqdm(total=steps, initial=start, desc=phase.replace("_", " "), disable=not self.progress) as bar:
+            for k in range(start, steps):
+                began = time.perf_counter()
+                loss = loss_fn(self._share(stream.next(self.tc.batch_size)))
+                self._check_finite(self.step + 1, {name: loss})
+                loss.backward()
+                lrs = self._lrs()
+                self._optimizer_step(params)
+                self.log({"phase": phase, "step": self.step, f"{name}_loss": loss.item(), **lrs,
+                          "seconds": time.perf_counter() - began})
+                bar.update(1)
+                if k + 1 < steps:
+                    self._stop_point()
 
     def _lrs(self) -> dict[str, float]:
         """The learning rate each component is stepped with now (logged with the step)."""
         return {f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups}
 
     def _optimizer_step(self, params: list[torch.Tensor]) -> None:
-        self._sync_gradients(params)
+        average_gradients(self.acc, params)
         self._clip(params)
         self.optimizer.step()
         self.scheduler.step()
@@ -198,19 +190,23 @@ class Trainer:
         if self.on_step is not None:
             self.on_step(self.step)
 
-    def warmup_generator(self, steps: int) -> None:
+    def warmup_generator(self, steps: int, start: int = 0) -> None:
         """One round of rejection sampling: rollouts fill D2 (each query's best sampled output, or "keep
-        p~"), then G is fine-tuned on D2 for ``steps`` steps."""
+        p~"), then G is fine-tuned on D2 for ``steps`` steps. ``start`` > 0: a resume after the rollouts
+        (D2 comes from the checkpoint) and ``start`` steps."""
         queries = DataStream(self.train_set, self.cfg.data.seed + 2).next(self.tc.generator_warmup_queries)
-        for i in tqdm(range(0, len(queries), self.tc.batch_size), desc="warm-up G (rollouts)", disable=not self.progress):
-            self._offer(self._share(queries[i : i + self.tc.batch_size]), None, None)
+        if start == 0:
+            with tqdm(total=len(queries), desc="warm-up G (rollouts)", disable=not self.progress) as bar:
+                for i in range(0, len(queries), self.tc.batch_size):
+                    self._offer(self._share(queries[i : i + self.tc.batch_size]), None, None)
+                    bar.update(len(queries[i : i + self.tc.batch_size]))
         ids = list(dict.fromkeys(ex.id for ex in queries))
-        stream = DataStream([self.by_id[i] for i in ids], self.cfg.data.seed + 3)
+        stream = DataStream([self.by_id[i] for i in ids], self.cfg.data.seed + 3, cursor=start * self.tc.batch_size)
 
         def loss(batch: list[Example]) -> torch.Tensor:
             return self.mt.prompt_nll(self.task, batch, [self.experts[ex.id].output for ex in batch]).mean()
 
-        self._supervised("warmup_generator", "generator_sft", steps, stream, loss)
+        self._supervised("warmup_generator", "generator_sft", steps, stream, loss, start)
         self.log({"phase": "warmup_generator", "step": self.step, **self.experts.stats()})
         self.mt.sync_frozen_decoder()
 
@@ -232,22 +228,23 @@ class Trainer:
 
     def train_joint(self) -> None:
         total = self.tc.steps
-        bar = tqdm(total=total - self.joint_start, initial=self.step - self.joint_start, desc="joint training",
-                   disable=not self.progress)
         if self.tc.freeze_static and self.mt.has_static:
             for p in self.mt.m_lora.adapter_parameters("static"):
                 p.requires_grad_(False)
-        while self.step < total:
-            record = self.train_step()
-            if self.step % self.tc.log_every == 0:
-                self.log(record)
-            if self.tc.eval_every and self.step % self.tc.eval_every == 0 and self.val and self.step < total:
-                self.evaluate_val()
-            if self.step % self.tc.save_every == 0 or self.step == total:
-                self.save()
-            bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k.endswith("_loss")})
-            bar.update(1)
-        bar.close()
+        with tqdm(total=total - self.joint_start, initial=self.step - self.joint_start, desc="joint training",
+                  disable=not self.progress) as bar:
+            while self.step < total:
+                record = self.train_step()
+                if self.step % self.tc.log_every == 0:
+                    self.log(record)
+                if self.tc.eval_every and self.step % self.tc.eval_every == 0 and self.val and self.step < total:
+                    self.evaluate_val()
+                saved = self.step % self.tc.save_every == 0 or self.step == total
+                if saved:
+                    self.save()
+                bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k.endswith("_loss")})
+                bar.update(1)
+                self._stop_point(saved)
 
     def finish(self) -> None:
         """The final validation (diagnostics, and the prompt gate), saved with the last checkpoint."""
@@ -368,29 +365,6 @@ class Trainer:
         items = list(items)
         return list(gather_object(items)) if self.acc.num_processes > 1 else items
 
-    def _sync_gradients(self, params: list[torch.Tensor]) -> None:
-        """Averages gradients across processes with one all-reduce of a flat buffer.
-
-        A parameter's gradient is the mean over the processes that produced one (a process whose share had
-        no expert prompt yet gives the decoder none), and stays ``None`` where none did, as in one process.
-        Every process calls this with the same parameters, so the collective never waits on a missing one.
-        """
-        if self.acc.num_processes == 1:
-            return
-        params = [p for p in params if p.requires_grad]
-        if not params:
-            return
-        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
-        present = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
-        flat = self.acc.reduce(torch.cat([*grads, present]), reduction="sum")
-        counts = flat[-len(params):]
-        offset = 0
-        for p, count in zip(params, counts.tolist()):
-            n = p.numel()
-            if count > 0:
-                p.grad = (flat[offset : offset + n] / count).view_as(p).to(p.dtype)
-            offset += n
-
     def _clip(self, params) -> None:
         """Clips each component's gradient on its own, so the regularizer's large gradients on G never
         shrink the static LoRA's or F's step (one joint norm would)."""
@@ -401,6 +375,17 @@ class Trainer:
             grads = [p for p in group if id(p) in chosen and p.grad is not None]
             if grads:
                 torch.nn.utils.clip_grad_norm_(grads, self.tc.max_grad_norm)
+
+    def _stop_point(self, saved: bool = False) -> None:
+        """A safe point: after a SIGTERM / SIGINT (in any process), save a checkpoint (unless one was just
+        saved) and raise :class:`~metatuner.interrupts.Stopped`."""
+        signum = agreed_signal(self.acc, interrupts.requested())
+        if not signum:
+            return
+        if not saved:
+            self.save()
+        where = f"; checkpoint saved in {self.run_dir / 'checkpoints'}" if self.run_dir is not None else ""
+        raise interrupts.Stopped(signum, f"at step {self.step}{where}")
 
     def _check_finite(self, step: int, losses: dict[str, torch.Tensor]) -> None:
         bad = {k: v.item() for k, v in losses.items() if not torch.isfinite(v).all()}
@@ -413,56 +398,31 @@ class Trainer:
 
     # ---- evaluation, logging, checkpoints ----------------------------------------------------------
     def evaluate_val(self, gate: bool = False) -> dict[str, Any]:
-        """Scores the validation split with generated prompts and logs the diagnostics; with ``gate`` (at the
-        end, or where a learning curve scores the run) also with p~, and sets the prompt gate
-        (``mt.serve_generated``)."""
-        from metatuner.evaluation.harness import evaluate
-        from metatuner.training.diagnostics import lora_diagnostics, prompt_diagnostics
-        from metatuner.training.predictor import MetaTunerPredictor
+        """Scores the validation split and logs the diagnostics; with ``gate`` (at the end, or where a
+        learning curve scores the run) also sets the prompt gate (see
+        :func:`~metatuner.training.diagnostics.validate`)."""
+        from metatuner.training.diagnostics import validate
 
-        mt, task, bs = self.mt, self.task, self.cfg.eval.batch_size
-        run = lambda predictor: evaluate(predictor, task, self.val, batch_size=bs, likelihood=False,  # noqa: E731
-                                         progress=False)
-        generated = MetaTunerPredictor(mt, prompts="generated")
-        result = run(generated)
-        record: dict[str, Any] = {"phase": "eval", "step": self.step, f"val_{result.primary_metric}": result.score}
-        if mt.use_hypernet:
-            with torch.no_grad():
-                parts = [mt.factors(mt.encode(task, self.val[i : i + bs])) for i in range(0, len(self.val), bs)]
-            factors = {k: (torch.cat([p[k][0] for p in parts]), torch.cat([p[k][1] for p in parts])) for k in parts[0]}
-            record.update(lora_diagnostics(factors, mt.rows_scale))
-        if mt.use_prompt:
-            trace = [generated.trace[ex.id] for ex in self.val]
-            record.update(prompt_diagnostics([mt.compose(task, ex, o) for ex, (o, _) in zip(self.val, trace)],
-                                             [task.instruction_for(ex) for ex in self.val], [c for _, c in trace]))
-            if gate and self.tc.gate:
-                initial = run(MetaTunerPredictor(mt, prompts="initial"))
-                mt.serve_generated = result.score >= initial.score + self.tc.gate_margin
-                record.update({f"val_{result.primary_metric}_initial": initial.score,
-                               "gate": "generated" if mt.serve_generated else "initial"})
-        record["sample_prompts"] = [{"id": r["id"], "prompt": r["instruction"], "output": r["output"]}
-                                    for r in result.records[:3]]
+        gate_margin = self.tc.gate_margin if gate and self.tc.gate else None
+        record = {"phase": "eval", "step": self.step,
+                  **validate(self.mt, self.task, self.val, self.cfg.eval.batch_size, gate_margin)}
         self.log(record)
         return record
+
+    def _open_log(self, keep_bytes: int | None = None) -> None:
+        """Opens ``log.jsonl`` (main process): cut to ``keep_bytes`` (0 for a fresh start, a checkpoint's
+        length on resume), or appended to as it is (None)."""
+        if self.run_dir is not None and self.acc.is_main_process:
+            if self._logbook is not None:
+                self._logbook.close()
+            self._logbook = Logbook(self.run_dir, keep_bytes)
 
     def log(self, record: dict[str, Any]) -> None:
         if self.run_dir is None or not self.acc.is_main_process:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with (self.run_dir / "log.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(self.run_dir / "tb"))
-        step = record.get("step", 0)
-        for k, v in record.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
-                self._writer.add_scalar(f"{record['phase']}/{k}", v, step)
-        if "sample_prompts" in record:
-            text = "\n\n".join(f"**{s['id']}**: {s['prompt']}" for s in record["sample_prompts"])
-            self._writer.add_text("prompts", text, step)
-        self._writer.flush()
+        if self._logbook is None:
+            self._open_log()
+        self._logbook.write(record)
 
     def save(self) -> None:
         if self.run_dir is None:
@@ -472,11 +432,13 @@ class Trainer:
             return
         extra = {"cursor": self.stream.cursor, "experts": self.experts.state(), "prompt_cache": prompt_cache,
                  "has_static": self.mt.has_static, "joint_start": self.joint_start,
-                 "serve_generated": self.mt.serve_generated, "finished": self.finished}
+                 "serve_generated": self.mt.serve_generated, "finished": self.finished,
+                 "log_bytes": self._logbook.sync() if self._logbook is not None else 0}
         save_checkpoint(self.run_dir, self.step, self.mt.trainable_state(), self.optimizer, self.scheduler, extra)
 
     def restore(self, path: Path) -> None:
         tensors, state = load_checkpoint(path, self.optimizer, self.scheduler)
+        self._open_log(keep_bytes=state["extra"].get("log_bytes"))
         self.mt.load_trainable_state(tensors)
         self.step = state["step"]
         extra = state["extra"]

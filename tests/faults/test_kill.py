@@ -1,0 +1,102 @@
+"""kill -9 at seeded random moments during ``train``, a ``bench`` cell, ``eval`` and a checkpoint write;
+after each kill the same command is run again (``train --resume`` once the run folder exists). In the end
+the results equal those of an uninterrupted run, and nothing half-written is left anywhere."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+
+from faults.conftest import (TIMEOUT, assert_complete_results_folder, assert_nothing_half_written, count, grid_state,
+                             results, train_argv, train_state)
+
+
+def kill_and_rerun(forkserver, tmp_path, argv_for, done, kills: int, seed: int, duration: float) -> int:
+    """Starts the command (``argv_for()``), SIGKILLs it at a seeded random moment of an uninterrupted run's
+    ``duration``, and again, ``kills`` times or until ``done()``; then lets it finish. Returns the kills
+    that landed (the rest found the command finished)."""
+    rng = random.Random(seed)
+    landed = 0
+    for attempt in range(kills):
+        if done():
+            break
+        child = forkserver.Child(argv_for(), tmp_path, tmp_path / f"attempt-{attempt}.log")
+        if child.kill_after(rng.uniform(0.02, 1.0) * duration):
+            landed += 1
+            count("faults injected")
+        else:
+            assert child.process.exitcode == 0, child.output()
+    if not done():
+        final = forkserver.Child(argv_for(), tmp_path, tmp_path / "final.log")
+        assert final.wait(TIMEOUT) == 0, final.output()
+    return landed
+
+
+def test_kill_9_during_train_then_resume_gives_the_same_run(forkserver, tiny_model_dir, tmp_path, reference_train):
+    reference, duration = reference_train[1:]
+    run_dir = tmp_path / "run"
+    landed = kill_and_rerun(forkserver, tmp_path, lambda: train_argv(tiny_model_dir, run_dir, run_dir.exists()),
+                            lambda: (run_dir / "eval-test").is_dir(), kills=7, seed=12, duration=duration)
+    assert landed >= 5
+    assert train_state(run_dir) == reference
+    assert_nothing_half_written(tmp_path)
+    count("faults survived", landed)
+
+
+def test_kill_9_inside_checkpoint_writes_then_resume_gives_the_same_run(forkserver, tiny_model_dir, tmp_path,
+                                                                       reference_train):
+    """Each attempt SIGKILLs itself at a seeded file operation (a write, fsync, rename or link) of its checkpoint
+    saves: every step of the write protocol is a place to crash (a save takes about 25 operations; saving
+    the same step again about 35)."""
+    reference = reference_train[1]
+    run_dir = tmp_path / "run"
+    rng = random.Random(7)
+    landed = 0
+    for k in range(6):
+        op = rng.randint(1, 50)
+        child = forkserver.Child(train_argv(tiny_model_dir, run_dir, run_dir.exists()), tmp_path,
+                                 tmp_path / f"kill-{k}.log", kill_at_op=op)
+        code = child.wait(TIMEOUT)
+        assert code in (0, -9), child.output()
+        if code == 0:  # the run ended before its op-th checkpoint operation
+            break
+        landed += 1
+        count("faults injected")
+    else:
+        final = forkserver.Child(train_argv(tiny_model_dir, run_dir, True), tmp_path, tmp_path / "final.log")
+        assert final.wait(TIMEOUT) == 0, final.output()
+    assert landed >= 5
+    assert train_state(run_dir) == reference
+    assert_nothing_half_written(run_dir)
+    count("faults survived", landed)
+
+
+def test_kill_9_during_bench_then_rerun_gives_the_same_grid(forkserver, tmp_path, reference_grid):
+    spec, reference, duration = reference_grid
+    out = tmp_path / "grid"
+    argv = ["bench", "--config", str(spec), "--out", str(out), "--no-report"]
+    landed = kill_and_rerun(forkserver, tmp_path, lambda: argv, lambda: (out / "results.json").is_file() and len(
+        json.loads((out / "results.json").read_text())) == 2, kills=6, seed=3, duration=duration)
+    assert landed >= 5
+    assert grid_state(out) == reference
+    assert_nothing_half_written(out)
+    count("faults survived", landed)
+
+
+def test_kill_9_during_eval_then_rerun_gives_the_same_results(forkserver, tiny_model_dir, tmp_path):
+    argv = lambda out: ["eval", "--model", str(tiny_model_dir), "--limit", "8", "--batch-size", "1", "--out",  # noqa: E731
+                        str(out), "eval.max_new_tokens=4"]
+    ref = forkserver.Child(argv(tmp_path / "reference"), tmp_path, tmp_path / "reference.log")
+    assert ref.wait(TIMEOUT) == 0, ref.output()
+    duration = time.perf_counter() - ref.started
+    out = tmp_path / "eval"
+    landed = kill_and_rerun(forkserver, tmp_path, lambda: argv(out), lambda: out.exists(), kills=6, seed=5,
+                            duration=duration)
+    assert landed >= 5
+    assert results(out) == results(tmp_path / "reference")
+    assert_complete_results_folder(out, "budget.json")
+    assert_nothing_half_written(tmp_path)
+    count("faults survived", landed)
+    shutil.rmtree(tmp_path / "reference")

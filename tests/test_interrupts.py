@@ -1,0 +1,23 @@
+"""Stopping at a safe point: the first signal is a request, the second acts as usual."""
+
+import os
+import signal
+
+import pytest
+
+from metatuner import interrupts
+
+
+def test_the_first_signal_asks_the_second_stops_and_handlers_are_restored_after():
+    before = signal.getsignal(signal.SIGINT)
+    with interrupts.stop_at_safe_points():
+        interrupts.check("nothing asked yet")
+        os.kill(os.getpid(), signal.SIGINT)
+        assert interrupts.requested() == signal.SIGINT
+        with pytest.raises(interrupts.Stopped, match="stopped by SIGINT at step 3") as e:
+            interrupts.check("at step 3")
+        assert e.value.exit_code == 130
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C does not wait for the safe point
+            os.kill(os.getpid(), signal.SIGINT)
+    assert interrupts.requested() is None and signal.getsignal(signal.SIGINT) is before
+    assert issubclass(interrupts.Stopped, BaseException) and not issubclass(interrupts.Stopped, Exception)
