@@ -16,7 +16,7 @@ from pathlib import Path
 from metatuner.bench import stats
 from metatuner import files
 from metatuner.bench.grid import file_name
-from metatuner.bench.plots import save_png
+from metatuner.bench.plots import finish
 
 
 def curve_points(points: list[dict]) -> dict[str, dict[str, list[dict]]]:
@@ -74,15 +74,8 @@ def plot_curves(points: list[dict], out: Path) -> list[Path]:
                 xs = [p[axis] for p in ps]
                 ax.plot(xs, [100 * p["mean"] for p in ps], marker="o", markersize=3, label=method)
                 ax.fill_between(xs, [100 * p["ci_low"] for p in ps], [100 * p["ci_high"] for p in ps], alpha=0.15)
-            ax.set_xlabel(label)
-            ax.set_ylabel("score (%)")
-            ax.set_title(f"{task}: learning curve, 95% bootstrap band")
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            path = out / f"learning-{axis}-{file_name(task)}.png"
-            save_png(fig, path)
-            plt.close(fig)
-            written.append(path)
+            written.append(finish(fig, ax, label, "score (%)", f"{task}: learning curve, 95% bootstrap band",
+                                  out / f"learning-{axis}-{file_name(task)}.png"))
     return written
 
 

@@ -7,10 +7,11 @@ the values of each run's last validation that logged any (see ``metatuner.traini
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
+
+from metatuner import files
 
 # eval-record key -> (column, format of the mean over seeds); plus "gate", a string, counted
 DIAGNOSTICS = {
@@ -25,17 +26,7 @@ DIAGNOSTICS = {
 def read_log(path: Path) -> list[dict]:
     """The records of a training ``log.jsonl``, in order; [] when the file is missing. A line that is not
     a JSON object (the torn last line of a run killed mid-write, or still writing) is skipped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    return files.read_json_lines(path)
 
 
 def train_evals(rows: list[dict], root: Path) -> list[tuple[dict, list[dict]]]:

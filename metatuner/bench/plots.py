@@ -20,6 +20,20 @@ def save_png(fig, path: Path) -> None:
     files.write_bytes(path, buf.getvalue())
 
 
+def finish(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    """Labels, a legend, and the figure saved as ``path`` (then closed)."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_png(fig, path)
+    plt.close(fig)
+    return path
+
+
 def plot(rows: list[dict], out: Path, agg: dict[tuple[str, str], dict]) -> list[Path]:
     """Writes the figures into ``out``; ``agg`` is the report's (method, task) -> mean and interval."""
     import matplotlib
@@ -71,15 +85,8 @@ def _curves(rows: list[dict], out: Path, plt) -> list[Path]:
                 pts = [(i, r[key]) for i, r in enumerate(log) if number(r.get(key)) is not None]
                 if pts:
                     ax.plot(*zip(*pts), label=f"{c['method']} {key}")
-        ax.set_xlabel("logged step")
-        ax.set_ylabel("loss")
-        ax.set_title(f"{task}: training curves")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"curves-{file_name(task)}.png"
-        save_png(fig, path)
-        plt.close(fig)
-        written.append(path)
+        written.append(finish(fig, ax, "logged step", "loss", f"{task}: training curves",
+                              out / f"curves-{file_name(task)}.png"))
     return written
 
 
@@ -109,13 +116,6 @@ def _val_curves(rows: list[dict], out: Path, plt) -> list[Path]:
         for method, steps in curves.items():
             pts = sorted((s, 100 * sum(v) / len(v)) for s, v in steps.items())
             ax.plot(*zip(*pts), marker="o", markersize=3, label=method)
-        ax.set_xlabel("step")
-        ax.set_ylabel(f"{', '.join(sorted(names))} (%)")
-        ax.set_title(f"{task}: validation score, mean over seeds")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"curves-val-{file_name(task)}.png"
-        save_png(fig, path)
-        plt.close(fig)
-        written.append(path)
+        written.append(finish(fig, ax, "step", f"{', '.join(sorted(names))} (%)",
+                              f"{task}: validation score, mean over seeds", out / f"curves-val-{file_name(task)}.png"))
     return written
