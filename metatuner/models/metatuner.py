@@ -191,8 +191,6 @@ class MetaTuner(nn.Module):
         The forward pass stops right after layer k. With k = 0 (no sharing) F reads a frozen layer of the
         base model instead, with no gradient, so F and G share no trainable parameter.
         """
-        tok = self.gen_tokenizer
-        tok.padding_side = "right"  # right padding keeps positions identical to the unpadded rows
         enc, pool_mask = self.rewrite_batch(task, examples)
         captured: list[torch.Tensor] = []
         layer = self.generator.model.layers[self.feature_layer - 1]
