@@ -19,13 +19,16 @@ def kill_and_rerun(forkserver, tmp_path, argv_for, done, kills: int, seed: int, 
     that landed (the rest found the command finished).
 
     An attempt that finished before its kill (this machine ran faster than the reference did) makes the
-    next kills aim earlier; with ``reset`` (a command that can simply start over, like ``eval``) its
-    output is removed and the kills go on, so a busy or idle machine lands about the same number."""
+    next kills aim earlier. With ``reset`` (a command that can simply start over, like ``eval``) a finished
+    output is removed and the kills go on, also when a kill landed after the output was complete but
+    before the process exited (common on a loaded machine), so a busy or idle machine lands the same number."""
     rng = random.Random(seed)
     landed, scale = 0, 1.0
-    for attempt in range(kills + 4):
-        if done() or landed >= kills:
+    for attempt in range(2 * kills + 4):
+        if landed >= kills or (done() and reset is None):
             break
+        if done():  # a kill landed after the output was complete (during the exit): start over
+            reset()
         child = forkserver.Child(argv_for(), tmp_path, tmp_path / f"attempt-{attempt}.log")
         if child.kill_after(rng.uniform(0.02, 1.0) * duration * scale):
             landed += 1
