@@ -68,6 +68,21 @@ def generate(
     return _results(model, tokenizer, out[:, enc["input_ids"].shape[1] :], stop, max_new_tokens)
 
 
+#: tokens decoded in this process so far: every decode path of this module ends in ``_results``, and code that
+#: decodes with a generate of its own (a TRL trainer) adds its tokens with :func:`count_generated`
+_GENERATED = [0]
+
+
+def count_generated(n: int) -> None:
+    """Adds ``n`` tokens decoded outside this module to :func:`tokens_generated`."""
+    _GENERATED[0] += int(n)
+
+
+def tokens_generated() -> int:
+    """Tokens decoded in this process so far (the recipes count a method's training cost by differences)."""
+    return _GENERATED[0]
+
+
 def _results(model, tokenizer, new: torch.Tensor, stop: tuple[str, ...], max_new_tokens: int) -> list[Generation]:
     """``new [bs, new]`` generated ids as Generations (text cut at EOS / the first stop string)."""
     ends = _end_ids(model, tokenizer)
@@ -80,6 +95,7 @@ def _results(model, tokenizer, new: torch.Tensor, stop: tuple[str, ...], max_new
         stopped = n is not None or any(s in text for s in stop)
         finished = stopped or len(ids) < max_new_tokens
         results.append(Generation(cut_at_stop(text, stop).strip(), n or len(ids), finished=finished))
+        count_generated(n or len(ids))
     return results
 
 

@@ -26,6 +26,8 @@ class Method(ABC):
         #: learning curves: called as ``on_budget(step, predictor)`` at each step of ``budgets`` during ``fit``
         self.on_budget: Callable[[int, Predictor], None] | None = None
         self.budgets: set[int] = set()
+        #: the parameters ``fit`` trained (set by trained methods with :func:`count_trainable`), for results tables
+        self.trainable_params: int = 0
 
     @abstractmethod
     def fit(self, task: Task, train: list[Example], val: list[Example]) -> Predictor:
@@ -40,6 +42,12 @@ class Method(ABC):
         ``budgets`` the predictor the method would return now is handed to ``on_budget``."""
         if self.on_budget is not None and step in self.budgets:
             self.on_budget(step, predictor())
+
+
+def count_trainable(*modules) -> int:
+    """The trainable parameters (``requires_grad``) of ``modules``, each tensor counted once."""
+    seen = {id(p): p.numel() for m in modules for p in m.parameters() if p.requires_grad}
+    return sum(seen.values())
 
 
 METHODS: Registry[type[Method]] = Registry("method")
