@@ -25,6 +25,7 @@ import torch
 from metatuner import files, locks
 from metatuner.config import RunConfig, config_text, save_config, to_dict
 from metatuner.errors import MetatunerError
+from metatuner.evaluation.generation import tokens_generated
 from metatuner.evaluation.harness import EvalResult, evaluate, select
 from metatuner.evaluation.predictors import Predictor
 from metatuner.methods import get_method
@@ -108,9 +109,9 @@ def eval_method(cfg: RunConfig, out_dir: Path | None) -> list[EvalResult]:
     """Fits ``cfg.method`` (zero-shot, cot, ...) once and scores it on every split of ``eval.splits``.
 
     With ``eval.budgets`` (a learning curve) a trained method is also scored at those optimizer steps of
-    its fit, into :func:`budget_dir` folders. Every results folder holds a ``budget.json``: the optimizer
-    steps its predictor was trained for and the seconds of fitting it took (earlier points' scoring
-    excluded), so a method's budget is counted in full.
+    its fit, into :func:`budget_dir` folders. Every results folder holds a ``budget.json``
+    (:func:`budget_file`): the optimizer steps, fit seconds and decoded tokens behind its predictor (earlier
+    points' scoring excluded) and the parameters trained, so a method's budget is counted in full.
     """
     refuse_existing(out_dir)
     task = get_task(cfg.data.task, cfg.data.data_dir)
@@ -120,12 +121,18 @@ def eval_method(cfg: RunConfig, out_dir: Path | None) -> list[EvalResult]:
     needs_training = get_method(cfg.method).needs_training
     train_dir = out_dir.with_name(out_dir.name + "-train") if out_dir is not None and needs_training else None
     start, scoring, fitted = time.perf_counter(), [0.0], []
+    tokens, scored_tokens = tokens_generated(), [0]
+
+    def spent(steps: int, now: float) -> dict[str, str]:  # budget.json of the predictor trained this far
+        params = fitted[0].trainable_params if fitted else 0
+        return budget_file(steps, now - start - scoring[0], tokens_generated() - tokens - scored_tokens[0], params)
 
     def on_budget(step: int, predictor) -> None:
-        began = time.perf_counter()
+        began, before = time.perf_counter(), tokens_generated()
         folder = budget_dir(out_dir, step) if out_dir is not None else None
-        results = eval_splits(predictor, task, cfg, folder, False, budget_file(step, began - start - scoring[0]))
+        results = eval_splits(predictor, task, cfg, folder, False, spent(step, began))
         scoring[0] += time.perf_counter() - began
+        scored_tokens[0] += tokens_generated() - before
         print(f"    step {step}: " + "; ".join(r.line() for r in results), flush=True)
 
     def prepare(method) -> None:
@@ -136,17 +143,18 @@ def eval_method(cfg: RunConfig, out_dir: Path | None) -> list[EvalResult]:
     lock = own_train_dir(train_dir) if train_dir is not None else None
     try:
         predictor, task = fit_method(cfg, train_dir, prepare=prepare)
-        fit_seconds = time.perf_counter() - start - scoring[0]
-        return eval_splits(predictor, task, cfg, out_dir, True, budget_file(fitted[0].budget(), fit_seconds))
+        return eval_splits(predictor, task, cfg, out_dir, True, spent(fitted[0].budget(), time.perf_counter()))
     finally:
         if lock is not None:
             lock.release()
 
 
-def budget_file(steps: int, fit_seconds: float) -> dict[str, str]:
-    """``budget.json`` of a results folder: the optimizer steps its predictor was trained for and the
-    seconds of fitting it took to get there."""
-    return {"budget.json": json.dumps({"steps": steps, "fit_seconds": fit_seconds})}
+def budget_file(steps: int, fit_seconds: float, train_tokens: int = 0, trainable_params: int = 0) -> dict[str, str]:
+    """``budget.json`` of a results folder: what its predictor cost: the optimizer steps it was trained for,
+    the seconds of fitting and the tokens the fit decoded (rollouts, sampled answers, proposals; the
+    scoring of earlier learning-curve points excluded) to get there, and the parameters the fit trained."""
+    return {"budget.json": json.dumps({"steps": steps, "fit_seconds": fit_seconds, "train_tokens": train_tokens,
+                                       "trainable_params": trainable_params})}
 
 
 def fit_method(cfg: RunConfig, train_dir: Path | None = None, model=None, prepare=None) -> tuple[Predictor, Task]:

@@ -481,6 +481,14 @@ def test_learning_curves_train_each_cell_once_and_score_every_budget(tmp_path, t
     for method in ("sft", "metatuner-j", "dpo"):
         seconds = [r["fit_seconds"] for r in sorted(curves, key=lambda r: r["budget"]) if r["method"] == method]
         assert seconds == sorted(seconds) and seconds[0] < seconds[-1]  # fit time accumulates along the curve
+        tokens = [r["train_tokens"] for r in sorted(curves, key=lambda r: r["budget"]) if r["method"] == method]
+        assert tokens == sorted(tokens)  # so do the tokens decoded while fitting, scoring excluded
+    cost = {r["method"]: r for r in rows}
+    assert cost["zero-shot"]["trainable_params"] == 0 and cost["zero-shot"]["train_tokens"] == 0
+    assert cost["sft"]["train_tokens"] == 0  # SFT decodes nothing; DPO samples answers, MetaTuner rolls out
+    assert cost["dpo"]["train_tokens"] > 0 and cost["metatuner-j"]["train_tokens"] > 0
+    assert 0 < cost["sft"]["trainable_params"] < cost["metatuner-j"]["trainable_params"]
+    assert cost["dpo"]["trainable_params"] > 0
     assert (out / "cells" / "arithmetic--sft--seed0.b2" / "summary.json").is_file()
     log = [json.loads(line) for line in (out / "cells" / "arithmetic--metatuner-j--seed0-train" / "log.jsonl")
            .read_text().splitlines()]
@@ -488,4 +496,6 @@ def test_learning_curves_train_each_cell_once_and_score_every_budget(tmp_path, t
     md, plots = report(out)
     text = md.read_text()
     assert "Learning curve, arithmetic" in text and "| method | 0 | 2 | 4 |" in text
+    assert "| method | optimizer steps | trainable parameters | training seconds | tokens generated |" in text
+    assert f"| sft | 4 | {cost['sft']['trainable_params']:,} |" in text
     assert {p.name for p in plots} >= {"learning-budget-arithmetic.png", "learning-seconds-arithmetic.png"}

@@ -277,7 +277,9 @@ def collect(out: Path) -> list[dict]:
     """Rebuilds ``results.json`` from every finished results folder of a cell, one row per split (atomically).
 
     Learning-curve points (``<cell>.b<step>`` folders, ``eval.budgets``) go to ``curves.json`` instead,
-    together with each cell's final point; every row carries ``budget`` (optimizer steps) and ``fit_seconds``.
+    together with each cell's final point; every row carries what its predictor cost (``budget.json``):
+    ``budget`` (optimizer steps), ``fit_seconds``, ``train_tokens`` (decoded while fitting) and
+    ``trainable_params`` (None for cells run before these were recorded).
     """
     rows, points = [], []
     for summary_path in sorted((out / "cells").glob("*/summary.json")):
@@ -300,6 +302,8 @@ def collect(out: Path) -> list[dict]:
             "metrics": s["metrics"], "eval_seconds": s["timing"]["seconds"],
             "fit_seconds": _budget(summary_path.parent).get("fit_seconds", _cell(summary_path.parent.with_name(cell)).get("fit_seconds")),
             "budget": _budget(summary_path.parent).get("steps"), "new_tokens": s["timing"]["new_tokens"],
+            "train_tokens": _budget(summary_path.parent).get("train_tokens"),
+            "trainable_params": _budget(summary_path.parent).get("trainable_params"),
             "item_ids": [r["id"] for r in records], "item_scores": per_item, **families,
             "train_log": str(train_log.relative_to(out)) if train_log.is_file() else None,
             "predictor": s.get("predictor", {}), "environment": s.get("environment", {}),

@@ -14,6 +14,7 @@ Wilson/normal interval over items: it has one seed.)
   for every task where it is not (a gain over a reference no better than zero-shot says little);
 - MetaTuner-J's paired difference from every other method per task;
 - per family, for tasks whose items carry one (``mixture``);
+- what each method's fit cost: optimizer steps, trainable parameters, training seconds, tokens generated;
 - the learning curves, where the grid scored budgets (``curves.json``, :mod:`metatuner.bench.curves`);
 - one line per method that has a diagnostic: DPO's share of pairs with a gold-answer fallback,
   which program step BetterTogether returned, MetaTuner's share of prompts equal to p~ and its ΔW
@@ -204,6 +205,29 @@ def method_lines(rows: list[dict], root: Path) -> list[str]:
     return ["Method diagnostics (one line per method that has one):", ""] + lines if lines else []
 
 
+def cost_table(rows: list[dict]) -> str:
+    """Per method, what its fit cost (mean over the cells of each task's ordinary test split): the
+    optimizer steps, the parameters trained, the seconds of fitting and the tokens decoded while fitting."""
+    cells: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["split"] == "test":  # one fit per cell; its other splits share it
+            cells[r["method"]].append(r)
+
+    def mean(values: list, fmt: str) -> str:
+        values = [v for v in values if v is not None]
+        return "-" if not values else format(sum(values) / len(values), fmt)
+
+    lines = ["Cost of fitting (mean per cell; steps include warm-ups; tokens are those decoded while fitting: "
+             "rollouts, sampled answers, proposals, validation):", "",
+             "| method | optimizer steps | trainable parameters | training seconds | tokens generated |",
+             "|---|---|---|---|---|"]
+    for m, rs in cells.items():
+        lines.append(f"| {m} | {mean([r.get('budget') for r in rs], '.0f')} | "
+                     f"{mean([r.get('trainable_params') for r in rs], ',.0f')} | "
+                     f"{mean([r.get('fit_seconds') for r in rs], '.0f')} | {mean([r.get('train_tokens') for r in rs], ',.0f')} |")
+    return "\n".join(lines)
+
+
 def _chosen(predictor: dict) -> str:
     """BetterTogether's returned program as ``step N (kind)``: kind is initial, p or w."""
     step = predictor["chosen_step"]
@@ -225,7 +249,7 @@ def report(run_dir: Path) -> tuple[Path, list[Path]]:
     if not rows:
         raise MetatunerError(f"{path} holds no finished cell yet")
     points = load_points(run_dir)
-    sections = [table(rows), curves_table(points), "\n".join(method_lines(rows, run_dir)),
+    sections = [table(rows), cost_table(rows), curves_table(points), "\n".join(method_lines(rows, run_dir)),
                 diagnostics_table(rows, run_dir)]
     md = run_dir / "results.md"
     files.write_text(md, "\n\n".join(s for s in sections if s) + "\n")

@@ -37,7 +37,7 @@ from metatuner.config import DPOMethodConfig, TrainConfig
 from metatuner.errors import MetatunerError
 from metatuner.evaluation.generation import generate, render_chat
 from metatuner.evaluation.predictors import LMPredictor
-from metatuner.methods.base import METHODS, Method
+from metatuner.methods.base import METHODS, Method, count_trainable
 from metatuner.tasks.base import Example, Task
 from metatuner.training.schedule import hf_schedule
 
@@ -125,9 +125,11 @@ def train_dpo(model, tokenizer, pairs: list[Pair], cfg: DPOMethodConfig, lr_sche
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     # one entry per optimizer step (logging_steps=1); the Trainer logs the rate the step was taken with
     lrs = {h["step"]: h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h}
+    trained = count_trainable(trainer.model)
     merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().eval()
     vars(merged).pop("forward", None)  # TRL's fused log-prob forward, patched onto the instance for its loss only
-    return merged, {"final_loss": logged[-1], "mean_loss": result.training_loss, "lrs": [lrs[k] for k in sorted(lrs)]}
+    return merged, {"final_loss": logged[-1], "mean_loss": result.training_loss, "lrs": [lrs[k] for k in sorted(lrs)],
+                    "trainable_params": trained}
 
 
 def _step_callback(on_step):
@@ -198,6 +200,7 @@ class DPO(Method):
             out_dir, on_step=lambda step, now: self.at_step(
                 step, lambda: DPOPredictor(now, self.tokenizer, task.instruction, {"steps": step})),
         )
+        self.trainable_params = losses["trainable_params"]
         training = {"queries": len(queries), "pairs": len(pairs), "too_long": built - len(pairs),
                     "gold_fallback": sum(p.gold for p in pairs),
                     "steps": cfg.steps, "lr_schedule": schedule, "warmup_steps": warmup, **losses}

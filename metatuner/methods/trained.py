@@ -13,11 +13,22 @@ from metatuner.methods.base import METHODS, Method
 from metatuner.tasks.base import Example, Task
 
 
-@METHODS.register("sft")
-class SFT(Method):
-    """Static LoRA on M fine-tuned on (p~, x) -> y for train.steps steps (MetaTuner's warm-up of M alone)."""
+class _Trained(Method):
+    """A method fitted by :class:`~metatuner.training.trainer.Trainer`."""
 
     needs_training = True
+
+    def trained(self, trainer, step: int, predictor) -> None:
+        self.trainable_params = trainer.trainable_params()  # what a learning-curve point at ``step`` cost
+        self.at_step(step, predictor)
+
+    def budget(self) -> int:
+        return self.config.train.steps
+
+
+@METHODS.register("sft")
+class SFT(_Trained):
+    """Static LoRA on M fine-tuned on (p~, x) -> y for train.steps steps (MetaTuner's warm-up of M alone)."""
 
     def fit(self, task: Task, train: list[Example], val: list[Example]):
         from metatuner.models.metatuner import MetaTuner
@@ -27,19 +38,15 @@ class SFT(Method):
         cfg = self.config
         mt = MetaTuner(self.model, self.tokenizer, cfg.generator, cfg.hypernet, use_hypernet=False, use_prompt=False)
         trainer = Trainer(cfg, mt, task, train, val, self.run_dir)
-        trainer.on_step = lambda step: self.at_step(step, lambda: MetaTunerPredictor(mt, name="sft"))
+        trainer.on_step = lambda step: self.trained(trainer, step, lambda: MetaTunerPredictor(mt, name="sft"))
         trainer.warmup_actor(cfg.train.steps)
+        self.trainable_params = trainer.trainable_params()
         return MetaTunerPredictor(mt, name="sft")
-
-    def budget(self) -> int:
-        return self.config.train.steps
 
 
 @METHODS.register("metatuner")
-class MetaTunerMethod(Method):
+class MetaTunerMethod(_Trained):
     """MetaTuner: per-query prompt (G) and per-query LoRA (F); schedule and ablation from train.*."""
-
-    needs_training = True
 
     def fit(self, task: Task, train: list[Example], val: list[Example]):
         from metatuner.training.build import build_metatuner
@@ -54,9 +61,7 @@ class MetaTunerMethod(Method):
                 trainer.evaluate_val(gate=True)  # what a run stopped here would serve: its gate decides
             return MetaTunerPredictor(mt, name="metatuner")
 
-        trainer.on_step = lambda step: self.at_step(step, now)
+        trainer.on_step = lambda step: self.trained(trainer, step, now)
         trainer.run()
+        self.trainable_params = trainer.trainable_params()
         return MetaTunerPredictor(mt, name="metatuner")
-
-    def budget(self) -> int:
-        return self.config.train.steps

@@ -133,6 +133,12 @@ class Trainer:
         # here takes a share of one batch, so one optimizer step is one scheduler step
         self.optimizer, self.scheduler = self.acc.prepare(opt), make_scheduler(opt, self.tc, total)
 
+    def trainable_params(self) -> int:
+        """The parameters the optimizer trains (0 before it is set up)."""
+        if self.optimizer is None:
+            return 0
+        return sum({id(p): p.numel() for g in self.optimizer.param_groups for p in g["params"]}.values())
+
     def warmup_actor(self, steps: int | None = None, instruction: str | None = None, start: int = 0) -> None:
         """M's static LoRA, fine-tuned on (p~, x) -> y: exactly the SFT baseline.
 
