@@ -179,6 +179,9 @@ class TrainConfig:
     freeze_static: bool = option(
         False, "freeze M's static LoRA after its warm-up (false: it keeps training on the task loss, F's LoRA a residual on top)"
     )
+    lr_scale: float = option(
+        1.0, "multiplies every learning rate above (one knob for tuning: `tune` in a bench protocol)"
+    )
     lr_schedule: str = option("cosine", "learning-rate schedule after warm-up", ("constant", "linear", "cosine"))
     warmup_ratio: float = option(0.1, "fraction of steps with a linear learning-rate warm-up")
     weight_decay: float = option(0.0, "AdamW weight decay")
@@ -225,6 +228,8 @@ class TrainConfig:
             _at_least(f"train.{name}", getattr(self, name), 0)
         if self.temperature <= 0:
             raise MetatunerError(f"train.temperature must be > 0, got {self.temperature}")
+        if self.lr_scale <= 0:
+            raise MetatunerError(f"train.lr_scale must be > 0, got {self.lr_scale}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise MetatunerError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.warmups()[0] + self.warmups()[1] > self.steps:

@@ -8,7 +8,7 @@ import yaml
 
 from metatuner.bench import grid
 from metatuner.bench.grid import Protocol, run_grid
-from metatuner.bench.report import aggregate, report, table
+from metatuner.bench.report import aggregate, cost_table, report, table
 from metatuner.errors import MetatunerError
 
 
@@ -69,8 +69,9 @@ def test_report_rebuilds_the_same_table_from_results_json(protocol_file, tmp_pat
     out = tmp_path / "grid"
     rows = run_grid(Protocol.load(protocol_file), out)
     md, plots = report(out)
-    assert md.read_text().strip() == table(json.loads((out / "results.json").read_text())).strip()
-    assert md.read_text().strip() == table(rows).strip()
+    expected = table(json.loads((out / "results.json").read_text())) + "\n\n" + cost_table(rows)
+    assert md.read_text().strip() == expected.strip()
+    assert table(rows) == table(json.loads((out / "results.json").read_text()))
     assert {p.name for p in plots} >= {"bar-arithmetic.png", "curves-arithmetic.png"}
     assert all(p.stat().st_size > 1000 for p in plots)
 
@@ -389,7 +390,8 @@ def test_report_without_diagnostics_has_no_section_and_no_validation_curves(tmp_
                                ("metatuner", 0): [eval_record(4, val_acc=0.5)]})  # one step: no curve
     md, plots = report(out)
     assert "MetaTuner diagnostics" not in md.read_text()
-    assert md.read_text().strip() == table(json.loads((out / "results.json").read_text())).strip()
+    rows = json.loads((out / "results.json").read_text())
+    assert md.read_text().strip() == (table(rows) + "\n\n" + cost_table(rows)).strip()
     assert "curves-val-t.png" not in {p.name for p in plots}
 
 
@@ -499,3 +501,47 @@ def test_learning_curves_train_each_cell_once_and_score_every_budget(tmp_path, t
     assert "| method | optimizer steps | trainable parameters | training seconds | tokens generated |" in text
     assert f"| sft | 4 | {cost['sft']['trainable_params']:,} |" in text
     assert {p.name for p in plots} >= {"learning-budget-arithmetic.png", "learning-seconds-arithmetic.png"}
+
+
+def test_tuning_chooses_each_methods_learning_rate_on_validation_and_the_cells_use_it(tmp_path, tiny_model_dir,
+                                                                                      monkeypatch):
+    import metatuner.evaluation.harness as harness
+    import metatuner.recipes as recipes
+    from metatuner.bench.tuning import pick
+
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({
+        "tasks": ["arithmetic"], "seeds": [0], "methods": {"zero-shot": {}, "sft": {"train.steps": 2}},
+        "common": {"model": {"name": str(tiny_model_dir)}, "eval": {"limit": 2, "max_new_tokens": 4},
+                   "data": {"train_limit": 6, "val_size": 3}, "train": {"batch_size": 2}},
+        "tune": {"seed": 0, "overrides": {"train.steps": 1}, "methods": {"sft": {"train.lr_scale": [0.5, 2.0, 1.0]}}},
+    }, sort_keys=False))
+    fitted, scored = [], []
+    fit = recipes.fit_method
+    monkeypatch.setattr(recipes, "fit_method", lambda cfg, *a, **k: fitted.append(
+        (cfg.train.steps, cfg.train.lr_scale)) or fit(cfg, *a, **k))
+    evaluate = harness.evaluate
+
+    def scripted(predictor, task, examples, **kw):  # validation score by learning rate: 2.0 is best
+        result = evaluate(predictor, task, examples, **kw)
+        scored.append([ex.id for ex in examples])
+        result.metrics[task.primary_metric]["mean"] = {0.5: 0.2, 2.0: 0.6, 1.0: 0.4}[fitted[-1][1]]
+        return result
+
+    monkeypatch.setattr(harness, "evaluate", scripted)
+    out = tmp_path / "grid"
+    rows = run_grid(Protocol.load(path), out)
+    assert fitted[:3] == [(1, 0.5), (1, 2.0), (1, 1.0)]  # the tuning runs, at the tuning budget
+    assert fitted[4:] == [(2, 2.0)]  # after zero-shot, the sft cell trains with the chosen value at its budget
+    assert all(ids and all("-train-" in i for i in ids) for ids in scored[:3])  # validation carved from train only
+    record = json.loads((out / "tuning" / "arithmetic--sft.json").read_text())
+    assert record["chosen"] == 2.0 and [t["val_score"] for t in record["tried"]] == [0.2, 0.6, 0.4]
+    assert {r["method"]: r["tuned"] for r in rows} == {"zero-shot": {}, "sft": {"train.lr_scale": 2.0}}
+    text = report(out)[0].read_text()
+    assert "| arithmetic | sft | train.lr_scale | 0.5: 20.0, 2.0: 60.0, 1.0: 40.0 (n=3) | 2.0 |" in text
+    assert "tokens generated | tuning seconds (per task) |" in text and "| zero-shot | 0 | 0 |" in text
+    run_grid(Protocol.load(path), out)  # a rerun reuses the choice and the cells
+    assert len(fitted) == 5
+    assert pick([0.5, 0.5, 0.1], [1, 2, 3], current=2) == 1 and pick([0.5, 0.5], [1, 2], current=9) == 0
+    with pytest.raises(MetatunerError, match="not among the protocol's methods"):
+        Protocol.load(path, ["tune.methods.dpo={dpo.lr: [1, 2]}"])

@@ -39,6 +39,7 @@ from typing import Any
 import yaml
 
 from metatuner import files, interrupts, locks
+from metatuner.bench.tuning import Tuning, chosen, tune
 from metatuner.config import RunConfig, from_dict, merge, parse_overrides, read_yaml_mapping
 from metatuner.errors import MetatunerError
 from metatuner.tasks import get_task
@@ -54,6 +55,7 @@ class Protocol:
     methods: dict[str, dict[str, Any]]
     common: dict[str, Any] = field(default_factory=dict)
     per_task: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tune: Tuning | None = None  # fair tuning of the methods' learning rates (:mod:`metatuner.bench.tuning`)
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] = ()) -> "Protocol":
@@ -67,7 +69,7 @@ class Protocol:
                 raise MetatunerError(f"protocol file not found: {p} (shipped protocols: {names})")
             p = named
         data = merge(read_yaml_mapping(p, "protocol file"), parse_overrides(list(overrides)))
-        allowed = {"name", "tasks", "seeds", "methods", "common", "per_task"}
+        allowed = {"name", "tasks", "seeds", "methods", "common", "per_task", "tune"}
         unknown = sorted((k for k in data if k not in allowed), key=str)
         if unknown:
             raise MetatunerError(f"{p}: unknown protocol key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
@@ -77,8 +79,11 @@ class Protocol:
         protocol = cls(
             name=str(data.get("name", p.stem)), tasks=_strings(data["tasks"], p, "tasks"), seeds=_seeds(data["seeds"], p),
             methods=_mapping_of_mappings(data["methods"], p, "methods"), common=_mapping(data.get("common"), p, "common"),
-            per_task=_mapping_of_mappings(data.get("per_task"), p, "per_task"),
+            per_task=_mapping_of_mappings(data.get("per_task"), p, "per_task"), tune=Tuning.parse(data.get("tune"), p),
         )
+        for method in (protocol.tune.methods if protocol.tune else {}):
+            if method not in protocol.methods:
+                raise MetatunerError(f"{p}: tune.methods names {method!r}, which is not among the protocol's methods")
         for cell in protocol.cells():  # every cell's config and test splits must be valid before any work starts
             cfg = protocol.config(*cell)
             task = get_task(cfg.data.task)
@@ -90,9 +95,12 @@ class Protocol:
         """``(task, method, seed)`` of every cell, or of the cells of the methods in ``only``."""
         return [(t, m, s) for t in self.tasks for m in self.methods for s in self.seeds if not only or m in only]
 
-    def config(self, task: str, method: str, seed: int):
-        """The resolved RunConfig of one cell: common, then per-task, then per-method overrides."""
-        overrides = merge(merge(_nest(self.common), _nest(self.per_task.get(task, {}))), _nest(self.methods[method]))
+    def config(self, task: str, method: str, seed: int, out: Path | None = None):
+        """The resolved RunConfig of one cell: common, then per-task, then per-method overrides, then the
+        value tuning chose for the method (recorded in ``out``'s ``tuning/``)."""
+        overrides = merge(merge(nest(self.common), nest(self.per_task.get(task, {}))), nest(self.methods[method]))
+        if out is not None:
+            overrides = merge(overrides, nest(chosen(out, file_name(task), method)))
         overrides.setdefault("method", method)
         overrides = merge(overrides, {"data": {"task": task, "seed": seed}, "seed": seed})
         return from_dict(RunConfig, overrides)
@@ -122,7 +130,7 @@ def _mapping_of_mappings(value, p: Path, key: str) -> dict[str, dict[str, Any]]:
     return {k: _mapping(v, p, f"{key}.{k}") for k, v in _mapping(value, p, key).items()}
 
 
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
     """``{"train.steps": 3}`` -> ``{"train": {"steps": 3}}`` (nested dicts pass through)."""
     out: dict[str, Any] = {}
     for key, value in flat.items():
@@ -130,7 +138,7 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = _nest(value) if isinstance(value, dict) else value
+        node[leaf] = nest(value) if isinstance(value, dict) else value
     return out
 
 
@@ -163,6 +171,7 @@ def run_grid(protocol: Protocol, out: Path, data_dir: str | None = None, only: l
     spec = yaml.safe_dump(to_protocol_dict(protocol), sort_keys=False)
     if not (out / "protocol.yaml").is_file() or (out / "protocol.yaml").read_text() != spec:  # workers rewrite it
         files.write_text(out / "protocol.yaml", spec)
+    tune(protocol, out, data_dir, only)  # before any cell, in this process: the cells use its choices
     if workers > 1:
         return _run_workers(protocol, out, data_dir, only, workers)
     from metatuner.recipes import eval_method
@@ -186,7 +195,7 @@ def run_grid(protocol: Protocol, out: Path, data_dir: str | None = None, only: l
         for pattern in (f"{folder.name}@*", f"{folder.name}.b*"):  # other splits and learning-curve points
             for stale in folder.parent.glob(pattern):  # of an attempt that did not finish
                 shutil.rmtree(stale)
-        cfg = protocol.config(task, method, seed)
+        cfg = protocol.config(task, method, seed, out)
         if data_dir:
             cfg.data.data_dir = data_dir
         print(f"[{i}/{len(cells)}] {task} {method} seed {seed} ...", flush=True)
@@ -289,7 +298,7 @@ def collect(out: Path) -> list[dict]:
         cell = summary_path.parent.name.split("@")[0]  # a split's folder belongs to the cell it is named after
         point = _BUDGET.match(cell)
         cell = point.group(1) if point else cell
-        _, method, seed = cell.split("--")
+        task_file, method, seed = cell.split("--")
         records = _records(summary_path.parent)
         per_item = [r["scores"][s["primary_metric"]] for r in records]
         train_log = summary_path.parent.with_name(cell + "-train") / "log.jsonl"
@@ -307,6 +316,7 @@ def collect(out: Path) -> list[dict]:
             "item_ids": [r["id"] for r in records], "item_scores": per_item, **families,
             "train_log": str(train_log.relative_to(out)) if train_log.is_file() else None,
             "predictor": s.get("predictor", {}), "environment": s.get("environment", {}),
+            "tuned": chosen(out, task_file, method),
         })
         if point:
             points.append(rows.pop())
@@ -345,4 +355,4 @@ def _cell(folder: Path) -> dict[str, Any]:
 
 def to_protocol_dict(p: Protocol) -> dict[str, Any]:
     return {"name": p.name, "tasks": p.tasks, "seeds": p.seeds, "methods": p.methods, "common": p.common,
-            "per_task": p.per_task}
+            "per_task": p.per_task, **({"tune": p.tune.to_dict()} if p.tune else {})}

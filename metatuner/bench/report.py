@@ -15,6 +15,7 @@ Wilson/normal interval over items: it has one seed.)
 - MetaTuner-J's paired difference from every other method per task;
 - per family, for tasks whose items carry one (``mixture``);
 - what each method's fit cost: optimizer steps, trainable parameters, training seconds, tokens generated;
+- the learning rates fair tuning chose on validation, with every value's score (:mod:`metatuner.bench.tuning`);
 - the learning curves, where the grid scored budgets (``curves.json``, :mod:`metatuner.bench.curves`);
 - one line per method that has a diagnostic: DPO's share of pairs with a gold-answer fallback,
   which program step BetterTogether returned, MetaTuner's share of prompts equal to p~ and its ΔW
@@ -32,6 +33,7 @@ from metatuner.bench import stats
 from metatuner.bench.curves import curves_table, load_points, plot_curves
 from metatuner.bench.logs import diagnostics, diagnostics_table
 from metatuner.bench.plots import plot
+from metatuner.bench.tuning import tuning_seconds, tuning_table
 
 REFERENCE = "bettertogether"
 BASELINE = "zero-shot"
@@ -205,12 +207,14 @@ def method_lines(rows: list[dict], root: Path) -> list[str]:
     return ["Method diagnostics (one line per method that has one):", ""] + lines if lines else []
 
 
-def cost_table(rows: list[dict]) -> str:
+def cost_table(rows: list[dict], tuning: dict[str, float] | None = None) -> str:
     """Per method, what its fit cost (mean over the cells of each task's ordinary test split): the
-    optimizer steps, the parameters trained, the seconds of fitting and the tokens decoded while fitting."""
+    optimizer steps, the parameters trained, the seconds of fitting and the tokens decoded while fitting;
+    with ``tuning`` (method -> seconds of its tuning runs per task), those seconds too."""
+    tuning = tuning or {}
     cells: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
-        if r["split"] == "test":  # one fit per cell; its other splits share it
+        if r.get("split", "test") == "test":  # one fit per cell; its other splits share it
             cells[r["method"]].append(r)
 
     def mean(values: list, fmt: str) -> str:
@@ -219,12 +223,13 @@ def cost_table(rows: list[dict]) -> str:
 
     lines = ["Cost of fitting (mean per cell; steps include warm-ups; tokens are those decoded while fitting: "
              "rollouts, sampled answers, proposals, validation):", "",
-             "| method | optimizer steps | trainable parameters | training seconds | tokens generated |",
-             "|---|---|---|---|---|"]
+             "| method | optimizer steps | trainable parameters | training seconds | tokens generated |"
+             + (" tuning seconds (per task) |" if tuning else ""), "|---|---|---|---|---|" + ("---|" if tuning else "")]
     for m, rs in cells.items():
         lines.append(f"| {m} | {mean([r.get('budget') for r in rs], '.0f')} | "
                      f"{mean([r.get('trainable_params') for r in rs], ',.0f')} | "
-                     f"{mean([r.get('fit_seconds') for r in rs], '.0f')} | {mean([r.get('train_tokens') for r in rs], ',.0f')} |")
+                     f"{mean([r.get('fit_seconds') for r in rs], '.0f')} | {mean([r.get('train_tokens') for r in rs], ',.0f')} |"
+                     + (f" {tuning[m]:.0f} |" if m in tuning else " - |" if tuning else ""))
     return "\n".join(lines)
 
 
@@ -249,7 +254,7 @@ def report(run_dir: Path) -> tuple[Path, list[Path]]:
     if not rows:
         raise MetatunerError(f"{path} holds no finished cell yet")
     points = load_points(run_dir)
-    sections = [table(rows), cost_table(rows), curves_table(points), "\n".join(method_lines(rows, run_dir)),
+    sections = [table(rows), cost_table(rows, tuning_seconds(run_dir)), tuning_table(run_dir), curves_table(points), "\n".join(method_lines(rows, run_dir)),
                 diagnostics_table(rows, run_dir)]
     md = run_dir / "results.md"
     files.write_text(md, "\n\n".join(s for s in sections if s) + "\n")

@@ -127,6 +127,7 @@ class Trainer:
         self.groups = groups if groups is not None else self.mt.parameter_groups()
         lrs = {"encoder": self.tc.lr_encoder, "decoder": self.tc.lr_decoder, "hypernet": self.tc.lr_hypernet,
                "static": self.tc.lr_static}
+        lrs = {k: v * self.tc.lr_scale for k, v in lrs.items()}
         param_groups = [{"params": ps, "lr": lrs[name], "name": name} for name, ps in self.groups.items() if ps]
         opt = torch.optim.AdamW(param_groups, weight_decay=self.tc.weight_decay)
         # the scheduler stays unwrapped: accelerate's wrapper would step it once per process, but each process
