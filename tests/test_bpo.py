@@ -83,14 +83,19 @@ def test_pairs_keep_a_rewrite_only_when_it_beats_the_original_and_never_a_leak(m
     assert method.trainable_params > 0
 
 
-def test_fit_fails_clearly_when_no_rewrite_helps(monkeypatch, tiny_model, tiny_tokenizer):
+def test_without_any_kept_pair_the_original_prompts_are_served(monkeypatch, tiny_model, tiny_tokenizer):
     monkeypatch.setattr(MetaTuner, "generate_outputs",
                         lambda self, task, examples, **kw: [Generation("Say 2 + 3.", 1) for _ in examples for _ in range(kw["n"])])
     monkeypatch.setattr(rollouts, "score_prompts", lambda mt, task, exs, prompts, *a: torch.tensor(
         [-1.0 if p.startswith("Question") else -2.0 for p in prompts]))
-    method = bpo.BPOSelfPairs(tiny_model, tiny_tokenizer, config(queries=2, samples=2))
-    with pytest.raises(MetatunerError, match="kept no pair.*bpo.margin"):
-        method.fit(TASK, [ex("a"), ex("b")], [])
+    method = bpo.BPOSelfPairs(tiny_model, tiny_tokenizer, config(queries=2, samples=2, steps=3))
+    seen = []
+    method.budgets, method.on_budget = {0, 1, 2}, lambda step, p: seen.append(step)
+    predictor = method.fit(TASK, [ex("a"), ex("b")], [])
+    d = predictor.describe()
+    assert predictor.prompts == "initial" and d["gate"] == "initial (no pair kept)"
+    assert d["training"]["pairs"] == 0 and d["training"]["steps"] == 0
+    assert seen == [0, 1, 2]  # the learning curve's points all exist
     with pytest.raises(MetatunerError, match="needs training queries"):
         method.fit(TASK, [], [])
 

@@ -12,6 +12,8 @@ it lowers the NLL by more than ``bpo.margin`` nats. Rewrites that leak the gold 
 (:func:`metatuner.training.rollouts.leaks`) are never kept. This is exactly MetaTuner's rejection-sampling
 warm-up of G (:func:`~metatuner.training.rollouts.rollout` filling the expert set, then the trainer's
 supervised loop), run on a rewriter whose "prompt" is the user's query rather than the instruction.
+When no pair is kept (a small M rarely writes a better query), nothing is trained and the original
+prompts are served (``describe()["gate"] == "initial (no pair kept)"``, ``training.steps == 0``).
 
 Training: SFT of R (a LoRA of rank ``bpo.rank`` on all layers of the same base as M, the project's
 :class:`~metatuner.models.lora.LoRAModel`, so no second copy of M is kept) on the kept pairs only, for
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from typing import Any, Callable
 
 import torch
@@ -54,6 +57,8 @@ from metatuner.prompts import BPO, bpo_messages
 from metatuner.tasks.base import Example, Task
 from metatuner.training.schedule import hf_schedule
 from metatuner.training.stream import DataStream
+
+logger = logging.getLogger(__name__)
 
 Rewrite = Callable[[Task, list[Example]], list[str]]
 
@@ -218,16 +223,27 @@ class BPOSelfPairs(Method):
                 batch = queries[i : i + cfg.batch_size]
                 leaked += trainer._offer(batch, None, None).get("leaked", 0)
                 bar.update(len(batch))
+                trainer._stop_point()  # a SIGTERM between two rollout batches stops here
         pairs = kept_pairs(rewriter, task, queries, trainer.experts)
         if self.run_dir is not None:
             files.write_text(self.run_dir / "bpo_pairs.jsonl",
                              "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+        schedule, warmup = hf_schedule(rc.train, cfg.steps)
+        details["training"] = {"queries": len(queries), "samples": cfg.samples, "pairs": len(pairs),
+                               "leaked": leaked, "mean_gain": sum(p["gain"] for p in pairs) / max(1, len(pairs)),
+                               "steps": cfg.steps if pairs else 0, "lr_schedule": schedule, "warmup_steps": warmup}
+        trainer.log({"phase": "bpo_pairs", "step": trainer.step, **details["training"]})
         if not pairs:
-            raise MetatunerError(
-                f"bpo-selfpairs kept no pair: none of {len(queries)} queries x {cfg.samples} rewrites lowered M's "
-                f"gold-answer NLL by more than bpo.margin={cfg.margin} without leaking it; raise bpo.queries or "
-                f"bpo.samples, or lower bpo.margin"
-            )
+            # nothing to fine-tune on (a small M rarely rewrites a query into a better one): the untrained
+            # rewriter is M itself, which the pairs just showed does not help, so the original prompts are served
+            logger.warning("bpo-selfpairs kept no pair from %d queries x %d rewrites (bpo.margin=%s); serving the "
+                           "original prompts", len(queries), cfg.samples, cfg.margin)
+            fallback = lambda: _with(  # noqa: E731
+                BPOPredictor(self.model, self.tokenizer, rewriter.rewrite, "initial", details=details),
+                gate="initial (no pair kept)")
+            for step in range(1, cfg.steps + 1):  # the budget's steps, none taken: learning curves stay complete
+                self.at_step(step, fallback)
+            return fallback()
         improved = {p["id"]: p["improved"] for p in pairs}
         by_id = {ex.id: ex for ex in queries}
         stream = DataStream([by_id[i] for i in improved], rc.data.seed + 3)
@@ -236,11 +252,6 @@ class BPOSelfPairs(Method):
             return rewriter.prompt_nll(task, batch, [improved[ex.id] for ex in batch]).mean()
 
         trainer._supervised("bpo_rewriter", "rewriter_sft", cfg.steps, stream, loss)
-        schedule, warmup = hf_schedule(rc.train, cfg.steps)
-        details["training"] = {"queries": len(queries), "samples": cfg.samples, "pairs": len(pairs),
-                               "leaked": leaked, "mean_gain": sum(p["gain"] for p in pairs) / len(pairs),
-                               "steps": cfg.steps, "lr_schedule": schedule, "warmup_steps": warmup}
-        trainer.log({"phase": "bpo_pairs", "step": trainer.step, **details["training"]})
         return now()
 
     def budget(self) -> int:
