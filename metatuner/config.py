@@ -282,6 +282,43 @@ class DPOMethodConfig:
 
 
 @dataclass
+class BPOConfig:
+    """The BPO baseline (bpo-selfpairs): a per-query prompt rewriter trained by SFT on pairs M's own reward picked."""
+
+    model: str | None = option(
+        None, "a released BPO rewriter (alias, hub id such as THUDM/BPO, or folder) used as it is, with BPO's "
+        "prompt template and no training; unset: build pairs from M's own reward and train a LoRA rewriter"
+    )
+    queries: int = option(64, "training queries whose prompts are rewritten to build (original, improved) pairs")
+    samples: int = option(4, "rewrites sampled per query; the best one is kept if it beats the original by margin")
+    temperature: float = option(1.0, "sampling temperature of the rewrites")
+    margin: float = option(
+        0.05, "a rewrite becomes a pair only if it lowers M's mean gold-answer NLL by more than this (nats) "
+        "against the original prompt of the same query"
+    )
+    max_new_tokens: int = option(64, "cap on the new tokens of a rewritten prompt (a cut one ends at its last sentence)")
+    steps: int = option(12, "SFT optimizer steps of the rewriter on the kept pairs")
+    batch_size: int = option(4, "pairs per optimizer step (and queries per rollout batch)")
+    lr: float = option(1e-3, "learning rate of the rewriter's LoRA (schedule and warm-up: train.lr_schedule, train.warmup_ratio)")
+    rank: int = option(8, "rank of the rewriter's LoRA")
+    alpha: float = option(16.0, "LoRA alpha of the rewriter (scale alpha / rank)")
+    targets: list[str] = option(None, "the rewriter's LoRA target modules", factory=lambda: ["q_proj", "v_proj"])
+    gate: bool = option(True, "serve the rewritten prompts only if they score higher than the original ones on validation")
+    gate_margin: float = option(0.0, "how much higher (primary metric, 0-1) rewritten prompts must score on validation")
+    max_length: int = option(512, "truncate M's scoring inputs to this many tokens")
+
+    def __post_init__(self):
+        for name in ("queries", "samples", "max_new_tokens", "steps", "batch_size", "rank", "max_length"):
+            _at_least(f"bpo.{name}", getattr(self, name), 1)
+        for name in ("temperature", "lr"):
+            if getattr(self, name) <= 0:
+                raise ConfigKeyError(f"bpo.{name}", f"bpo.{name} must be > 0, got {getattr(self, name)}")
+        if self.margin < 0 or self.gate_margin < 0:
+            raise ConfigKeyError("bpo.margin", f"bpo.margin and bpo.gate_margin must be >= 0, got {self.margin} "
+                                 f"and {self.gate_margin}")
+
+
+@dataclass
 class OPROConfig:
     """OPRO's search budget and its optimizer LM."""
 
@@ -377,6 +414,7 @@ class RunConfig:
     hypernet: HypernetConfig = option(None, "MetaTuner's parameter generator F", factory=HypernetConfig)
     train: TrainConfig = option(None, "MetaTuner training", factory=TrainConfig)
     dpo: DPOMethodConfig = option(None, "the DPO baseline", factory=DPOMethodConfig)
+    bpo: BPOConfig = option(None, "the BPO baseline (bpo-selfpairs)", factory=BPOConfig)
     opro: OPROConfig = option(None, "the OPRO baseline (and bettertogether's p step when prompt_optimizer=opro)", factory=OPROConfig)
     bettertogether: BetterTogetherConfig = option(None, "the BetterTogether baseline", factory=BetterTogetherConfig)
     serve: ServeConfig = option(None, "the OpenAI-compatible server (metatuner serve)", factory=ServeConfig)

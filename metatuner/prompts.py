@@ -67,3 +67,30 @@ def opro_meta_prompt(scored: list[tuple[str, int]], examples: list[tuple[str, st
     parts += [OPRO["example"].format(query=q, answer=a) for q, a in examples]
     parts.append(OPRO["footer"])
     return "\n\n".join(parts)
+
+
+# BPO (Cheng et al., "Black-Box Prompt Optimization", 2023). ``released`` is the template of the released
+# rewriter (THUDM/BPO), plain text with no chat template; ``system`` / ``user`` are the chat meta-prompt with
+# which M samples rewrites of a user's prompt for bpo-selfpairs, in BPO's spirit (clearer, more specific,
+# same meaning). The task's instruction is shown as context: M still reads it as the system turn.
+BPO = {
+    "released": (
+        "[INST] You are an expert prompt engineer. Please help me improve this prompt to get a more helpful "
+        "and harmless response:\n{prompt} [/INST]"
+    ),
+    "system": "You are an expert prompt engineer. You rewrite a user's prompt so an assistant answers it better.",
+    "user": (
+        "The assistant follows this instruction: {instruction}\n\n"
+        "User's prompt: {prompt}\n\n"
+        "Rewrite the user's prompt to be clearer and more specific. Keep its meaning and every number, name "
+        "and option in it; do not answer it. Reply with the rewritten prompt only."
+    ),
+}
+
+
+def bpo_messages(instruction: str, prompt: str) -> list[dict[str, str]]:
+    """The chat input with which M (the bpo-selfpairs rewriter) rewrites a user's ``prompt``."""
+    return [
+        {"role": "system", "content": BPO["system"]},
+        {"role": "user", "content": BPO["user"].format(instruction=instruction, prompt=prompt)},
+    ]

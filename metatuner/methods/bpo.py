@@ -1,0 +1,263 @@
+"""BPO (Cheng et al., 2023, "Black-Box Prompt Optimization: Aligning Large Language Models without Model
+Training") as the ``bpo-selfpairs`` baseline: a per-query prompt rewriter R, trained by SFT on (original
+prompt, improved prompt) pairs; M's weights never change.
+
+Pairs (BPO's recipe, with M's own reward instead of human preferences): for ``bpo.queries`` training
+queries (a seeded draw), M with R's adapter (zero-initialised, so at first M itself) samples ``bpo.samples``
+rewrites of the user's prompt (the query) from a BPO-style meta-prompt (:data:`metatuner.prompts.BPO`:
+clearer, more specific, same meaning; the task's instruction shown as context). Each rewrite is scored
+by M's mean gold-answer NLL with the rewritten query in place of the original one (teacher forced, M
+with no adapter), against the original query of the same query; the best rewrite is kept as a pair when
+it lowers the NLL by more than ``bpo.margin`` nats. Rewrites that leak the gold answer
+(:func:`metatuner.training.rollouts.leaks`) are never kept. This is exactly MetaTuner's rejection-sampling
+warm-up of G (:func:`~metatuner.training.rollouts.rollout` filling the expert set, then the trainer's
+supervised loop), run on a rewriter whose "prompt" is the user's query rather than the instruction.
+When no pair is kept (a small M rarely writes a better query), nothing is trained and the original
+prompts are served (``describe()["gate"] == "initial (no pair kept)"``, ``training.steps == 0``).
+
+Training: SFT of R (a LoRA of rank ``bpo.rank`` on all layers of the same base as M, the project's
+:class:`~metatuner.models.lora.LoRAModel`, so no second copy of M is kept) on the kept pairs only, for
+``bpo.steps`` optimizer steps of ``bpo.batch_size`` pairs at ``bpo.lr`` under ``train.lr_schedule`` /
+``train.warmup_ratio``.
+
+Predictor: per query, R rewrites the query greedily (batched); M, adapter off, answers the task's messages
+with the rewritten query (the task's instruction p~ stays the system turn). Validation gate: unless the
+rewritten prompts score more than ``bpo.gate_margin`` above the original ones on validation, the original
+prompts are served (``describe()["prompts"]``, with both scores).
+
+``bpo.model=<alias, hub id or folder>`` uses a released rewriter (e.g. ``THUDM/BPO``) as it is, with the
+released template (``[INST] ... {prompt} [/INST]``, no chat template) and no training; the gate applies.
+
+Departures from the original method: BPO's pairs come from human preference data (good vs bad responses)
+and an LLM (ChatGPT) that writes the improved prompts, and the rewriter is a separate 7B Llama-2-chat
+fine-tuned in full; here the rewrites are sampled from M itself, judged by M's own likelihood of the gold
+answer (a smooth, task-specific reward rather than preference), the rewriter is a LoRA on M's own base,
+only the user's query is rewritten (the task's instruction, which fixes the answer format, stays the
+system turn) and a validation gate may fall back to the original prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from metatuner import files
+from metatuner.config import BPOConfig, GeneratorConfig, HypernetConfig, RunConfig
+from metatuner.errors import MetatunerError
+from metatuner.evaluation.generation import generate, render_chat
+from metatuner.evaluation.predictors import LMPredictor
+from metatuner.methods.base import METHODS, Method, count_trainable
+from metatuner.models.metatuner import MetaTuner
+from metatuner.prompts import BPO, bpo_messages
+from metatuner.tasks.base import Example, Task
+from metatuner.training.schedule import hf_schedule
+from metatuner.training.stream import DataStream
+
+logger = logging.getLogger(__name__)
+
+Rewrite = Callable[[Task, list[Example]], list[str]]
+
+
+class SelfRewriter(MetaTuner):
+    """MetaTuner with its prompt branch only (no F, no static LoRA, no shared encoder: G's LoRA on every
+    layer), where G's "prompt" is the user's query: G rewrites the query, and M (adapter off) reads the
+    task's messages with the rewritten query. Rollouts, the expert set and G's SFT loss run unchanged."""
+
+    def __init__(self, model, tokenizer, cfg: BPOConfig):
+        gen = GeneratorConfig(targets=list(cfg.targets), rank=cfg.rank, alpha=cfg.alpha, mode="rewrite",
+                              max_prompt_tokens=cfg.max_new_tokens, share_layers=0, on_cap="cut")
+        super().__init__(model, tokenizer, gen, HypernetConfig(targets=list(cfg.targets)), use_hypernet=False,
+                         use_prompt=True)
+
+    def rewrite_texts(self, task: Task, examples: list[Example]) -> list[str]:
+        return [render_chat(self.gen_tokenizer, bpo_messages(task.instruction_for(ex), ex.query)) for ex in examples]
+
+    def keep_initial_output(self, task: Task, example: Example) -> str:
+        return example.query
+
+    def compose(self, task: Task, example: Example, output: str) -> str:
+        return output or example.query
+
+    def actor_inputs(self, task: Task, examples: list[Example], prompts: list[str]) -> list[str]:
+        return [render_chat(self.tokenizer, task.messages(task.instruction_for(ex), dataclasses.replace(ex, query=p)))
+                for p, ex in zip(prompts, examples)]
+
+    def rewrite(self, task: Task, examples: list[Example]) -> list[str]:
+        """R's greedy rewrite of each query (the query itself where R writes nothing usable)."""
+        gens = self.generate_outputs(task, examples)
+        return [self.compose(task, ex, self.clean_output(g)) for ex, g in zip(examples, gens)]
+
+
+class ReleasedRewriter:
+    """A released BPO model used as it is: BPO's template around the query, greedy decoding."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int):
+        self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
+
+    @torch.no_grad()
+    def rewrite(self, task: Task, examples: list[Example]) -> list[str]:
+        texts = [BPO["released"].format(prompt=ex.query) for ex in examples]
+        gens = generate(self.model, self.tokenizer, texts, self.max_new_tokens)
+        return [g.text.strip() or ex.query for g, ex in zip(gens, examples)]
+
+
+class BPOPredictor(LMPredictor):
+    """M answering with each query rewritten by the rewriter (``prompts="rewritten"``) or as it is
+    (``"initial"``, the gate's fallback); the instruction is the task's own either way. Rewrites are made
+    once per batch; ``describe`` adds the gate's verdict and how the rewriter was trained."""
+
+    def __init__(self, model, tokenizer, rewrite: Rewrite, prompts: str = "rewritten", name: str = "bpo-selfpairs",
+                 details: dict[str, Any] | None = None):
+        super().__init__(model, tokenizer, None, name=name)
+        self.rewrite, self.prompts, self.details = rewrite, prompts, details or {}
+        self._memo: tuple[tuple[str, ...], list[str]] | None = None
+
+    def queries(self, task: Task, examples: list[Example]) -> list[str]:
+        """The query M reads for each example."""
+        if self.prompts != "rewritten":
+            return [ex.query for ex in examples]
+        ids = tuple(ex.id for ex in examples)
+        if self._memo is None or self._memo[0] != ids:
+            self._memo = (ids, self.rewrite(task, examples))
+        return self._memo[1]
+
+    def _inputs(self, task: Task, examples: list[Example]) -> tuple[list[str], list[str]]:
+        instructions = self.instructions(task, examples)
+        rewritten = [dataclasses.replace(ex, query=q) for ex, q in zip(examples, self.queries(task, examples))]
+        rendered = [render_chat(self.tokenizer, self.messages(task, i, ex)) for i, ex in zip(instructions, rewritten)]
+        return instructions, rendered
+
+    def describe(self) -> dict[str, Any]:
+        return super().describe() | {"prompts": self.prompts} | self.details
+
+
+def kept_pairs(rewriter: MetaTuner, task: Task, queries: list[Example], experts) -> list[dict[str, Any]]:
+    """The (original, improved) pairs: queries whose expert is a rewrite that beat the original by the margin."""
+    pairs = []
+    for ex in queries:
+        e = experts[ex.id] if ex.id in experts else None
+        if e is not None and e.gain > 0 and e.output != rewriter.keep_initial_output(task, ex):
+            pairs.append({"id": ex.id, "original": ex.query, "improved": e.output, "gain": e.gain})
+    return pairs
+
+
+@METHODS.register("bpo-selfpairs")
+class BPOSelfPairs(Method):
+    """BPO with pairs from M's own reward (config: ``bpo.*``, else :class:`BPOConfig` defaults)."""
+
+    needs_training = True
+
+    @property
+    def cfg(self) -> BPOConfig:
+        return getattr(self.config, "bpo", None) or BPOConfig()
+
+    def fit(self, task: Task, train: list[Example], val: list[Example]) -> BPOPredictor:
+        if self.cfg.model is not None:
+            return self.fit_released(task, val)
+        return self.fit_selfpairs(task, train, val)
+
+    # ---- the gate ------------------------------------------------------------------------------------
+    def gated(self, task: Task, val: list[Example], rewrite: Rewrite, details: dict[str, Any]) -> BPOPredictor:
+        """The predictor to serve: rewritten prompts unless validation says the original ones are as good."""
+        from metatuner.methods.opro import score_predictor
+
+        cfg = self.cfg
+        rewritten = BPOPredictor(self.model, self.tokenizer, rewrite, "rewritten", details=details)
+        if not (cfg.gate and val):
+            return _with(rewritten, gate="off" if not cfg.gate else "none (no validation items)")
+        score = score_predictor(rewritten, task, val, self.config)
+        initial = score_predictor(BPOPredictor(self.model, self.tokenizer, rewrite, "initial"), task, val, self.config)
+        prompts = "rewritten" if score > initial + cfg.gate_margin else "initial"
+        return _with(BPOPredictor(self.model, self.tokenizer, rewrite, prompts, details=details),
+                     gate=prompts, val_score_rewritten=score, val_score_initial=initial)
+
+    # ---- a released rewriter -------------------------------------------------------------------------
+    def fit_released(self, task: Task, val: list[Example]) -> BPOPredictor:
+        from metatuner.models.loading import load_model
+
+        mc = getattr(self.config, "model", None)
+        model, tokenizer = load_model(self.cfg.model, mc.dtype if mc else "float32", mc.device if mc else "auto")
+        rewriter = ReleasedRewriter(model, tokenizer, self.cfg.max_new_tokens)
+        return self.gated(task, val, rewriter.rewrite, {"rewriter": self.cfg.model, "training": {"steps": 0}})
+
+    # ---- bpo-selfpairs -------------------------------------------------------------------------------
+    def run_config(self) -> RunConfig:
+        """The run config the trainer gets: ``train.*`` (schedule, clipping, seeds) with BPO's budgets."""
+        rc = self.config if isinstance(self.config, RunConfig) else RunConfig()
+        cfg = self.cfg
+        tc = dataclasses.replace(
+            rc.train, steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=1, rollouts=cfg.samples,
+            temperature=cfg.temperature, reward="nll", expert_margin=cfg.margin, lr_decoder=cfg.lr,
+            max_length=cfg.max_length, actor_warmup_steps=0, generator_warmup_queries=cfg.queries,
+            generator_warmup_steps=cfg.steps,
+        )
+        return dataclasses.replace(rc, train=tc)
+
+    def fit_selfpairs(self, task: Task, train: list[Example], val: list[Example]) -> BPOPredictor:
+        from metatuner.training.trainer import Trainer
+
+        cfg, rc = self.cfg, self.run_config()
+        if not train:
+            raise MetatunerError(f"bpo-selfpairs needs training queries of task {task.name!r} to build pairs from")
+        rewriter = self.rewriter = SelfRewriter(self.model, self.tokenizer, cfg)
+        params = list(rewriter.g_lora.adapter_parameters("dec"))
+        self.trainable_params = count_trainable(torch.nn.ParameterList(params))
+        trainer = Trainer(rc, rewriter, task, train, val, self.run_dir)
+        trainer.setup_optimizer(cfg.steps, {"decoder": params})
+        details: dict[str, Any] = {"rewriter": "self-pairs LoRA"}
+        now = lambda: self.gated(task, val, rewriter.rewrite, details)  # noqa: E731
+        trainer.on_step = lambda step: self.at_step(step, now)
+        self.at_step(0, now)
+
+        # pairs: rollouts of the rewriter (M itself at first) fill the expert set, as in G's warm-up
+        queries = DataStream(train, rc.data.seed + 2).next(min(cfg.queries, len(train)))
+        queries = list({ex.id: ex for ex in queries}.values())
+        leaked = 0
+        with tqdm(total=len(queries), desc="bpo pairs (rollouts)", disable=not trainer.progress) as bar:
+            for i in range(0, len(queries), cfg.batch_size):
+                batch = queries[i : i + cfg.batch_size]
+                leaked += trainer._offer(batch, None, None).get("leaked", 0)
+                bar.update(len(batch))
+                trainer._stop_point()  # a SIGTERM between two rollout batches stops here
+        pairs = kept_pairs(rewriter, task, queries, trainer.experts)
+        if self.run_dir is not None:
+            files.write_text(self.run_dir / "bpo_pairs.jsonl",
+                             "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+        schedule, warmup = hf_schedule(rc.train, cfg.steps)
+        details["training"] = {"queries": len(queries), "samples": cfg.samples, "pairs": len(pairs),
+                               "leaked": leaked, "mean_gain": sum(p["gain"] for p in pairs) / max(1, len(pairs)),
+                               "steps": cfg.steps if pairs else 0, "lr_schedule": schedule, "warmup_steps": warmup}
+        trainer.log({"phase": "bpo_pairs", "step": trainer.step, **details["training"]})
+        if not pairs:
+            # nothing to fine-tune on (a small M rarely rewrites a query into a better one): the untrained
+            # rewriter is M itself, which the pairs just showed does not help, so the original prompts are served
+            logger.warning("bpo-selfpairs kept no pair from %d queries x %d rewrites (bpo.margin=%s); serving the "
+                           "original prompts", len(queries), cfg.samples, cfg.margin)
+            fallback = lambda: _with(  # noqa: E731
+                BPOPredictor(self.model, self.tokenizer, rewriter.rewrite, "initial", details=details),
+                gate="initial (no pair kept)")
+            for step in range(1, cfg.steps + 1):  # the budget's steps, none taken: learning curves stay complete
+                self.at_step(step, fallback)
+            return fallback()
+        improved = {p["id"]: p["improved"] for p in pairs}
+        by_id = {ex.id: ex for ex in queries}
+        stream = DataStream([by_id[i] for i in improved], rc.data.seed + 3)
+
+        def loss(batch: list[Example]) -> torch.Tensor:
+            return rewriter.prompt_nll(task, batch, [improved[ex.id] for ex in batch]).mean()
+
+        trainer._supervised("bpo_rewriter", "rewriter_sft", cfg.steps, stream, loss)
+        return now()
+
+    def budget(self) -> int:
+        return 0 if self.cfg.model is not None else self.cfg.steps
+
+
+def _with(predictor: BPOPredictor, **details: Any) -> BPOPredictor:
+    predictor.details = {**predictor.details, **details}
+    return predictor
