@@ -222,3 +222,17 @@ def test_grpo_fit_trains_the_lora_with_trl_and_calls_at_step(tmp_path, monkeypat
     assert training["steps"] == 2 and len(training["rewards"]) == 2 and training["group_size"] == 2
     assert all(0.0 <= r <= 1.0 for r in training["rewards"])
     assert list(tmp_path.iterdir()) == []  # no run folder: nothing saved
+
+
+def test_grpo_prompts_keep_the_harness_tokens_when_the_tokenizer_adds_a_bos(tiny_tokenizer):
+    rendered = render_chat(tiny_tokenizer, get_task("arithmetic").messages("Solve.", ex("a")))
+    assert rl.trl_prompt(tiny_tokenizer, rendered) == rendered  # adds nothing: the text is left alone
+
+    class AddsBos:
+        bos_token = "<s>"
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": ([1] if add_special_tokens else []) + [ord(c) for c in text]}
+
+    assert rl.trl_prompt(AddsBos(), "<s>system ...") == "system ..."
+    assert rl.trl_prompt(AddsBos(), "system ...") == "system ..."

@@ -317,13 +317,14 @@ def train_grpo(model, tokenizer, task: Task, queries: list[Example], cfg: GRPOMe
     """Trains a LoRA on ``model`` (modified in place) with TRL's GRPOTrainer; returns the merged model, its
     training record and the trainable parameter count. ``on_step(step, model)`` as in :func:`train_dpo`."""
     from datasets import Dataset
+    from transformers import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from metatuner.methods.dpo import _step_callback
 
     names = {f.name for f in fields(GRPOConfig)}
     no_ckpt = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-    data = Dataset.from_list([{"prompt": prompt_for(tokenizer, task, ex), "example_index": i}
+    data = Dataset.from_list([{"prompt": trl_prompt(tokenizer, prompt_for(tokenizer, task, ex)), "example_index": i}
                               for i, ex in enumerate(queries)])
     where = contextlib.nullcontext(str(out_dir)) if out_dir is not None else tempfile.TemporaryDirectory()
     callbacks = [_progress_callback(cfg.steps, progress)]
@@ -344,6 +345,7 @@ def train_grpo(model, tokenizer, task: Task, queries: list[Example], cfg: GRPOMe
         trainer = GRPOTrainer(model=model, reward_funcs=grpo_reward(task, queries, cfg.format_bonus), args=args,
                               train_dataset=data, processing_class=tokenizer, peft_config=_lora(cfg),
                               callbacks=callbacks)
+        trainer.remove_callback(PrinterCallback)  # it prints every step's log dict; the bar shows the reward
         trainable = count_trainable(trainer.model)
         trainer.train()
     logs = [h for h in trainer.state.log_history if "reward" in h]
@@ -356,6 +358,15 @@ def train_grpo(model, tokenizer, task: Task, queries: list[Example], cfg: GRPOMe
     merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().eval().requires_grad_(False)
     vars(merged).pop("forward", None)  # anything TRL patched onto the instance for its loss only
     return merged, record, trainable
+
+
+def trl_prompt(tokenizer, rendered: str) -> str:
+    """``rendered`` as TRL must be given it to see the harness's tokens: TRL tokenizes a text prompt with the
+    tokenizer's special tokens, so a BOS the tokenizer adds is dropped from the text when the chat template
+    wrote one already."""
+    bos = tokenizer.bos_token
+    adds = tokenizer("x")["input_ids"] != tokenizer("x", add_special_tokens=False)["input_ids"]
+    return rendered[len(bos):] if adds and bos and rendered.startswith(bos) else rendered
 
 
 def _progress_callback(steps: int, progress: bool):
