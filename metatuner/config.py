@@ -319,6 +319,78 @@ class BPOConfig:
 
 
 @dataclass
+class PPOMethodConfig:
+    """The PPO baseline: rollouts of M + LoRA scored by the task, clipped PPO with a value head and a KL penalty."""
+
+    steps: int = option(12, "PPO optimizer steps in all (each rollout batch gives epochs x minibatches of them)")
+    batch_size: int = option(8, "queries per rollout batch (one sampled answer each)")
+    epochs: int = option(4, "PPO epochs over each rollout batch")
+    minibatches: int = option(1, "minibatches per epoch (batch_size must be divisible by it)")
+    lr: float = option(1e-4, "learning rate of the LoRA and the value head (schedule: train.lr_schedule, train.warmup_ratio)")
+    temperature: float = option(0.7, "sampling temperature of the rollouts (log-probabilities are taken at it too)")
+    max_new_tokens: int | None = option(None, "new-token budget of a rollout answer (unset: the task's)")
+    kl_coef: float = option(0.05, "per-token KL penalty to the reference (adapter-off) model, in the reward")
+    cliprange: float = option(0.2, "PPO ratio clip epsilon: the ratio is held to [1 - eps, 1 + eps]")
+    cliprange_value: float = option(0.2, "value clip: new values are held within this of the rollout's values")
+    vf_coef: float = option(0.1, "weight of the value loss")
+    gamma: float = option(1.0, "discount of GAE")
+    lam: float = option(0.95, "lambda of GAE")
+    format_bonus: float = option(0.0, "reward added when the answer is stated in the asked format (strict extraction)")
+    rank: int = option(8, "LoRA rank")
+    alpha: float = option(16.0, "LoRA alpha (scale alpha / rank)")
+    targets: list[str] = option(None, "LoRA target modules", factory=lambda: ["q_proj", "v_proj"])
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "epochs", "minibatches", "max_new_tokens", "rank"):
+            _at_least(f"ppo.{name}", getattr(self, name), 1)
+        for name in ("lr", "temperature", "cliprange"):
+            if getattr(self, name) <= 0:
+                raise ConfigKeyError(f"ppo.{name}", f"ppo.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("kl_coef", "cliprange_value", "vf_coef", "format_bonus"):
+            if getattr(self, name) < 0:
+                raise ConfigKeyError(f"ppo.{name}", f"ppo.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigKeyError(f"ppo.{name}", f"ppo.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.batch_size % self.minibatches:
+            raise ConfigKeyError("ppo.minibatches", f"ppo.batch_size={self.batch_size} must be divisible by "
+                                 f"ppo.minibatches={self.minibatches}")
+
+
+@dataclass
+class GRPOMethodConfig:
+    """The GRPO baseline: TRL's GRPOTrainer on a LoRA of M, rewarded by the task's scorer."""
+
+    steps: int = option(12, "GRPO optimizer steps (one group of sampled answers per query per step)")
+    batch_size: int = option(4, "queries per optimizer step")
+    group_size: int = option(4, "answers sampled per query (TRL's num_generations); rewards are normalized in a group")
+    lr: float = option(1e-4, "learning rate of the LoRA (schedule: train.lr_schedule, train.warmup_ratio)")
+    temperature: float = option(1.0, "sampling temperature of the answers")
+    max_new_tokens: int | None = option(None, "new-token budget of a sampled answer (unset: the task's)")
+    beta: float = option(0.0, "KL coefficient to the reference (adapter-off) model; 0 (TRL's default) skips that pass")
+    epsilon: float = option(0.2, "ratio clip epsilon")
+    loss_type: str = option("dapo", "TRL loss aggregation over tokens (grpo: per-sequence mean, as in the paper)",
+                            ("grpo", "dapo", "dr_grpo", "bnpo"))
+    scale_rewards: str = option("group", "advantage = reward - group mean, divided by the std of: group, batch or none",
+                                ("group", "batch", "none"))
+    format_bonus: float = option(0.0, "reward added when the answer is stated in the asked format (strict extraction)")
+    rank: int = option(8, "LoRA rank")
+    alpha: float = option(16.0, "LoRA alpha (scale alpha / rank)")
+    targets: list[str] = option(None, "LoRA target modules", factory=lambda: ["q_proj", "v_proj"])
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "max_new_tokens", "rank"):
+            _at_least(f"grpo.{name}", getattr(self, name), 1)
+        _at_least("grpo.group_size", self.group_size, 2)
+        for name in ("lr", "temperature", "epsilon"):
+            if getattr(self, name) <= 0:
+                raise ConfigKeyError(f"grpo.{name}", f"grpo.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("beta", "format_bonus"):
+            if getattr(self, name) < 0:
+                raise ConfigKeyError(f"grpo.{name}", f"grpo.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
 class OPROConfig:
     """OPRO's search budget and its optimizer LM."""
 
@@ -415,6 +487,8 @@ class RunConfig:
     train: TrainConfig = option(None, "MetaTuner training", factory=TrainConfig)
     dpo: DPOMethodConfig = option(None, "the DPO baseline", factory=DPOMethodConfig)
     bpo: BPOConfig = option(None, "the BPO baseline (bpo-selfpairs)", factory=BPOConfig)
+    ppo: PPOMethodConfig = option(None, "the PPO baseline", factory=PPOMethodConfig)
+    grpo: GRPOMethodConfig = option(None, "the GRPO baseline", factory=GRPOMethodConfig)
     opro: OPROConfig = option(None, "the OPRO baseline (and bettertogether's p step when prompt_optimizer=opro)", factory=OPROConfig)
     bettertogether: BetterTogetherConfig = option(None, "the BetterTogether baseline", factory=BetterTogetherConfig)
     serve: ServeConfig = option(None, "the OpenAI-compatible server (metatuner serve)", factory=ServeConfig)
