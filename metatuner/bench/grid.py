@@ -39,7 +39,8 @@ from typing import Any
 import yaml
 
 from metatuner import files, interrupts, locks
-from metatuner.bench.tuning import Tuning, chosen, tune
+from metatuner.bench import tuning
+from metatuner.bench.tuning import Tuning, chosen
 from metatuner.config import RunConfig, from_dict, merge, parse_overrides, read_yaml_mapping
 from metatuner.errors import MetatunerError
 from metatuner.tasks import get_task
@@ -222,6 +223,55 @@ def run_grid(protocol: Protocol, out: Path, data_dir: str | None = None, only: l
             held.release()
         collect(out)
     return collect(out)
+
+
+def tune(protocol: Protocol, out: Path, data_dir: str | None = None, only: list[str] | None = None) -> list[dict]:
+    """Runs the tuning of every (task, method) of ``protocol.tune`` (the methods in ``only``, if given) that
+    has no choice on file yet (:mod:`metatuner.bench.tuning`); returns every choice record. Runs in this
+    process, before any cell."""
+    from tqdm.auto import tqdm
+
+    from metatuner.config import to_dict
+    from metatuner.evaluation.harness import evaluate
+    from metatuner.recipes import fit_method, train_val_split
+
+    spec = protocol.tune
+    if spec is None:
+        return []
+    records = []
+    todo = [(t, m) for t in protocol.tasks for m in protocol.methods if m in spec.methods and (not only or m in only)]
+    for task, method in todo:
+        path = tuning.choice_path(out, file_name(task), method)
+        if path.is_file():
+            records.append(files.read_json(path))
+            continue
+        key, values = spec.methods[method]
+        base = protocol.config(task, method, spec.seed)
+        if data_dir:
+            base.data.data_dir = data_dir
+        tried = []
+        for value in tqdm(values, desc=f"tuning {method} {key} on {task}", unit="value"):
+            overrides = merge(merge(to_dict(base), nest(spec.overrides)), nest({key: value}))
+            cfg = from_dict(RunConfig, overrides)
+            start = time.perf_counter()
+            predictor, task_obj = fit_method(cfg)
+            seconds = time.perf_counter() - start
+            _, val = train_val_split(task_obj.load("train"), cfg.data.train_limit, cfg.data.val_size, cfg.data.seed)
+            if not val:
+                raise MetatunerError(f"tuning {method} on {task} needs validation items: set data.val_size > 0")
+            result = evaluate(predictor, task_obj, val, batch_size=cfg.eval.batch_size,
+                              max_new_tokens=cfg.eval.max_new_tokens, likelihood=cfg.eval.likelihood,
+                              progress=False, split="val")
+            score = result.metrics[task_obj.primary_metric]["mean"]
+            tried.append({"value": value, "val_score": score, "n": len(val), "fit_seconds": seconds})
+            print(f"    tuning {method} on {task}: {key}={value} -> val {100 * score:.1f}% ({seconds:.0f} s)", flush=True)
+        best = tuning.pick([t["val_score"] for t in tried], values, tuning.current(base, key))
+        record = {"task": task, "method": method, "key": key, "chosen": values[best], "seed": spec.seed,
+                  "overrides": spec.overrides, "tried": tried,
+                  "seconds": sum(t["fit_seconds"] for t in tried)}
+        files.write_json(path, record)
+        records.append(record)
+    return records
 
 
 def _run_workers(protocol: Protocol, out: Path, data_dir: str | None, only: list[str] | None,

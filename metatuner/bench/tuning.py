@@ -21,13 +21,11 @@ The tuning runs' seconds are part of what the method cost: the report's cost tab
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from metatuner import files
-from metatuner.config import from_dict, merge
 from metatuner.errors import MetatunerError
 
 
@@ -82,7 +80,8 @@ def chosen(out: Path, task_file: str, method: str) -> dict[str, Any]:
     return {record["key"]: record["chosen"]}
 
 
-def _current(cfg, key: str) -> Any:
+def current(cfg, key: str) -> Any:
+    """The value of config key ``key`` (``train.lr_scale``) in ``cfg``."""
     node = cfg
     for part in key.split("."):
         node = getattr(node, part, None)
@@ -95,55 +94,6 @@ def pick(scores: list[float], values: list[Any], current: Any) -> int:
     best = max(scores)
     tied = [i for i, s in enumerate(scores) if s == best]
     return next((i for i in tied if values[i] == current), tied[0])
-
-
-def tune(protocol, out: Path, data_dir: str | None = None, only: list[str] | None = None) -> list[dict]:
-    """Runs the tuning of every (task, method) of ``protocol.tune`` (the methods in ``only``, if given) that
-    has no choice on file yet; returns every choice record. Runs in this process, before any cell."""
-    from tqdm.auto import tqdm
-
-    from metatuner.bench.grid import file_name, nest
-    from metatuner.config import RunConfig, to_dict
-    from metatuner.evaluation.harness import evaluate
-    from metatuner.recipes import fit_method, train_val_split
-
-    spec = protocol.tune
-    if spec is None:
-        return []
-    records = []
-    todo = [(t, m) for t in protocol.tasks for m in protocol.methods if m in spec.methods and (not only or m in only)]
-    for task, method in todo:
-        path = choice_path(out, file_name(task), method)
-        if path.is_file():
-            records.append(files.read_json(path))
-            continue
-        key, values = spec.methods[method]
-        base = protocol.config(task, method, spec.seed)
-        if data_dir:
-            base.data.data_dir = data_dir
-        tried = []
-        for value in tqdm(values, desc=f"tuning {method} {key} on {task}", unit="value"):
-            overrides = merge(merge(to_dict(base), nest(spec.overrides)), nest({key: value}))
-            cfg = from_dict(RunConfig, overrides)
-            start = time.perf_counter()
-            predictor, task_obj = fit_method(cfg)
-            seconds = time.perf_counter() - start
-            _, val = train_val_split(task_obj.load("train"), cfg.data.train_limit, cfg.data.val_size, cfg.data.seed)
-            if not val:
-                raise MetatunerError(f"tuning {method} on {task} needs validation items: set data.val_size > 0")
-            result = evaluate(predictor, task_obj, val, batch_size=cfg.eval.batch_size,
-                              max_new_tokens=cfg.eval.max_new_tokens, likelihood=cfg.eval.likelihood,
-                              progress=False, split="val")
-            score = result.metrics[task_obj.primary_metric]["mean"]
-            tried.append({"value": value, "val_score": score, "n": len(val), "fit_seconds": seconds})
-            print(f"    tuning {method} on {task}: {key}={value} -> val {100 * score:.1f}% ({seconds:.0f} s)", flush=True)
-        best = pick([t["val_score"] for t in tried], values, _current(base, key))
-        record = {"task": task, "method": method, "key": key, "chosen": values[best], "seed": spec.seed,
-                  "overrides": spec.overrides, "tried": tried,
-                  "seconds": sum(t["fit_seconds"] for t in tried)}
-        files.write_json(path, record)
-        records.append(record)
-    return records
 
 
 def records(out: Path) -> list[dict[str, Any]]:
