@@ -4,6 +4,7 @@ ends in exactly one error line on stderr and exit code 2, with no traceback, and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 
 from faults.conftest import count, snapshot
 from metatuner.cli import main
-from metatuner.config import describe
+from metatuner.config import RunConfig, describe
 
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -109,8 +110,7 @@ YAML_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
 @FUZZ
 @given(st.one_of(
     YAML_VALUES.filter(lambda v: v is not None and not isinstance(v, dict)).map(yaml.safe_dump),  # not a mapping
-    st.dictionaries(TEXT.filter(lambda k: k not in {"method", "model", "data", "eval", "generator", "hypernet",
-                                                    "train", "dpo", "opro", "bettertogether", "out_dir", "seed"}),
+    st.dictionaries(TEXT.filter(lambda k: k not in {f.name for f in dataclasses.fields(RunConfig)}),
                     YAML_VALUES, min_size=1, max_size=3).map(yaml.safe_dump),  # unknown keys
     st.fixed_dictionaries({"eval": st.dictionaries(st.sampled_from(["limit", "batch_size"]),
                                                    YAML_VALUES.filter(lambda v: not (isinstance(v, int) and v > 0)
