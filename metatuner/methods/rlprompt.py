@@ -126,13 +126,6 @@ class PromptPolicy(nn.Module):
         bias = out.bias.detach().float() if getattr(out, "bias", None) is not None else None
         return F.linear(x, out.weight.detach().float(), bias)
 
-    @torch.no_grad()
-    def states(self, ids: torch.Tensor) -> torch.Tensor:
-        """[B, t] prompt tokens so far -> [B, d] M's last hidden state after context + tokens (no gradient)."""
-        ctx = self.context.to(self.model.device).expand(ids.shape[0], -1)
-        hidden = self.model.get_decoder()(input_ids=torch.cat([ctx, ids], dim=1))[0]
-        return hidden[:, -1].float()
-
     def q_values(self, h: torch.Tensor, mlp: nn.Module | None = None) -> torch.Tensor:
         """Q(s, .) = head(mlp(h)), with disallowed tokens (special ones; outside M's top-k when fluent) at -inf."""
         q = self.head((mlp or self.mlp)(h))
@@ -150,11 +143,20 @@ class PromptPolicy(nn.Module):
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` prompts of ``length`` tokens: ``(ids [n, L], states [n, L, d])``, the states each token was
         chosen in (what the loss recomputes Q-values from)."""
-        device = self.model.device
+        from transformers import DynamicCache
+
+        decoder, device = self.model.get_decoder(), self.model.device
         ids = torch.zeros(n, 0, dtype=torch.long, device=device)
+        if n == 0:
+            return ids, torch.zeros(0, length, self.model.config.hidden_size, device=device)
+        # the context is the same for every row: prefilled once, its KV cache shared by the n rows
+        cache = DynamicCache(config=self.model.config)
+        out = decoder(input_ids=self.context[None].to(device), cache=cache, use_cache=True)
+        cache = out.cache
+        cache.batch_repeat_interleave(n)
+        h = out[0][:, -1].float().expand(n, -1)
         states = []
-        for _ in range(length):
-            h = self.states(ids)
+        for t in range(length):
             q = self.q_values(h)
             if greedy:
                 a = q.argmax(-1)
@@ -165,6 +167,9 @@ class PromptPolicy(nn.Module):
                 a = torch.multinomial(q.softmax(-1).cpu(), 1, generator=generator).squeeze(-1).to(device)
             states.append(h)
             ids = torch.cat([ids, a[:, None]], dim=1)
+            if t + 1 < length:
+                out = decoder(input_ids=a[:, None], cache=cache, use_cache=True)
+                cache, h = out.cache, out[0][:, -1].float()
         count_generated(n * length)
         return ids, torch.stack(states, dim=1)
 
@@ -284,9 +289,10 @@ class RLPrompt(Method):
                         "prompts": prompts, "raw_reward": raw.mean(1).tolist()})
             self.at_step(step, now(step))
 
-        ids, _ = policy.rollout(cfg.candidates - 1, cfg.prompt_length, top_k=cfg.top_k, generator=gen)
+        sampled = policy.rollout(cfg.candidates - 1, cfg.prompt_length, top_k=cfg.top_k, generator=gen)[0].tolist() \
+            if cfg.candidates > 1 else []
         prompt_ids = {}  # instruction -> its prompt tokens (the first candidate of each text)
-        for row in [greedy_ids()] + ids.tolist():
+        for row in [greedy_ids()] + sampled:
             prompt_ids.setdefault(text(row), row)
         held = val[: cfg.val_size]
         if held:
