@@ -19,7 +19,8 @@ shaping: [0, 1] -> [0, 5] for classification).
 
 Loss (the original's ``sql_loss_impl=v2_v2r_v3_v3r`` without the reversed terms, which its released code
 leaves off): see :func:`sql_loss`. The target network is a copy of the MLP, updated before every step by
-Polyak averaging with rate ``target_rate``. Adam, learning rate ``lr`` under train.lr_schedule / warmup_ratio.
+Polyak averaging with rate ``target_rate``. Adam with learning rate ``lr`` under train.lr_schedule and
+train.warmup_ratio; gradients clipped to norm ``grad_clip`` (the original's 5).
 
 Selection. At the end the greedy prompt and ``candidates - 1`` sampled ones are scored on (up to
 ``val_size``) validation items by the task's primary metric; the best one wins (ties: the earlier, greedy
@@ -128,7 +129,7 @@ class PromptPolicy(nn.Module):
 
     def q_values(self, h: torch.Tensor, mlp: nn.Module | None = None) -> torch.Tensor:
         """Q(s, .) = head(mlp(h)), with disallowed tokens (special ones; outside M's top-k when fluent) at -inf."""
-        q = self.head((mlp or self.mlp)(h))
+        q = self.head((mlp if mlp is not None else self.mlp)(h))
         with torch.no_grad():
             banned = torch.zeros_like(q, dtype=torch.bool)
             banned[..., self.banned.to(q.device)] = True
@@ -283,10 +284,13 @@ class RLPrompt(Method):
             loss = sql_loss(policy.q_values(states), policy.q_values(states, target), ids, rewards.to(states.device))
             opt.zero_grad()
             loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(policy.mlp.parameters(), cfg.grad_clip)
+            lr = opt.param_groups[0]["lr"]
             opt.step()
             sched.step()
-            log.append({"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
-                        "prompts": prompts, "raw_reward": raw.mean(1).tolist()})
+            log.append({"step": step, "loss": loss.item(), "lr": lr, "prompts": prompts,
+                        "raw_reward": raw.mean(1).tolist(), "reward": rewards.tolist()})
             self.at_step(step, now(step))
 
         sampled = policy.rollout(cfg.candidates - 1, cfg.prompt_length, top_k=cfg.top_k, generator=gen)[0].tolist() \
@@ -300,7 +304,8 @@ class RLPrompt(Method):
         else:
             ranked = [(next(iter(prompt_ids)), None)]
         best, best_score = ranked[0]
-        training = {"steps": cfg.steps, "use": cfg.use, "prompt": tok.decode(prompt_ids[best], skip_special_tokens=True),
+        prompt = tok.decode(prompt_ids[best], skip_special_tokens=True)
+        training = {"steps": cfg.steps, "use": cfg.use, "prompt": prompt,
                     "prompt_ids": prompt_ids[best], "val_score": best_score, "val_items": len(held),
                     "candidates": [{"instruction": c, "val_score": s} for c, s in ranked],
                     "final_loss": log[-1]["loss"] if log else None, "trainable_params": self.trainable_params}
