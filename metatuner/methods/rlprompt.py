@@ -10,7 +10,9 @@ original's "fluent" mode), so the prompt starts out as M's own fluent continuati
 uniform Q-values, learns which of those to prefer. Special tokens are never allowed.
 
 Reward. Every sampled prompt is used as the instruction (appended to the task's p~, or replacing it:
-``rlprompt.use``) for ``queries_per_step`` training queries. A query's reward is the mean log-probability of
+``rlprompt.use``; append is the default: on 16 arithmetic validation items with SmolLM2-135M, three untrained
+appended prompts gave the gold answer a mean log-probability of -1.05 to -1.07 and 6-19% accuracy, three
+replacing ones -1.16 to -1.23 and 6-12%, since a 5-token prompt alone loses the task's answer format) for ``queries_per_step`` training queries. A query's reward is the mean log-probability of
 its gold ``target`` under M (``reward=likelihood``, smooth, one teacher-forced pass; the analogue of the
 original's piecewise likelihood-gap reward for classification) or the task's primary metric of M's greedy
 answer (``reward=score``). Rewards are z-scored per query across the prompts of the step (the paper's
