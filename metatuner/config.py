@@ -391,6 +391,49 @@ class GRPOMethodConfig:
 
 
 @dataclass
+class RLPromptConfig:
+    """The RLPrompt baseline: a frozen policy LM (M itself) with a trainable MLP writes a short discrete prompt,
+    trained by soft Q-learning on the task reward."""
+
+    steps: int = option(12, "soft Q-learning optimizer steps")
+    prompt_length: int = option(5, "tokens of the learned prompt")
+    prompts_per_step: int = option(4, "prompts sampled from the policy per step (>= 2: rewards are z-scored "
+                                   "across them)")
+    queries_per_step: int = option(4, "training queries every sampled prompt is rewarded on per step")
+    use: str = option("append", "where the prompt goes: after the task instruction p~, or in its place",
+                      ("append", "replace"))
+    reward: str = option("likelihood", "per-query reward: mean log-probability of the gold target (smooth), or the "
+                         "task's primary metric of M's greedy answer", ("likelihood", "score"))
+    reward_scale: float = option(5.0, "z-scored rewards are multiplied by this (the original's reward shaping)")
+    hidden_size: int = option(2048, "hidden width of the policy's MLP adapter")
+    lr: float = option(1e-3, "Adam learning rate of the MLP (schedule and warm-up: train.lr_schedule, "
+                       "train.warmup_ratio)")
+    grad_clip: float = option(5.0, "clip the MLP's gradient to this norm (0: off), as the original")
+    target_rate: float = option(0.001, "Polyak rate of the target MLP (target <- (1 - rate) target + rate policy)")
+    fluent_top_k: int = option(20, "sample only among M's own top-k next tokens (the original's 'fluent' mode; 0: "
+                               "the whole vocabulary)")
+    top_k: int = option(256, "sample among the policy's top-k tokens while training (0: all)")
+    candidates: int = option(4, "prompts scored on validation at the end: the greedy one, then samples")
+    val_size: int = option(32, "validation items each candidate prompt is scored on")
+
+    def __post_init__(self):
+        for name in ("steps", "prompt_length", "prompts_per_step", "queries_per_step", "hidden_size", "candidates",
+                     "val_size"):
+            _at_least(f"rlprompt.{name}", getattr(self, name), 1)
+        _at_least("rlprompt.prompts_per_step", self.prompts_per_step, 2)  # z-scores compare prompts
+        for name in ("fluent_top_k", "top_k"):
+            _at_least(f"rlprompt.{name}", getattr(self, name), 0)
+        if self.grad_clip < 0:
+            raise ConfigKeyError("rlprompt.grad_clip", f"rlprompt.grad_clip must be >= 0, got {self.grad_clip}")
+        for name in ("reward_scale", "lr"):
+            if getattr(self, name) <= 0:
+                raise ConfigKeyError(f"rlprompt.{name}", f"rlprompt.{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.target_rate <= 1:
+            raise ConfigKeyError("rlprompt.target_rate",
+                                 f"rlprompt.target_rate must be in [0, 1], got {self.target_rate}")
+
+
+@dataclass
 class OPROConfig:
     """OPRO's search budget and its optimizer LM."""
 
@@ -489,6 +532,7 @@ class RunConfig:
     bpo: BPOConfig = option(None, "the BPO baseline (bpo-selfpairs)", factory=BPOConfig)
     ppo: PPOMethodConfig = option(None, "the PPO baseline", factory=PPOMethodConfig)
     grpo: GRPOMethodConfig = option(None, "the GRPO baseline", factory=GRPOMethodConfig)
+    rlprompt: RLPromptConfig = option(None, "the RLPrompt baseline", factory=RLPromptConfig)
     opro: OPROConfig = option(None, "the OPRO baseline (and bettertogether's p step when prompt_optimizer=opro)", factory=OPROConfig)
     bettertogether: BetterTogetherConfig = option(None, "the BetterTogether baseline", factory=BetterTogetherConfig)
     serve: ServeConfig = option(None, "the OpenAI-compatible server (metatuner serve)", factory=ServeConfig)

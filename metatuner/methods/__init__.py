@@ -5,6 +5,6 @@ the same evaluation harness, so results compare like with like.
 """
 
 from metatuner.methods.base import METHODS, Method, get_method
-from metatuner.methods import bettertogether, bpo, dpo, opro, prompting, rl, trained  # noqa: F401  (registers the methods)
+from metatuner.methods import bettertogether, bpo, dpo, opro, prompting, rl, rlprompt, trained  # noqa: F401  (registers the methods)
 
 __all__ = ["METHODS", "Method", "get_method"]
