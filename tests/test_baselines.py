@@ -362,3 +362,73 @@ def test_bettertogether_end_to_end_on_a_tiny_model(tmp_path, tiny_model, tiny_to
     assert (tmp_path / "r" / "bettertogether.json").is_file() and (tmp_path / "r" / "log.jsonl").is_file()
     result = evaluate(pred, TASK, TASK.load("test")[:2], max_new_tokens=4, progress=False)
     assert result.n == 2 and result.records[0]["instruction"] == pred.instruction
+
+
+# ---- BetterTogether's dspy backend (bettertogether.backend=dspy, the optional extra) -----------------
+def test_dspy_backend_without_dspy_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "dspy", None)  # import dspy raises ImportError
+    cfg = SimpleNamespace(bettertogether=BetterTogetherConfig(backend="dspy"))
+    with pytest.raises(MetatunerError, match=r"pip install 'metatuner\[dspy\]'"):
+        BetterTogether(FAKE_MODEL, None, cfg).fit(TASK, TRAIN, TRAIN[:2])
+    with pytest.raises(MetatunerError, match="prompt_optimizer=demos"):
+        cfg.bettertogether = BetterTogetherConfig(backend="dspy", prompt_optimizer="opro")
+        BetterTogether(FAKE_MODEL, None, cfg).fit(TASK, TRAIN, TRAIN[:2])
+
+
+def scripted_generate(by_query):
+    """The task model as a script: right on GOOD queries, and on any query whose prompt holds exactly two
+    bootstrapped demos (outputs marked '(own)'); every output is marked '(own)'."""
+    from metatuner.evaluation.generation import Generation
+
+    def generate(model, tokenizer, texts, max_new_tokens, stop=(), **kwargs):
+        outs = []
+        for text in texts:
+            ex = by_query[text.rsplit("<|im_start|>user\n", 1)[1].split("<|im_end|>")[0]]
+            ok = ex.id in GOOD or text.count("(own)") == 2
+            outs.append(Generation(f"The answer is {ex.answer if ok else 'none'}. (own)", 3))
+        return outs
+
+    return generate
+
+
+def test_dspy_backend_builds_the_same_candidates_as_the_own_one(monkeypatch, tiny_tokenizer):
+    pytest.importorskip("dspy")
+    import metatuner.evaluation.predictors as predictors
+    from metatuner.methods import bettertogether_dspy
+
+    val = TASK.load("train")[100:104]
+    fake = scripted_generate({ex.query: ex for ex in ITEMS + val})
+    monkeypatch.setattr(predictors, "generate", fake)
+    monkeypatch.setattr(bettertogether_dspy, "generate", fake)
+    cfg = SimpleNamespace(bettertogether=BetterTogetherConfig(max_bootstrapped_demos=4, max_labeled_demos=6,
+                                                              candidates=5),
+                          eval=SimpleNamespace(batch_size=4, max_new_tokens=8))
+    method = BetterTogether(FAKE_MODEL, tiny_tokenizer, cfg)
+    method.task, method.seed, method.val_set, method.items, method.pool = TASK, 0, val, list(ITEMS), list(ITEMS)
+    method.progress = False
+    own, theirs = {}, {}
+    a = method.demos_step(Program(P0), 1, own)
+    b = bettertogether_dspy.dspy_demos_step(method, Program(P0), 1, theirs)
+    assert [c["seed"] for c in theirs["search"]] == [-3, -2, -1, 0, 1, 2, 3, 4]
+    for mine, dspys in zip(own["search"], theirs["search"], strict=True):
+        assert (mine["seed"], mine["demos"]) == (dspys["seed"], dspys["demos"])
+        assert mine["score"] == pytest.approx(dspys["score"])
+    assert own["candidate_seed"] == theirs["candidate_seed"] == 1  # the first seed with 2 bootstrapped demos
+    assert [(d.id, d.target) for d in a.demos] == [(d.id, d.target) for d in b.demos]
+
+
+def test_dspy_backend_end_to_end_on_a_tiny_model(tmp_path, tiny_model, tiny_tokenizer):
+    pytest.importorskip("dspy")
+    cfg = tiny_config(bettertogether=BetterTogetherConfig(
+        strategy="p -> w -> p", backend="dspy", candidates=1, max_bootstrapped_demos=1, max_labeled_demos=2,
+        traces=3, w_steps=2, val_size=2, gold_fallback=True))
+    method = get_method("bettertogether")(tiny_model, tiny_tokenizer, cfg, run_dir=tmp_path / "r")
+    pred = method.fit(TASK, TRAIN, [])
+    steps = pred.describe()["steps"]
+    assert not any("error" in s for s in steps), steps
+    assert [c["seed"] for c in steps[1]["search"]] == [-3, -2, -1, 0] and steps[1]["dspy"] == "3.4.1"
+    assert steps[2]["static_lora"] and [c["seed"] for c in steps[3]["search"]] == [-3, -2, -1, 0]
+    result = evaluate(pred, TASK, TASK.load("test")[:2], max_new_tokens=4, progress=False)
+    assert result.n == 2

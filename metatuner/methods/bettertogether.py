@@ -135,6 +135,10 @@ class BetterTogether(Method):
         if cfg.backend == "dspy" and cfg.prompt_optimizer != "demos" and "p" in steps:
             raise MetatunerError("bettertogether.backend=dspy runs DSPy's BootstrapFewShotWithRandomSearch; set "
                                  "bettertogether.prompt_optimizer=demos, or backend=own for opro")
+        if cfg.backend == "dspy" and "p" in steps:
+            from metatuner.methods.bettertogether_dspy import require_dspy
+
+            require_dspy()  # a missing extra is the user's to fix, not a step that fails
         self.task, self.seed = task, getattr(self.config, "seed", 0)
         self.val_set, self.score_set, self.pool = self.split(train, val)
         self.rng = random.Random(self.seed)  # DSPy: random.Random(seed) shuffles the trainset before each step
