@@ -296,8 +296,8 @@ def test_weight_step_trains_on_own_traces_with_the_programs_demos(monkeypatch, t
     inputs, encode = [], mtm.encode_pairs
     monkeypatch.setattr(mtm, "encode_pairs", lambda tok, prompts, targets, device: (
         inputs.extend(zip(prompts, targets)), encode(tok, prompts, targets, device))[1])
-    monkeypatch.setattr(BetterTogether, "answer",
-                        lambda self, program, queries: [(f"The answer is {i}.", i % 2 == 0) for i in range(len(queries))])
+    monkeypatch.setattr(BetterTogether, "answer", lambda self, program, queries: [
+        (f"The answer is {i}.", i % 2 == 0) for i in range(len(queries))])
     cfg = tiny_config(bettertogether=BetterTogetherConfig(traces=4, w_steps=2, exclude_demos=exclude))
     method = BetterTogether(tiny_model, tiny_tokenizer, cfg)
     method.task, method.seed, method.items = TASK, 0, TRAIN[2:6]

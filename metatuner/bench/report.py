@@ -17,7 +17,8 @@ Wilson/normal interval over items: it has one seed.)
 - the learning curves, where the grid scored budgets (``curves.json``, :mod:`metatuner.bench.curves`);
 - one line per method that has a diagnostic: DPO's share of pairs with a gold-answer fallback,
   which program step BetterTogether returned and which was best on validation, MetaTuner's share of
-  prompts equal to p~ and its ΔW spread between queries; then MetaTuner's full diagnostics table (:mod:`metatuner.bench.logs`).
+  prompts equal to p~ and its ΔW spread between queries; then MetaTuner's full diagnostics table
+  (:mod:`metatuner.bench.logs`).
 """
 
 from __future__ import annotations

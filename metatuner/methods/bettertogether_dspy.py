@@ -1,4 +1,6 @@
-"""BetterTogether's demos p step run by DSPy itself (``bettertogether.backend: dspy``; ``pip install 'metatuner[dspy]'``).
+"""BetterTogether's demos p step run by DSPy itself (``bettertogether.backend: dspy``).
+
+Needs the optional extra: ``pip install 'metatuner[dspy]'``.
 
 DSPy 3.4.1's ``BootstrapFewShotWithRandomSearch`` (its defaults scaled by ``bettertogether.*``: candidates,
 max_bootstrapped_demos, max_labeled_demos, min_score as its metric_threshold) optimizes a one-predictor
