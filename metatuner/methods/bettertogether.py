@@ -45,6 +45,7 @@ import contextlib
 import json
 import logging
 import random
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
@@ -152,9 +153,11 @@ class BetterTogether(Method):
             self.history.append(record)
             self.rng.shuffle(self.pool)
             self.items = self.pool[: cfg.traces]
+            began = time.perf_counter()
             try:
                 program = {"p": self.prompt_step, "w": self.weight_step}[kind](program, i, record)
-                record.update(program.summary(), val_score=self.validate(program))
+                record.update(program.summary(), val_score=self.validate(program),
+                              seconds=round(time.perf_counter() - began, 2))
             except Exception as e:  # noqa: BLE001 - KeyboardInterrupt is no Exception and still stops the fit
                 record["error"] = f"{type(e).__name__}: {e}"
                 logger.warning("bettertogether step %d (%s) failed; keeping the programs so far", i, kind,
