@@ -299,6 +299,7 @@ def test_weight_step_trains_on_own_traces_with_the_programs_demos(monkeypatch, t
     monkeypatch.setattr(BetterTogether, "answer", lambda self, program, queries: [
         (f"The answer is {i}.", i % 2 == 0) for i in range(len(queries))])
     cfg = tiny_config(bettertogether=BetterTogetherConfig(traces=4, w_steps=2, exclude_demos=exclude))
+    cfg.train.max_length = 512 if exclude else 30  # with the demo, the inputs no longer fit: recorded
     method = BetterTogether(tiny_model, tiny_tokenizer, cfg)
     method.task, method.seed, method.items = TASK, 0, TRAIN[2:6]
     demo = replace(TRAIN[0], target="The answer is 1.")
@@ -306,6 +307,7 @@ def test_weight_step_trains_on_own_traces_with_the_programs_demos(monkeypatch, t
     out = method.weight_step(Program("Do it.", [demo]), 1, record)
     assert record["traces"] == 2 and out.lora is not None and method.trainable_params > 0
     assert out.demos == ([] if exclude else [demo])
+    assert record.get("truncated_inputs") == (None if exclude else 2)
     expected = ProgramPredictor(tiny_model, tiny_tokenizer, out, method.mt)
     queries = {ex.id: ex for ex in TRAIN[2:6:2]}
     assert inputs and {t for _, t in inputs} <= {f"The answer is {i}.<|im_end|>" for i in (0, 2)}  # own outputs

@@ -346,6 +346,13 @@ class BetterTogether(Method):
         demos = [] if cfg.exclude_demos else list(program.demos)
         self.mt.actor_inputs = self.renderer(demos)  # the SFT inputs are rendered as the program answers
         record["trained_with_demos"] = len(demos)
+        inputs = self.mt.actor_inputs(self.task, traces, [program.instruction] * len(traces))
+        long = sum(len(self.tokenizer(x + ex.target).input_ids) > rc.train.max_length for x, ex in zip(inputs, traces))
+        if long:  # SFT keeps the last max_length tokens: the instruction and the first demos would be cut
+            record["truncated_inputs"] = long
+            logger.warning("bettertogether w step: %d of %d SFT inputs with %d demos exceed train.max_length=%d and "
+                           "are cut from the left; raise train.max_length or lower bettertogether.max_labeled_demos",
+                           long, len(traces), len(demos), rc.train.max_length)
         trainer = Trainer(rc, self.mt, self.task, traces, [], self.run_dir)
 
         def on_step(k: int) -> None:
