@@ -224,8 +224,8 @@ GOOD = {ex.id for i, ex in enumerate(ITEMS) if i % 3 == 0}  # the teacher answer
 
 
 def scripted_teacher(answered):
-    def answer(self, program, queries):
-        answered.append((program, [ex.id for ex in queries]))
+    def answer(self, program, queries, teacher=False):
+        answered.append((program, [ex.id for ex in queries], teacher))
         return [(f"own {ex.id}", ex.id in GOOD) for ex in queries]
 
     return answer
@@ -271,10 +271,17 @@ def test_demos_step_builds_dspys_candidate_set_and_keeps_the_first_best(monkeypa
     first_best = next(c for c in search if c["score"] == 1.0)
     assert record["candidate_seed"] == first_best["seed"] and [d.id for d in out.demos] == first_best["demos"]
     assert [d.target for d in out.demos] == candidates[[c["seed"] for c in search[2:]].index(first_best["seed"])]
-    # the teacher has max_labeled_demos labeled demos, never the query it answers
-    for program, ids in answered:
-        assert len(program.demos) in (5, 6) and not set(ids) & {d.id for d in program.demos} or len(ids) == 1
+    # the teacher has max_labeled_demos labeled demos (and leaves out the query it answers, below)
+    for program, ids, teacher in answered:
+        assert teacher and len(program.demos) == 6
         assert all(d.target == next(ex.target for ex in ITEMS if ex.id == d.id) for d in program.demos)
+
+
+def test_the_teacher_answers_each_query_without_itself_among_the_demos(tiny_tokenizer):
+    teacher = bt.TeacherPredictor(FAKE_MODEL, tiny_tokenizer, Program("Do it.", TRAIN[:3]))
+    users = [m["content"] for m in teacher.messages(TASK, "Do it.", TRAIN[1]) if m["role"] == "user"]
+    assert users == [TRAIN[0].query, TRAIN[2].query, TRAIN[1].query]
+    assert len(teacher.messages(TASK, "Do it.", TRAIN[5])) == 1 + 2 * 3 + 1 and teacher.demos == TRAIN[:3]
 
 
 def test_w_step_without_correct_traces_is_skipped_unless_gold_fallback(monkeypatch):

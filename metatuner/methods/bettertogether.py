@@ -42,6 +42,7 @@ convergence.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import random
@@ -102,6 +103,16 @@ class ProgramPredictor(LMPredictor):
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"static_lora": self.program.lora is not None} | self.details
+
+
+class TeacherPredictor(ProgramPredictor):
+    """BootstrapFewShot's teacher: the program with its labeled demos, each query answered without itself among
+    them (as DSPy), so that one batch holds queries whose demos differ."""
+
+    def messages(self, task: Task, instruction: str, example: Example) -> list[dict[str, str]]:
+        view = copy.copy(self)
+        view.demos = [d for d in self.demos if d.id != example.id]
+        return LMPredictor.messages(view, task, instruction, example)
 
 
 @METHODS.register("bettertogether")
@@ -212,12 +223,13 @@ class BetterTogether(Method):
     def score(self, program: Program) -> float:
         return score_predictor(self.predictor(program), self.task, self.score_set, self.config)
 
-    def answer(self, program: Program, queries: list[Example]) -> list[tuple[str, bool]]:
-        """(output, correct) of the program for each query."""
+    def answer(self, program: Program, queries: list[Example], teacher: bool = False) -> list[tuple[str, bool]]:
+        """(output, correct) of the program for each query (``teacher``: each without itself among the demos)."""
         if not queries:
             return []
         ev = getattr(self.config, "eval", None)
-        result = evaluate(self.predictor(program), self.task, queries, batch_size=ev.batch_size if ev else 16,
+        predictor = (TeacherPredictor if teacher else ProgramPredictor)(self.model, self.tokenizer, program, self.mt)
+        result = evaluate(predictor, self.task, queries, batch_size=ev.batch_size if ev else 16,
                           max_new_tokens=ev.max_new_tokens if ev else None, likelihood=False, progress=False)
         metric = self.task.primary_metric
         return [(r["output"], r["scores"][metric] >= self.cfg.min_score) for r in result.records]
@@ -291,19 +303,13 @@ class BetterTogether(Method):
         return augmented + labeled, {"bootstrapped": len(augmented), "labeled": len(labeled), "visited": i}
 
     def teacher_answers(self, program: Program, teacher: list[Example], queries: list[Example]) -> list[tuple]:
-        """The teacher's (output, correct) per query; a query that is one of the teacher's demos is answered
-        without it (as DSPy). Cached per p step: the same query under the same demos answers the same."""
-        groups: dict[tuple, list[Example]] = {}
-        for ex in queries:
-            demos = tuple(d.id for d in teacher if d.id != ex.id)
-            if (ex.id, demos) not in self.teacher_cache:
-                groups.setdefault(demos, []).append(ex)
-        by_id = {d.id: d for d in teacher}
-        for demos, group in groups.items():
-            answers = self.answer(replace(program, demos=[by_id[d] for d in demos]), group)
-            for ex, ans in zip(group, answers, strict=True):
-                self.teacher_cache[(ex.id, demos)] = ans
-        return [self.teacher_cache[(ex.id, tuple(d.id for d in teacher if d.id != ex.id))] for ex in queries]
+        """The teacher's (output, correct) per query, in one batch; cached per p step (the same query under the
+        same teacher demos answers the same)."""
+        key = tuple(d.id for d in teacher)
+        todo = [ex for ex in queries if (ex.id, key) not in self.teacher_cache]
+        for ex, ans in zip(todo, self.answer(replace(program, demos=teacher), todo, teacher=True), strict=True):
+            self.teacher_cache[(ex.id, key)] = ans
+        return [self.teacher_cache[(ex.id, key)] for ex in queries]
 
     def opro_step(self, program: Program, step: int, record: dict[str, Any]) -> Program:
         """OPRO's search over the instruction, with the program's demos and LoRA in place."""
