@@ -473,25 +473,51 @@ def parse_strategy(strategy: str) -> list[str]:
 
 @dataclass
 class BetterTogetherConfig:
-    """BetterTogether's strategy and the budgets of its steps."""
+    """BetterTogether as DSPy runs it (``BootstrapFewShotWithRandomSearch`` for p, ``BootstrapFinetune`` for w);
+    the defaults are DSPy's, ``traces`` and ``val_size`` scale it to the machine."""
 
     strategy: str = option("p -> w -> p", "steps in order, joined by '->': p = prompt optimization, w = fine-tuning")
     prompt_optimizer: str = option(
-        "demos", "p step: bootstrapped few-shot demos chosen by random search, or OPRO (opro.*)", ("demos", "opro")
+        "demos", "p step: DSPy's BootstrapFewShotWithRandomSearch (demos), or OPRO's instruction search (opro.*)",
+        ("demos", "opro"),
     )
-    demos: int = option(3, "few-shot demos per program (size of each random-search subset)")
-    trials: int = option(8, "random demo subsets scored per p step, besides the current demos")
-    score_size: int = option(32, "training queries each p-step candidate is scored on (held out from the demo pool)")
-    traces: int = option(64, "training queries the program answers per step (demo pool, fine-tuning traces)")
+    backend: str = option(
+        "own", "own: this package's implementation of DSPy's optimizers; dspy: DSPy itself runs the demos p step "
+        "(pip install 'metatuner[dspy]'), our SFT runs the w step", ("own", "dspy"),
+    )
+    max_bootstrapped_demos: int = option(4, "p step: most bootstrapped (own correct output) demos per candidate "
+                                            "(DSPy's max_bootstrapped_demos, default 4)")
+    max_labeled_demos: int = option(16, "p step: demos per candidate filled up to this with gold-labeled ones; the "
+                                        "labeled-only candidate has this many (DSPy's max_labeled_demos, default 16)")
+    candidates: int = option(16, "p step: random-seed candidates besides zero-shot, labeled-only and unshuffled "
+                                 "(DSPy's num_candidate_programs, default 16)")
+    traces: int = option(64, "training items each step works on, reshuffled per step: the p step bootstraps and "
+                             "labels demos from them, the w step fine-tunes on the program's correct answers to "
+                             "them (DSPy: the whole trainset)")
     min_score: float = option(1.0, "a trace counts as correct when its primary-metric score is at least this")
+    exclude_demos: bool = option(False, "w step: fine-tune without the program's demos in the inputs and drop them "
+                                        "afterwards (DSPy's BootstrapFinetune exclude_demos, default False)")
+    gold_fallback: bool = option(False, "w step: when no trace is correct, fine-tune on gold targets (not in DSPy); "
+                                        "false: the w step is skipped and recorded")
+    returns: str = option("final", "final: the program after the last step (DSPy's final program); best: the best "
+                                   "step on validation (earlier wins ties); both are recorded", ("final", "best"))
     w_steps: int | None = option(None, "SFT steps per w step (unset: train.steps, as the sft baseline)")
-    val_size: int = option(32, "validation items each program is scored on; carved from train when val is empty")
+    val_size: int = option(32, "validation items every candidate and step is scored on; carved from train when val "
+                               "is empty")
+    score_size: int = option(32, "prompt_optimizer=opro only: training queries each instruction is scored on")
+    demos: int | None = option(None, "deprecated: old name of max_bootstrapped_demos (still read)")
+    trials: int | None = option(None, "deprecated: old name of candidates (still read)")
 
     def __post_init__(self):
         parse_strategy(self.strategy)
-        for name in ("demos", "score_size", "traces", "val_size", "w_steps"):
+        for old, new in (("demos", "max_bootstrapped_demos"), ("trials", "candidates")):
+            if getattr(self, old) is not None:  # old configs and saved runs keep loading
+                setattr(self, new, getattr(self, old))
+                setattr(self, old, None)
+        for name in ("max_bootstrapped_demos", "traces", "val_size", "score_size", "w_steps"):
             _at_least(f"bettertogether.{name}", getattr(self, name), 1)
-        _at_least("bettertogether.trials", self.trials, 0)
+        for name in ("max_labeled_demos", "candidates"):
+            _at_least(f"bettertogether.{name}", getattr(self, name), 0)
 
 
 @dataclass

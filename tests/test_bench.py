@@ -407,11 +407,14 @@ def test_one_diagnostic_line_per_method_that_has_one(tmp_path):
             fitted("dpo", 0, dpo(30, 40)), fitted("dpo", 1, dpo(10, 40)),
             fitted("dpo", 0, dpo(30, 40), "t@test_shift"),  # the same fit scored on another split: counted once
             fitted("bettertogether", 0, {"chosen_step": 0, "chosen_kind": "initial", "steps": steps}),
-            fitted("bettertogether", 1, {"chosen_step": 2, "steps": steps})]  # older rows: kind from the steps
+            fitted("bettertogether", 1, {"chosen_step": 2, "steps": steps}),  # older rows: kind from the steps
+            fitted("bettertogether", 0, {"chosen_step": 2, "chosen_kind": "w", "best_step": 1, "best_kind": "p",
+                                         "steps": steps}, "u")]
     lines = method_lines(rows, tmp_path)
     assert lines[0].startswith("Method diagnostics")
     assert "- dpo: gold-answer fallback in 40/80 pairs (50.0%) on t" in lines
-    assert "- bettertogether: returned step 0 (initial) x1, step 2 (w) x1 on t" in lines
+    assert ("- bettertogether: returned step 0 (initial) x1, step 2 (w) x1 on t; returned step 2 (w) x1 on u; "
+            "best on validation step 1 (p) x1 on u") in lines
     assert not any("zero-shot" in line for line in lines)
     assert method_lines([fitted("zero-shot", 0, {})], tmp_path) == []
 

@@ -18,8 +18,9 @@ Wilson/normal interval over items: it has one seed.)
 - the learning rates fair tuning chose on validation, with every value's score (:mod:`metatuner.bench.tuning`);
 - the learning curves, where the grid scored budgets (``curves.json``, :mod:`metatuner.bench.curves`);
 - one line per method that has a diagnostic: DPO's share of pairs with a gold-answer fallback,
-  which program step BetterTogether returned, MetaTuner's share of prompts equal to p~ and its ΔW
-  spread between queries; then MetaTuner's full diagnostics table (:mod:`metatuner.bench.logs`).
+  which program step BetterTogether returned and which was best on validation, MetaTuner's share of
+  prompts equal to p~ and its ΔW spread between queries; then MetaTuner's full diagnostics table
+  (:mod:`metatuner.bench.logs`).
 """
 
 from __future__ import annotations
@@ -191,12 +192,16 @@ def method_lines(rows: list[dict], root: Path) -> list[str]:
         for t, preds in per_task.items():
             dpo = [p["training"] for p in preds if "gold_fallback" in (p.get("training") or {})]
             steps = [_chosen(p) for p in preds if "chosen_step" in p]
+            best = [_chosen(p, "best") for p in preds if "best_step" in p]
             if dpo:
                 gold, pairs = sum(x["gold_fallback"] for x in dpo), sum(x["pairs"] for x in dpo)
                 parts.append(f"gold-answer fallback in {gold}/{pairs} pairs ({100 * gold / max(pairs, 1):.1f}%) on {t}")
             if steps:
                 counted = ", ".join(f"{s} x{n}" for s, n in sorted(Counter(steps).items()))
                 parts.append(f"returned {counted} on {t}")
+            if best:  # BetterTogether returns its final program by default; the best on validation is recorded
+                counted = ", ".join(f"{s} x{n}" for s, n in sorted(Counter(best).items()))
+                parts.append(f"best on validation {counted} on {t}")
         for (dm, t), cell in diag.items():
             if dm == m and (cell["prompt_equal_initial"] is not None or cell["delta_spread"] is not None):
                 equal, spread = cell["prompt_equal_initial"], cell["delta_spread"]
@@ -233,10 +238,11 @@ def cost_table(rows: list[dict], tuning: dict[str, float] | None = None) -> str:
     return "\n".join(lines)
 
 
-def _chosen(predictor: dict) -> str:
-    """BetterTogether's returned program as ``step N (kind)``: kind is initial, p or w."""
-    step = predictor["chosen_step"]
-    kind = predictor.get("chosen_kind") or next(
+def _chosen(predictor: dict, which: str = "chosen") -> str:
+    """BetterTogether's returned (``chosen``) or best-on-validation (``best``) program as ``step N (kind)``:
+    kind is initial, p or w."""
+    step = predictor[f"{which}_step"]
+    kind = predictor.get(f"{which}_kind") or next(
         (s.get("kind") for s in predictor.get("steps", []) if s.get("step") == step), "?")
     return f"step {step} ({kind})"
 

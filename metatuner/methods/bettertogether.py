@@ -1,40 +1,62 @@
-"""BetterTogether (Soylu, Potts and Khattab, 2024; DSPy): prompt optimization and fine-tuning in turns.
+"""BetterTogether (Soylu, Potts and Khattab, 2024) as DSPy 3.4.1 runs it: prompt optimization and fine-tuning in turns.
 
 A *program* is (instruction, few-shot demos, static LoRA on M or none). The strategy string, default
-``"p -> w -> p"``, lists the steps, each applied to the current program:
+``"p -> w -> p"``, lists the steps, each applied to the current program. Before each step the training
+items are reshuffled (DSPy's ``shuffle_trainset_between_steps``) and the step works on the first
+``traces`` of them (DSPy: all of them).
 
 - ``p``, prompt optimization, by ``prompt_optimizer``:
-  ``demos``: bootstrap (the program answers ``traces`` training queries; the ones it gets right become
-  demos, with its own output as the answer; gold targets when none is right), then random search over
-  the current demos and ``trials`` random subsets of ``demos`` bootstrapped ones, each scored on the
-  scoring subset of train; the best is kept.
+  ``demos`` (default): DSPy's ``BootstrapFewShotWithRandomSearch`` with its candidate set: seed -3 zero-shot
+  (no demos), seed -2 labeled-only (``max_labeled_demos`` gold demos sampled with ``Random(0)``), seed -1
+  ``BootstrapFewShot`` on the unshuffled items with ``max_bootstrapped_demos``, and seeds 0..``candidates``-1
+  ``BootstrapFewShot`` on the items shuffled by ``Random(seed)`` with ``Random(seed).randint(1,
+  max_bootstrapped_demos)`` demos. ``BootstrapFewShot``: a teacher (the program with ``max_labeled_demos``
+  labeled demos, the query itself left out of them) answers the items in order until enough are correct;
+  those become demos with the teacher's own output as the answer, and the demos are filled up to
+  ``max_labeled_demos`` with gold-labeled items that were not bootstrapped (DSPy's sampling, seeded 0).
+  Every candidate is scored on validation; the first best is kept. ``backend: dspy`` runs DSPy's own
+  optimizer on the task model instead (:mod:`metatuner.methods.bettertogether_dspy`).
   ``opro``: OPRO's instruction search (:mod:`metatuner.methods.opro`, settings from ``opro.*``) with the
-  program's demos and LoRA in place, scored on the same subset.
-- ``w``, fine-tuning on the program's own correct traces: it answers ``traces`` training queries, and a
-  fresh static LoRA on M is trained on (instruction, x) -> its own correct output with MetaTuner's
-  warm-up SFT (on gold targets when none is correct, which is recorded). The LoRA is trained without
-  demos, so the fine-tuned program answers without them (as DSPy's ``exclude_demos``).
+  program's demos and LoRA in place, scored on ``score_size`` training queries (not in DSPy).
+- ``w``, DSPy's ``BootstrapFinetune``: the program (with its demos and LoRA) answers the step's items, and a
+  fresh static LoRA on M is trained with MetaTuner's warm-up SFT on its correct answers, rendered with the
+  program's demos in the prompt; the fine-tuned program keeps its demos (``exclude_demos: false``, DSPy's
+  default; ``true`` trains and answers without them). When no answer is correct the step is skipped and
+  recorded (DSPy has no gold fallback); ``gold_fallback: true`` trains on gold targets instead.
 
-The initial program and every step's program are scored on validation (``val``, or when it is empty a
-seeded slice of train that is never fitted on) and the best is returned; the predictor's ``describe()``
-records which (``chosen_step``, and ``chosen_kind``: ``initial``, ``p`` or ``w``). A step that raises ends the
-strategy: its error is recorded and the best program so far is returned.
+Every program is scored on validation (``val``, or when it is empty a seeded slice of train that is never
+fitted on). ``returns: final`` (default) returns the program after the last step, as DSPy's paper-era
+BetterTogether; ``best`` the best step on validation (earlier wins ties), as DSPy 3.4.1 does when it holds
+a valset. ``describe()`` records both (``chosen_step``/``chosen_kind``/``val_score`` for the returned one,
+``best_step``/``best_kind``/``best_val_score``). A step that raises ends the strategy: its error is
+recorded and the program so far (final) or the best so far (best) is returned.
+
+Departures from DSPy: the items per step are capped at ``traces``; bootstrapping takes one round at the
+program's own decoding (``max_rounds=1``, DSPy's default); the teacher and the candidates answer with the
+current program's LoRA (DSPy 3.4.1's reset copies fall back to the globally configured LM); programs that
+are identical are scored once (decoding is greedy, so the score is the same); each w step trains a fresh
+LoRA on the base model for ``w_steps`` steps rather than fine-tuning the previous fine-tuned model to
+convergence.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import random
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import torch
+from tqdm import tqdm
 
 from metatuner import files
 from metatuner.config import BetterTogetherConfig, RunConfig, parse_strategy
 from metatuner.errors import MetatunerError
+from metatuner.evaluation.generation import render_chat
 from metatuner.evaluation.harness import evaluate, select
 from metatuner.evaluation.predictors import LMPredictor
 from metatuner.methods.base import METHODS, Method
@@ -53,6 +75,10 @@ class Program:
     def summary(self) -> dict[str, Any]:
         demos = [d.id for d in self.demos]
         return {"instruction": self.instruction, "demos": demos, "static_lora": self.lora is not None}
+
+    def key(self) -> tuple:
+        """Identical programs answer identically (greedy decoding): the key of a score cache."""
+        return (self.instruction, tuple((d.id, d.target) for d in self.demos), id(self.lora) if self.lora else None)
 
 
 class ProgramPredictor(LMPredictor):
@@ -79,9 +105,19 @@ class ProgramPredictor(LMPredictor):
         return super().describe() | {"static_lora": self.program.lora is not None} | self.details
 
 
+class TeacherPredictor(ProgramPredictor):
+    """BootstrapFewShot's teacher: the program with its labeled demos, each query answered without itself among
+    them (as DSPy), so that one batch holds queries whose demos differ."""
+
+    def messages(self, task: Task, instruction: str, example: Example) -> list[dict[str, str]]:
+        view = copy.copy(self)
+        view.demos = [d for d in self.demos if d.id != example.id]
+        return LMPredictor.messages(view, task, instruction, example)
+
+
 @METHODS.register("bettertogether")
 class BetterTogether(Method):
-    """Runs the strategy's steps on (instruction, demos, LoRA) and returns the best program on validation."""
+    """Runs the strategy's steps on (instruction, demos, LoRA); returns the final or the best program on validation."""
 
     needs_training = True
 
@@ -90,43 +126,75 @@ class BetterTogether(Method):
         self.proposer = proposer  # OPRO's optimizer LM for prompt_optimizer=opro (default: the task model)
         self.history: list[dict[str, Any]] = []
         self.mt = None  # holds M's static LoRA, built at the first w step
+        self.scores: dict[tuple, float] = {}  # validation scores by Program.key()
+        self.w_done = 0  # optimizer steps taken by earlier w steps (the learning-curve offset)
+        self.progress = True  # a tqdm bar over each p step's candidates (stderr)
 
     @property
     def cfg(self) -> BetterTogetherConfig:
         return getattr(self.config, "bettertogether", None) or BetterTogetherConfig()
+
+    @property
+    def w_steps(self) -> int:
+        train = getattr(self.config, "train", None)
+        return self.cfg.w_steps or (train.steps if train else RunConfig().train.steps)
 
     def fit(self, task: Task, train: list[Example], val: list[Example]) -> ProgramPredictor:
         cfg = self.cfg
         steps = parse_strategy(cfg.strategy)
         if not train:
             raise MetatunerError(f"bettertogether needs training items of task {task.name!r}")
+        if cfg.backend == "dspy" and cfg.prompt_optimizer != "demos" and "p" in steps:
+            raise MetatunerError("bettertogether.backend=dspy runs DSPy's BootstrapFewShotWithRandomSearch; set "
+                                 "bettertogether.prompt_optimizer=demos, or backend=own for opro")
+        if cfg.backend == "dspy" and "p" in steps:
+            from metatuner.methods.bettertogether_dspy import require_dspy
+
+            require_dspy()  # a missing extra is the user's to fix, not a step that fails
         self.task, self.seed = task, getattr(self.config, "seed", 0)
         self.val_set, self.score_set, self.pool = self.split(train, val)
-        program = best = Program(task.instruction)
-        best_score, best_step = self.validate(program), 0
-        self.history = [{"step": 0, "kind": "initial", **program.summary(), "val_score": best_score}]
+        self.rng = random.Random(self.seed)  # DSPy: random.Random(seed) shuffles the trainset before each step
+        self.items: list[Example] = self.pool[: cfg.traces]
+        self.scores, self.w_done = {}, 0
+        program = Program(task.instruction)
+        programs = [program]
+        self.history = [{"step": 0, "kind": "initial", **program.summary(), "val_score": self.validate(program)}]
         for i, kind in enumerate(steps, 1):
             record: dict[str, Any] = {"step": i, "kind": kind}
             self.history.append(record)
+            self.rng.shuffle(self.pool)
+            self.items = self.pool[: cfg.traces]
+            began = time.perf_counter()
             try:
                 program = {"p": self.prompt_step, "w": self.weight_step}[kind](program, i, record)
-                record.update(program.summary(), val_score=self.validate(program))
+                record.update(program.summary(), val_score=self.validate(program),
+                              seconds=round(time.perf_counter() - began, 2))
             except Exception as e:  # noqa: BLE001 - KeyboardInterrupt is no Exception and still stops the fit
                 record["error"] = f"{type(e).__name__}: {e}"
-                logger.warning("bettertogether step %d (%s) failed; keeping the best program so far", i, kind,
+                logger.warning("bettertogether step %d (%s) failed; keeping the programs so far", i, kind,
                                exc_info=True)
                 break
-            if record["val_score"] > best_score:
-                best, best_score, best_step = program, record["val_score"], i
-        details = {"strategy": cfg.strategy, "chosen_step": best_step, "chosen_kind": self.history[best_step]["kind"],
-                   "steps": self.history}
+            programs.append(program)
+        if "w" not in steps:
+            self.at_step(0, lambda: self.predictor(programs[-1]))
+        done = [r for r in self.history if "error" not in r]
+        final = len(done) - 1
+        best = max(range(len(done)), key=lambda s: (done[s]["val_score"], -s))  # earlier wins ties
+        chosen = final if cfg.returns == "final" else best
+        details = {
+            "strategy": cfg.strategy, "returns": cfg.returns, "backend": cfg.backend,
+            "chosen_step": chosen, "chosen_kind": done[chosen]["kind"], "val_score": done[chosen]["val_score"],
+            "best_step": best, "best_kind": done[best]["kind"], "best_val_score": done[best]["val_score"],
+            "steps": self.history,
+        }
         if self.run_dir is not None:
             files.write_text(self.run_dir / "bettertogether.json", json.dumps(details, indent=2, ensure_ascii=False))
-        return ProgramPredictor(self.model, self.tokenizer, best, self.mt, details=details)
+        return ProgramPredictor(self.model, self.tokenizer, programs[chosen], self.mt, details=details)
 
     # ---- data ------------------------------------------------------------------------------------
     def split(self, train: list[Example], val: list[Example]) -> tuple[list[Example], ...]:
-        """(validation, scoring subset, trace pool): a seeded shuffle of train; validation from ``val`` if any."""
+        """(validation, OPRO's scoring subset, training pool): a seeded shuffle of train; validation from ``val``
+        if any. The scoring subset is held out of the pool only for prompt_optimizer=opro."""
         cfg, items = self.cfg, list(train)
         random.Random(self.seed).shuffle(items)
         if val:
@@ -138,52 +206,110 @@ class BetterTogether(Method):
                 f"bettertogether: no validation items and train has only {len(items)} (needs more than "
                 f"bettertogether.val_size={cfg.val_size}); set data.val_size or give more training items"
             )
-        return val_set, items[: cfg.score_size], items[cfg.score_size :] or items
-
-    def sample(self, step: int) -> list[Example]:
-        return random.Random(self.seed * 1009 + step).sample(self.pool, min(self.cfg.traces, len(self.pool)))
+        if cfg.prompt_optimizer == "opro":
+            return val_set, items[: cfg.score_size], items[cfg.score_size :] or items
+        return val_set, items[: cfg.score_size], items
 
     # ---- scoring ---------------------------------------------------------------------------------
     def predictor(self, program: Program) -> ProgramPredictor:
         return ProgramPredictor(self.model, self.tokenizer, program, self.mt)
 
     def validate(self, program: Program) -> float:
-        return score_predictor(self.predictor(program), self.task, self.val_set, self.config)
+        key = program.key()
+        if key not in self.scores:
+            self.scores[key] = score_predictor(self.predictor(program), self.task, self.val_set, self.config)
+        return self.scores[key]
 
     def score(self, program: Program) -> float:
         return score_predictor(self.predictor(program), self.task, self.score_set, self.config)
 
-    def correct_traces(self, program: Program, queries: list[Example]) -> list[Example]:
-        """The queries the program answers correctly, each with the program's own output as its target."""
+    def answer(self, program: Program, queries: list[Example], teacher: bool = False) -> list[tuple[str, bool]]:
+        """(output, correct) of the program for each query (``teacher``: each without itself among the demos)."""
+        if not queries:
+            return []
         ev = getattr(self.config, "eval", None)
-        result = evaluate(self.predictor(program), self.task, queries, batch_size=ev.batch_size if ev else 16,
+        predictor = (TeacherPredictor if teacher else ProgramPredictor)(self.model, self.tokenizer, program, self.mt)
+        result = evaluate(predictor, self.task, queries, batch_size=ev.batch_size if ev else 16,
                           max_new_tokens=ev.max_new_tokens if ev else None, likelihood=False, progress=False)
         metric = self.task.primary_metric
-        return [replace(ex, target=r["output"]) for ex, r in zip(queries, result.records, strict=True)
-                if r["scores"][metric] >= self.cfg.min_score]
+        return [(r["output"], r["scores"][metric] >= self.cfg.min_score) for r in result.records]
 
-    # ---- steps -----------------------------------------------------------------------------------
+    def correct_traces(self, program: Program, queries: list[Example]) -> list[Example]:
+        """The queries the program answers correctly, each with the program's own output as its target."""
+        return [replace(ex, target=out) for ex, (out, ok) in zip(queries, self.answer(program, queries), strict=True)
+                if ok]
+
+    # ---- p: BootstrapFewShotWithRandomSearch -------------------------------------------------------
     def prompt_step(self, program: Program, step: int, record: dict[str, Any]) -> Program:
         if self.cfg.prompt_optimizer == "opro":
             return self.opro_step(program, step, record)
+        if self.cfg.backend == "dspy":
+            from metatuner.methods.bettertogether_dspy import dspy_demos_step
+
+            return dspy_demos_step(self, program, step, record)
         return self.demos_step(program, step, record)
 
     def demos_step(self, program: Program, step: int, record: dict[str, Any]) -> Program:
-        """Bootstrapped demos chosen by random search; the current demos are a candidate (kept on ties)."""
-        cfg, queries = self.cfg, self.sample(step)
-        pool = self.correct_traces(program, queries)
-        record["bootstrapped"] = len(pool)
-        if not pool:
-            pool, record["demo_source"] = queries, "gold (no correct traces)"
-        rng = random.Random(self.seed * 1009 + step)
-        candidates, seen = [], set()
-        for demos in [program.demos] + [rng.sample(pool, min(cfg.demos, len(pool))) for _ in range(cfg.trials)]:
-            key = tuple(sorted(d.id for d in demos))
-            if key not in seen:
-                seen.add(key)
-                candidates.append((self.score(replace(program, demos=demos)), demos))
-        record["search"] = [{"demos": [d.id for d in demos], "score": s} for s, demos in candidates]
-        return replace(program, demos=max(candidates, key=lambda c: c[0])[1])
+        """DSPy's candidate set (seeds -3..candidates-1), each scored on validation; the first best is kept."""
+        cfg, trainset = self.cfg, list(self.items)
+        self.teacher_cache: dict[tuple, tuple[str, bool]] = {}
+        search, best = [], None
+        seeds = range(-3, cfg.candidates)
+        for seed in tqdm(seeds, desc=f"bettertogether p{step} candidates", disable=not self.progress):
+            demos, info = self.candidate(program, trainset, seed)
+            candidate = replace(program, demos=demos)
+            score = self.validate(candidate)
+            search.append({"seed": seed, **info, "demos": [d.id for d in demos], "score": score})
+            if best is None or score > best[0]:
+                best = (score, seed, candidate)
+        record["search"], record["candidate_seed"] = search, best[1]
+        return best[2]
+
+    def candidate(self, program: Program, trainset: list[Example], seed: int) -> tuple[list[Example], dict]:
+        """The demos of DSPy's candidate ``seed`` (random_search.py), with what they are made of."""
+        cfg = self.cfg
+        if seed == -3:  # zero-shot
+            return [], {"bootstrapped": 0, "labeled": 0}
+        if seed == -2:  # LabeledFewShot(k=max_labeled_demos), sample=True
+            demos = random.Random(0).sample(trainset, min(cfg.max_labeled_demos, len(trainset)))
+            return demos, {"bootstrapped": 0, "labeled": len(demos)}
+        order, size = list(trainset), cfg.max_bootstrapped_demos
+        if seed >= 0:
+            random.Random(seed).shuffle(order)
+            size = random.Random(seed).randint(1, cfg.max_bootstrapped_demos)
+        return self.bootstrap(program, order, size)
+
+    def bootstrap(self, program: Program, order: list[Example], size: int) -> tuple[list[Example], dict]:
+        """DSPy's BootstrapFewShot on ``order`` with max_bootstrapped_demos=``size``."""
+        cfg = self.cfg
+        # the teacher: the program with LabeledFewShot(max_labeled_demos) demos (its own demos when that is 0)
+        teacher = random.Random(0).sample(order, min(cfg.max_labeled_demos, len(order))) if cfg.max_labeled_demos \
+            else list(program.demos)
+        boot: dict[int, Example] = {}
+        batch = getattr(getattr(self.config, "eval", None), "batch_size", 16)
+        i = 0
+        while i < len(order) and len(boot) < size:
+            chunk = order[i : i + batch]
+            for j, (ex, (out, ok)) in enumerate(zip(chunk, self.teacher_answers(program, teacher, chunk))):
+                if len(boot) >= size:
+                    break
+                if ok:
+                    boot[i + j] = replace(ex, target=out)
+            i += len(chunk)
+        raw = [ex for k, ex in enumerate(order) if k not in boot]  # every item not bootstrapped, visited or not
+        random.Random(0).shuffle(raw)
+        augmented = list(boot.values())[:size]
+        labeled = random.Random(0).sample(raw, max(0, min(cfg.max_labeled_demos - len(augmented), len(raw))))
+        return augmented + labeled, {"bootstrapped": len(augmented), "labeled": len(labeled), "visited": i}
+
+    def teacher_answers(self, program: Program, teacher: list[Example], queries: list[Example]) -> list[tuple]:
+        """The teacher's (output, correct) per query, in one batch; cached per p step (the same query under the
+        same teacher demos answers the same)."""
+        key = tuple(d.id for d in teacher)
+        todo = [ex for ex in queries if (ex.id, key) not in self.teacher_cache]
+        for ex, ans in zip(todo, self.answer(replace(program, demos=teacher), todo, teacher=True), strict=True):
+            self.teacher_cache[(ex.id, key)] = ans
+        return [self.teacher_cache[(ex.id, key)] for ex in queries]
 
     def opro_step(self, program: Program, step: int, record: dict[str, Any]) -> Program:
         """OPRO's search over the instruction, with the program's demos and LoRA in place."""
@@ -196,28 +322,62 @@ class BetterTogether(Method):
         record["search"] = [{"instruction": i, "score": s} for i, s in history]
         return replace(program, instruction=best_of(history)[0])
 
+    # ---- w: BootstrapFinetune ----------------------------------------------------------------------
     def budget(self) -> int:
         """Optimizer steps of all its w steps (its prompt steps take none)."""
-        rc = self.config if isinstance(self.config, RunConfig) else RunConfig()
-        cfg = rc.bettertogether
-        return parse_strategy(cfg.strategy).count("w") * (cfg.w_steps or rc.train.steps)
+        return parse_strategy(self.cfg.strategy).count("w") * self.w_steps
 
     def weight_step(self, program: Program, step: int, record: dict[str, Any]) -> Program:
-        """A fresh static LoRA on M, SFT on (instruction, x) -> the program's own correct outputs."""
+        """A fresh static LoRA on M, SFT on the program's own correct outputs (its demos in the inputs)."""
         from metatuner.models.metatuner import MetaTuner
         from metatuner.training.trainer import Trainer
 
+        cfg = self.cfg
         rc = self.config if isinstance(self.config, RunConfig) else RunConfig()
-        queries = self.sample(step)
+        queries = self.items
         traces = self.correct_traces(program, queries)
         record["traces"] = len(traces)
+        offset, steps = self.w_done, self.w_steps
+        self.w_done += steps
         if not traces:
+            if not cfg.gold_fallback:
+                record["skipped"] = "no correct traces (bettertogether.gold_fallback=true trains on gold targets)"
+                for k in range(0 if offset == 0 else 1, steps + 1):  # the curve stays flat over its steps
+                    self.at_step(offset + k, lambda: self.predictor(program))
+                return program
             traces, record["fallback"] = queries, "no correct traces: trained on gold targets"
         if self.mt is None:
             self.mt = MetaTuner(self.model, self.tokenizer, rc.generator, rc.hypernet, use_hypernet=False,
                                 use_prompt=False)
-        Trainer(rc, self.mt, self.task, traces, [], self.run_dir).warmup_actor(
-            self.cfg.w_steps or rc.train.steps, instruction=program.instruction
-        )
-        lora = {k: v.detach().clone() for k, v in self.mt.m_lora.adapter_state("static").items()}
-        return Program(program.instruction, [], lora)
+        demos = [] if cfg.exclude_demos else list(program.demos)
+        self.mt.actor_inputs = self.renderer(demos)  # the SFT inputs are rendered as the program answers
+        record["trained_with_demos"] = len(demos)
+        inputs = self.mt.actor_inputs(self.task, traces, [program.instruction] * len(traces))
+        long = sum(len(self.tokenizer(x + ex.target).input_ids) > rc.train.max_length for x, ex in zip(inputs, traces))
+        if long:  # SFT keeps the last max_length tokens: the instruction and the first demos would be cut
+            record["truncated_inputs"] = long
+            logger.warning("bettertogether w step: %d of %d SFT inputs with %d demos exceed train.max_length=%d and "
+                           "are cut from the left; raise train.max_length or lower bettertogether.max_labeled_demos",
+                           long, len(traces), len(demos), rc.train.max_length)
+        trainer = Trainer(rc, self.mt, self.task, traces, [], self.run_dir)
+
+        def on_step(k: int) -> None:
+            if k > 0 or offset == 0:
+                self.at_step(offset + k, lambda: self.predictor(Program(program.instruction, demos, self.snapshot())))
+
+        trainer.on_step = on_step
+        trainer.warmup_actor(steps, instruction=program.instruction)
+        self.trainable_params = sum(p.numel() for p in self.mt.m_lora.adapter_parameters("static"))
+        return Program(program.instruction, demos, self.snapshot())
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.mt.m_lora.adapter_state("static").items()}
+
+    def renderer(self, demos: list[Example]):
+        """``actor_inputs`` for M's SFT: each query rendered with ``demos`` as earlier turns, as the program does."""
+        shots = LMPredictor(self.model, self.tokenizer, demos=demos)
+
+        def actor_inputs(task: Task, examples: list[Example], prompts: list[str]) -> list[str]:
+            return [render_chat(self.tokenizer, shots.messages(task, p, ex)) for p, ex in zip(prompts, examples)]
+
+        return actor_inputs
