@@ -183,7 +183,7 @@ def test_bad_protocols_are_rejected(tmp_path):
 def test_shipped_protocols_load_and_resolve_every_cell(name):
     protocol = Protocol.load(name)
     cells = protocol.cells()
-    assert len(cells) == 4 * 11 * 2
+    assert len(cells) == 4 * 15 * 2
     cfg = protocol.config("gsm8k", "wo-s", 1)
     assert (cfg.method, cfg.train.ablation, cfg.data.task, cfg.seed) == ("metatuner", "no_share", "gsm8k", 1)
 
@@ -200,10 +200,21 @@ def test_cross_task_protocol_resolves():
 
 
 def test_arithmetic_protocol_has_every_method_on_the_builtin_task():
+    from metatuner.methods import METHODS
+
     protocol = Protocol.load("arithmetic")
-    assert len(protocol.cells()) == 11 * 2 and protocol.tasks == ["arithmetic"]
+    assert protocol.tasks == ["arithmetic"] and protocol.seeds == [0, 1]
+    assert {protocol.config("arithmetic", m, 0).method for m in protocol.methods} == set(METHODS.names())
     cfg = protocol.config("arithmetic", "wo-p", 0)
-    assert (cfg.method, cfg.train.ablation, cfg.train.steps, cfg.data.train_limit) == ("metatuner", "no_prompt", 12, 400)
+    assert (cfg.method, cfg.train.ablation, cfg.train.steps, cfg.data.train_limit) == ("metatuner", "no_prompt", 16, 400)
+    assert cfg.eval.splits == ["test", "test_shift"]
+
+
+@pytest.mark.parametrize("name", ["cpu", "cross"])
+def test_the_paper_protocols_run_the_papers_baselines(name):
+    protocol = Protocol.load(name)
+    methods = {protocol.config(protocol.tasks[0], m, 0).method for m in protocol.methods}
+    assert methods >= {"sft", "dpo", "bettertogether", "rlprompt", "bpo-selfpairs", "ppo", "grpo", "metatuner"}
 
 
 def test_bench_help_lists_every_shipped_protocol(capsys):
