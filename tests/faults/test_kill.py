@@ -15,29 +15,29 @@ from faults.conftest import (TIMEOUT, assert_complete_results_folder, assert_not
 
 def kill_and_rerun(forkserver, tmp_path, argv_for, done, kills: int, seed: int, duration: float, reset=None) -> int:
     """Starts the command (``argv_for()``), SIGKILLs it at a seeded random moment of an uninterrupted run's
-    ``duration``, and again, ``kills`` times or until ``done()``; then lets it finish. Returns the kills
-    that landed (the rest found the command finished).
+    ``duration``, and again, until ``kills`` kills landed; then lets it finish. Returns the kills that
+    landed (the rest found the command finished).
 
-    An attempt that finished before its kill (this machine ran faster than the reference did) makes the
-    next kills aim earlier. With ``reset`` (a command that can simply start over, like ``eval``) a finished
-    output is removed and the kills go on, also when a kill landed after the output was complete but
-    before the process exited (common on a loaded machine), so a busy or idle machine lands the same number."""
+    When the output is complete before ``kills`` kills landed (an attempt finished before its kill because
+    this machine ran faster than the reference did, or a kill landed only after the output was complete,
+    common on a loaded machine), ``reset`` removes it, the command starts over from nothing and the next
+    kills aim earlier; so a busy or an idle machine lands the same number. Without ``reset`` the kills end."""
     rng = random.Random(seed)
     landed, scale = 0, 1.0
     for attempt in range(2 * kills + 4):
-        if landed >= kills or (done() and reset is None):
+        if landed >= kills:
             break
-        if done():  # a kill landed after the output was complete (during the exit): start over
+        if done():  # the last attempt finished before its kill, or was killed only after finishing
+            if reset is None:
+                break
             reset()
+            scale *= 0.5  # that kill came too late for this machine: aim the next ones earlier
         child = forkserver.Child(argv_for(), tmp_path, tmp_path / f"attempt-{attempt}.log")
         if child.kill_after(rng.uniform(0.02, 1.0) * duration * scale):
             landed += 1
             count("faults injected")
         else:
             assert child.process.exitcode == 0, child.output()
-            scale *= 0.5
-            if reset is not None:
-                reset()
     if not done():
         final = forkserver.Child(argv_for(), tmp_path, tmp_path / "final.log")
         assert final.wait(TIMEOUT) == 0, final.output()
@@ -48,7 +48,8 @@ def test_kill_9_during_train_then_resume_gives_the_same_run(forkserver, tiny_mod
     reference, duration = reference_train[1:]
     run_dir = tmp_path / "run"
     landed = kill_and_rerun(forkserver, tmp_path, lambda: train_argv(tiny_model_dir, run_dir, run_dir.exists()),
-                            lambda: (run_dir / "eval-test").is_dir(), kills=7, seed=12, duration=duration)
+                            lambda: (run_dir / "eval-test").is_dir(), kills=7, seed=12, duration=duration,
+                            reset=lambda: shutil.rmtree(run_dir))
     assert landed >= 5
     assert train_state(run_dir) == reference
     assert_nothing_half_written(tmp_path)
@@ -88,7 +89,8 @@ def test_kill_9_during_bench_then_rerun_gives_the_same_grid(forkserver, tmp_path
     out = tmp_path / "grid"
     argv = ["bench", "--config", str(spec), "--out", str(out), "--no-report"]
     landed = kill_and_rerun(forkserver, tmp_path, lambda: argv, lambda: (out / "results.json").is_file() and len(
-        json.loads((out / "results.json").read_text())) == 2, kills=6, seed=3, duration=duration)
+        json.loads((out / "results.json").read_text())) == 2, kills=6, seed=3, duration=duration,
+        reset=lambda: shutil.rmtree(out))
     assert landed >= 5
     assert grid_state(out) == reference
     assert_nothing_half_written(out)
