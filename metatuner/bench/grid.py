@@ -285,8 +285,11 @@ def _run_workers(protocol: Protocol, out: Path, data_dir: str | None, only: list
     logs = files.make_dirs(out / "logs")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
-    cmd = [sys.executable, "-m", "metatuner.cli", "bench", "--config", str(out / "protocol.yaml"), "--out", str(out),
-           "--no-report"]
+    # the workers read this process's protocol from a file of its own: another bench command on the same folder
+    # may rewrite protocol.yaml while they run
+    own = logs / f"protocol-{os.getpid()}.yaml"
+    files.write_text(own, yaml.safe_dump(to_protocol_dict(protocol), sort_keys=False))
+    cmd = [sys.executable, "-m", "metatuner.cli", "bench", "--config", str(own), "--out", str(out), "--no-report"]
     if data_dir:
         cmd += ["--data-dir", data_dir]
     if only:
