@@ -305,6 +305,10 @@ def test_workers_run_every_cell_exactly_once(protocol_file, tmp_path):
     started = [line for log in logs for line in log.splitlines() if line.endswith(" ...")]
     assert len(started) == 6 and len(set(started)) == 6  # each cell started by one worker only
     assert not list((out / "claims").iterdir())
+    # the workers read the parent's protocol from its own file, not protocol.yaml, which another bench
+    # command on this folder may rewrite while they run
+    own, = (out / "logs").glob("protocol-*.yaml")
+    assert own.read_text() == (out / "protocol.yaml").read_text()
 
 
 def test_paired_difference_is_over_shared_items_and_seeds():
