@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from metatuner.errors import MetatunerError
-from metatuner.options import ConfigKeyError, _at_least, option
+from metatuner.options import ConfigKeyError, _at_least, non_negative, option, positive
 
 
 @dataclass
@@ -34,9 +34,7 @@ class DPOMethodConfig:
         for name in ("queries", "samples_per_query", "max_new_tokens", "sample_batch_size", "max_pairs", "steps",
                      "batch_size", "grad_accum", "rank", "max_length"):
             _at_least(f"dpo.{name}", getattr(self, name), 1)
-        for name in ("temperature", "lr", "beta"):
-            if getattr(self, name) <= 0:
-                raise MetatunerError(f"dpo.{name} must be > 0, got {getattr(self, name)}")
+        positive("dpo", self, "temperature", "lr", "beta")
 
 
 @dataclass
@@ -68,9 +66,7 @@ class BPOConfig:
     def __post_init__(self):
         for name in ("queries", "samples", "max_new_tokens", "steps", "batch_size", "rank", "max_length"):
             _at_least(f"bpo.{name}", getattr(self, name), 1)
-        for name in ("temperature", "lr"):
-            if getattr(self, name) <= 0:
-                raise ConfigKeyError(f"bpo.{name}", f"bpo.{name} must be > 0, got {getattr(self, name)}")
+        positive("bpo", self, "temperature", "lr")
         if self.margin < 0 or self.gate_margin < 0:
             raise ConfigKeyError("bpo.margin", f"bpo.margin and bpo.gate_margin must be >= 0, got {self.margin} "
                                  f"and {self.gate_margin}")
@@ -101,12 +97,8 @@ class PPOMethodConfig:
     def __post_init__(self):
         for name in ("steps", "batch_size", "epochs", "minibatches", "max_new_tokens", "rank"):
             _at_least(f"ppo.{name}", getattr(self, name), 1)
-        for name in ("lr", "temperature", "cliprange"):
-            if getattr(self, name) <= 0:
-                raise ConfigKeyError(f"ppo.{name}", f"ppo.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("kl_coef", "cliprange_value", "vf_coef", "format_bonus"):
-            if getattr(self, name) < 0:
-                raise ConfigKeyError(f"ppo.{name}", f"ppo.{name} must be >= 0, got {getattr(self, name)}")
+        positive("ppo", self, "lr", "temperature", "cliprange")
+        non_negative("ppo", self, "kl_coef", "cliprange_value", "vf_coef", "format_bonus")
         for name in ("gamma", "lam"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigKeyError(f"ppo.{name}", f"ppo.{name} must be in [0, 1], got {getattr(self, name)}")
@@ -140,12 +132,8 @@ class GRPOMethodConfig:
         for name in ("steps", "batch_size", "max_new_tokens", "rank"):
             _at_least(f"grpo.{name}", getattr(self, name), 1)
         _at_least("grpo.group_size", self.group_size, 2)
-        for name in ("lr", "temperature", "epsilon"):
-            if getattr(self, name) <= 0:
-                raise ConfigKeyError(f"grpo.{name}", f"grpo.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("beta", "format_bonus"):
-            if getattr(self, name) < 0:
-                raise ConfigKeyError(f"grpo.{name}", f"grpo.{name} must be >= 0, got {getattr(self, name)}")
+        positive("grpo", self, "lr", "temperature", "epsilon")
+        non_negative("grpo", self, "beta", "format_bonus")
 
 
 @dataclass
@@ -183,9 +171,7 @@ class RLPromptConfig:
             _at_least(f"rlprompt.{name}", getattr(self, name), 0)
         if self.grad_clip < 0:
             raise ConfigKeyError("rlprompt.grad_clip", f"rlprompt.grad_clip must be >= 0, got {self.grad_clip}")
-        for name in ("reward_scale", "lr"):
-            if getattr(self, name) <= 0:
-                raise ConfigKeyError(f"rlprompt.{name}", f"rlprompt.{name} must be > 0, got {getattr(self, name)}")
+        positive("rlprompt", self, "reward_scale", "lr")
         if not 0 <= self.target_rate <= 1:
             raise ConfigKeyError("rlprompt.target_rate",
                                  f"rlprompt.target_rate must be in [0, 1], got {self.target_rate}")
@@ -210,7 +196,7 @@ class OPROConfig:
         for name in ("rounds", "shown_examples"):
             _at_least(f"opro.{name}", getattr(self, name), 0)
         if self.temperature <= 0:
-            raise MetatunerError(f"opro.temperature must be > 0, got {self.temperature}")
+            raise ConfigKeyError("opro.temperature", f"opro.temperature must be > 0, got {self.temperature}")
 
 
 STEPS = {"p": "prompt optimization", "w": "fine-tuning on own correct traces"}

@@ -27,3 +27,20 @@ class ConfigKeyError(MetatunerError):
 def _at_least(name: str, value: int | None, low: int) -> None:
     if value is not None and value < low:
         raise ConfigKeyError(name, f"{name} must be >= {low}, got {value}")
+
+
+def _require(prefix: str, obj: Any, names: tuple[str, ...], ok, what: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not ok(value):
+            raise ConfigKeyError(f"{prefix}.{name}", f"{prefix}.{name} must be {what}, got {value}")
+
+
+def positive(prefix: str, obj: Any, *names: str) -> None:
+    """Raises a :class:`ConfigKeyError` naming ``<prefix>.<name>`` unless each of ``obj``'s ``names`` is > 0."""
+    _require(prefix, obj, names, lambda v: v > 0, "> 0")
+
+
+def non_negative(prefix: str, obj: Any, *names: str) -> None:
+    """Raises a :class:`ConfigKeyError` naming ``<prefix>.<name>`` unless each of ``obj``'s ``names`` is >= 0."""
+    _require(prefix, obj, names, lambda v: v >= 0, ">= 0")

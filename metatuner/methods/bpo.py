@@ -221,7 +221,7 @@ class BPOSelfPairs(Method):
         with tqdm(total=len(queries), desc="bpo pairs (rollouts)", disable=not trainer.progress) as bar:
             for i in range(0, len(queries), cfg.batch_size):
                 batch = queries[i : i + cfg.batch_size]
-                leaked += trainer._offer(batch, None, None).get("leaked", 0)
+                leaked += trainer.offer(batch, None, None).get("leaked", 0)
                 bar.update(len(batch))
                 trainer._stop_point()  # a SIGTERM between two rollout batches stops here
         pairs = kept_pairs(rewriter, task, queries, trainer.experts)
@@ -251,7 +251,7 @@ class BPOSelfPairs(Method):
         def loss(batch: list[Example]) -> torch.Tensor:
             return rewriter.prompt_nll(task, batch, [improved[ex.id] for ex in batch]).mean()
 
-        trainer._supervised("bpo_rewriter", "rewriter_sft", cfg.steps, stream, loss)
+        trainer.supervised("bpo_rewriter", "rewriter_sft", cfg.steps, stream, loss)
         return now()
 
     def budget(self) -> int:

@@ -158,9 +158,9 @@ class Trainer:
             prompts = [instruction or self.task.instruction_for(ex) for ex in batch]
             return self.mt.answer_nll(self.task, batch, prompts, None, self.tc.max_length).mean()
 
-        self._supervised("warmup_actor", "sft", steps, stream, loss, start)
+        self.supervised("warmup_actor", "sft", steps, stream, loss, start)
 
-    def _supervised(self, phase: str, name: str, steps: int, stream: DataStream, loss_fn, start: int = 0) -> None:
+    def supervised(self, phase: str, name: str, steps: int, stream: DataStream, loss_fn, start: int = 0) -> None:
         """A plain fine-tuning loop (the warm-ups): optimizer steps ``start``..``steps`` on batches of
         ``stream``. A stop request is honoured between two of its steps (after the last one, the caller's
         own safe point follows), so a checkpoint inside a warm-up is never at its end."""
@@ -205,7 +205,7 @@ class Trainer:
         if start == 0:
             with tqdm(total=len(queries), desc="warm-up G (rollouts)", disable=not self.progress) as bar:
                 for i in range(0, len(queries), self.tc.batch_size):
-                    self._offer(self._share(queries[i : i + self.tc.batch_size]), None, None)
+                    self.offer(self._share(queries[i : i + self.tc.batch_size]), None, None)
                     bar.update(len(queries[i : i + self.tc.batch_size]))
         ids = list(dict.fromkeys(ex.id for ex in queries))
         stream = DataStream([self.by_id[i] for i in ids], self.cfg.data.seed + 3, cursor=start * self.tc.batch_size)
@@ -213,11 +213,11 @@ class Trainer:
         def loss(batch: list[Example]) -> torch.Tensor:
             return self.mt.prompt_nll(self.task, batch, [self.experts[ex.id].output for ex in batch]).mean()
 
-        self._supervised("warmup_generator", "generator_sft", steps, stream, loss, start)
+        self.supervised("warmup_generator", "generator_sft", steps, stream, loss, start)
         self.log({"phase": "warmup_generator", "step": self.step, **self.experts.stats()})
         self.mt.sync_frozen_decoder()
 
-    def _offer(self, batch: list[Example], factors, extra: list[str] | None, samples=None) -> dict[str, float]:
+    def offer(self, batch: list[Example], factors, extra: list[str] | None, samples=None) -> dict[str, float]:
         """Rolls out ``batch`` (this process's share; may be empty) and offers every process's best outputs to D2."""
         tc = self.tc
         r = rollout(self.mt, self.task, batch, factors, tc.rollouts, tc.temperature, tc.reward, tc.max_length,
@@ -314,7 +314,7 @@ class Trainer:
             self.prompt_cache.update({ex.id: mt.clean_output(g) for ex, g in zip(todo, greedy)})
             outputs = [self.prompt_cache[ex.id] for ex in batch]
             detached = {k: (a.detach(), b.detach()) for k, (a, b) in factors.items()} if factors else None
-            record.update(self._offer(batch, detached, outputs, samples))
+            record.update(self.offer(batch, detached, outputs, samples))
         elif mt.use_prompt and "task" in terms:
             outputs = self.frozen_outputs(batch)
         if "task" in terms:
