@@ -210,6 +210,26 @@ def test_arithmetic_protocol_has_every_method_on_the_builtin_task():
     assert cfg.eval.splits == ["test", "test_shift"]
 
 
+def test_the_mixture_curves_run_every_method_and_tune_every_trained_one():
+    from metatuner.methods import METHODS
+
+    protocol = Protocol.load("curves")
+    assert "mixture" in protocol.tasks
+    assert {protocol.config("mixture", m, 0).method for m in protocol.methods} == set(METHODS.names())
+    untrained = {"zero-shot", "cot", "opro"}
+    assert set(protocol.tune.methods) == set(protocol.methods) - untrained
+    cfg = protocol.tuning_config("mixture", "ppo", 3.0e-3)
+    assert (cfg.ppo.lr, cfg.ppo.steps, cfg.seed) == (3.0e-3, 50, protocol.tune.seed)
+
+
+def test_a_tuned_key_that_is_not_a_config_key_is_rejected_at_load(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"tasks": ["arithmetic"], "seeds": [0], "methods": {"sft": {}},
+                                   "tune": {"methods": {"sft": {"train.learning_rate_scale": [1.0, 2.0]}}}}))
+    with pytest.raises(MetatunerError, match="learning_rate_scale"):
+        Protocol.load(bad)
+
+
 @pytest.mark.parametrize("name", ["cpu", "cross"])
 def test_the_paper_protocols_run_the_papers_baselines(name):
     protocol = Protocol.load(name)

@@ -82,9 +82,12 @@ class Protocol:
             methods=_mapping_of_mappings(data["methods"], p, "methods"), common=_mapping(data.get("common"), p, "common"),
             per_task=_mapping_of_mappings(data.get("per_task"), p, "per_task"), tune=Tuning.parse(data.get("tune"), p),
         )
-        for method in (protocol.tune.methods if protocol.tune else {}):
+        for method, (_, values) in (protocol.tune.methods.items() if protocol.tune else ()):
             if method not in protocol.methods:
                 raise MetatunerError(f"{p}: tune.methods names {method!r}, which is not among the protocol's methods")
+            for task in protocol.tasks:  # every tuning run's config must be valid before any work starts
+                for value in values:
+                    protocol.tuning_config(task, method, value)
         for cell in protocol.cells():  # every cell's config and test splits must be valid before any work starts
             cfg = protocol.config(*cell)
             task = get_task(cfg.data.task)
@@ -105,6 +108,18 @@ class Protocol:
         overrides.setdefault("method", method)
         overrides = merge(overrides, {"data": {"task": task, "seed": seed}, "seed": seed})
         return from_dict(RunConfig, overrides)
+
+    def tuning_config(self, task: str, method: str, value: Any, data_dir: str | None = None) -> RunConfig:
+        """The RunConfig of one tuning run: the cell's config at ``tune.seed``, then ``tune.overrides``,
+        then ``value`` for the method's tuned key."""
+        from metatuner.config import to_dict
+
+        spec = self.tune
+        key, _ = spec.methods[method]
+        base = self.config(task, method, spec.seed)
+        if data_dir:
+            base.data.data_dir = data_dir
+        return from_dict(RunConfig, merge(merge(to_dict(base), nest(spec.overrides)), nest({key: value})))
 
 
 def _strings(value, p: Path, key: str) -> list[str]:
@@ -231,7 +246,6 @@ def tune(protocol: Protocol, out: Path, data_dir: str | None = None, only: list[
     process, before any cell."""
     from tqdm.auto import tqdm
 
-    from metatuner.config import to_dict
     from metatuner.evaluation.harness import evaluate
     from metatuner.recipes import fit_method, train_val_split
 
@@ -246,13 +260,9 @@ def tune(protocol: Protocol, out: Path, data_dir: str | None = None, only: list[
             records.append(files.read_json(path))
             continue
         key, values = spec.methods[method]
-        base = protocol.config(task, method, spec.seed)
-        if data_dir:
-            base.data.data_dir = data_dir
         tried = []
         for value in tqdm(values, desc=f"tuning {method} {key} on {task}", unit="value"):
-            overrides = merge(merge(to_dict(base), nest(spec.overrides)), nest({key: value}))
-            cfg = from_dict(RunConfig, overrides)
+            cfg = protocol.tuning_config(task, method, value, data_dir)
             start = time.perf_counter()
             predictor, task_obj = fit_method(cfg)
             seconds = time.perf_counter() - start
@@ -265,7 +275,7 @@ def tune(protocol: Protocol, out: Path, data_dir: str | None = None, only: list[
             score = result.metrics[task_obj.primary_metric]["mean"]
             tried.append({"value": value, "val_score": score, "n": len(val), "fit_seconds": seconds})
             print(f"    tuning {method} on {task}: {key}={value} -> val {100 * score:.1f}% ({seconds:.0f} s)", flush=True)
-        best = tuning.pick([t["val_score"] for t in tried], values, tuning.current(base, key))
+        best = tuning.pick([t["val_score"] for t in tried], values, tuning.current(protocol.config(task, method, spec.seed), key))
         record = {"task": task, "method": method, "key": key, "chosen": values[best], "seed": spec.seed,
                   "overrides": spec.overrides, "tried": tried,
                   "seconds": sum(t["fit_seconds"] for t in tried)}
