@@ -102,24 +102,24 @@ class Protocol:
     def config(self, task: str, method: str, seed: int, out: Path | None = None):
         """The resolved RunConfig of one cell: common, then per-task, then per-method overrides, then the
         value tuning chose for the method (recorded in ``out``'s ``tuning/``)."""
+        return from_dict(RunConfig, self._overrides(task, method, seed, out))
+
+    def _overrides(self, task: str, method: str, seed: int, out: Path | None = None) -> dict[str, Any]:
         overrides = merge(merge(nest(self.common), nest(self.per_task.get(task, {}))), nest(self.methods[method]))
         if out is not None:
             overrides = merge(overrides, nest(chosen(out, file_name(task), method)))
         overrides.setdefault("method", method)
-        overrides = merge(overrides, {"data": {"task": task, "seed": seed}, "seed": seed})
-        return from_dict(RunConfig, overrides)
+        return merge(overrides, {"data": {"task": task, "seed": seed}, "seed": seed})
 
     def tuning_config(self, task: str, method: str, value: Any, data_dir: str | None = None) -> RunConfig:
         """The RunConfig of one tuning run: the cell's config at ``tune.seed``, then ``tune.overrides``,
         then ``value`` for the method's tuned key."""
-        from metatuner.config import to_dict
-
         spec = self.tune
         key, _ = spec.methods[method]
-        base = self.config(task, method, spec.seed)
+        overrides = merge(merge(self._overrides(task, method, spec.seed), nest(spec.overrides)), nest({key: value}))
         if data_dir:
-            base.data.data_dir = data_dir
-        return from_dict(RunConfig, merge(merge(to_dict(base), nest(spec.overrides)), nest({key: value})))
+            overrides = merge(overrides, {"data": {"data_dir": data_dir}})
+        return from_dict(RunConfig, overrides)
 
 
 def _strings(value, p: Path, key: str) -> list[str]:
