@@ -188,6 +188,18 @@ def test_shipped_protocols_load_and_resolve_every_cell(name):
     assert (cfg.method, cfg.train.ablation, cfg.data.task, cfg.seed) == ("metatuner", "no_share", "gsm8k", 1)
 
 
+def test_curves_cpu_protocol_runs_the_learning_curve_methods_at_one_budget():
+    """The CPU cut of the learning curves keeps every method the curves compare, each trained 80 steps."""
+    protocol = Protocol.load("curves-cpu")
+    assert set(protocol.methods) == {"zero-shot", "sft", "dpo", "bettertogether", "metatuner-j", "metatuner-i",
+                                     "wo-p", "wo-f"}
+    assert len(protocol.cells()) == 8 * 2
+    configs = {m: protocol.config("mixture", m, 0) for m in protocol.methods}
+    assert {c.eval.budgets[-1] for c in configs.values()} == {40} and configs["sft"].train.steps == 80
+    assert configs["dpo"].dpo.steps == 80
+    assert (configs["wo-f"].train.ablation, configs["metatuner-i"].train.schedule) == ("no_hypernet", "alternate")
+
+
 def test_protocol_overrides(tmp_path, protocol_file):
     protocol = Protocol.load(protocol_file, ["seeds=[3]", "common.eval.limit=1"])
     assert protocol.seeds == [3] and protocol.config("arithmetic", "cot", 3).eval.limit == 1
