@@ -328,9 +328,11 @@ def test_processes_racing_for_a_dead_workers_claim_exactly_one_wins(tmp_path):
     assert winners == [1] * len(folders)
 
 
-def test_workers_run_every_cell_exactly_once(protocol_file, tmp_path):
+def test_workers_run_every_cell_exactly_once(protocol_file, tmp_path, capsys):
     out = tmp_path / "grid"
     rows = run_grid(Protocol.load(protocol_file), out, workers=2)
+    # stderr is not a terminal here: the parent's bar writes once per finished cell, not once a second
+    assert capsys.readouterr().err.count("cells (2 workers") <= 6 + 2
     assert sorted((r["method"], r["seed"]) for r in rows) == sorted(
         (m, s) for m in ("zero-shot", "cot", "sft") for s in (0, 1))
     logs = [(out / "logs" / f"worker-{k}.log").read_text() for k in range(2)]

@@ -312,6 +312,9 @@ def _run_workers(protocol: Protocol, out: Path, data_dir: str | None, only: list
             time.sleep(1.0)  # staggered starts: each claims a different first cell
     done = lambda: sum((cell_dir(out, *c) / "summary.json").is_file() for c in cells)  # noqa: E731
     bar = tqdm(total=len(cells), initial=done(), desc=f"cells ({workers} workers, logs in {logs})", unit="cell")
+    # on a terminal the bar ticks every second; in a log file (nohup, CI) it writes a line per finished cell
+    # only, not one per second for hours
+    tty = sys.stderr.isatty()
     try:
         while any(p.poll() is None for p in procs):
             signum = interrupts.requested()
@@ -324,7 +327,8 @@ def _run_workers(protocol: Protocol, out: Path, data_dir: str | None, only: list
                 interrupts.check(f"(and its {workers} workers); finished cells are kept in {out}; rerun the "
                                  "same command to continue")
             time.sleep(1)
-            bar.update(done() - bar.n)
+            if tty or done() != bar.n:
+                bar.update(done() - bar.n)
     except KeyboardInterrupt:  # a second signal: stop the workers at once
         for p in procs:
             p.kill()
