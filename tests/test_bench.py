@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -597,3 +598,33 @@ def test_tuning_chooses_each_methods_learning_rate_on_validation_and_the_cells_u
     assert pick([0.5, 0.5, 0.1], [1, 2, 3], current=2) == 1 and pick([0.5, 0.5], [1, 2], current=9) == 0
     with pytest.raises(MetatunerError, match="not among the protocol's methods"):
         Protocol.load(path, ["tune.methods.dpo={dpo.lr: [1, 2]}"])
+
+
+def test_a_tuning_job_held_by_another_process_is_awaited_and_taken_over_when_its_tuner_dies(tmp_path, tiny_model_dir,
+                                                                                            capsys):
+    import time
+
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({
+        "tasks": ["arithmetic"], "seeds": [0], "methods": {"sft": {"train.steps": 1}, "zero-shot": {}},
+        "common": {"model": {"name": str(tiny_model_dir)}, "eval": {"limit": 2, "max_new_tokens": 4},
+                   "data": {"train_limit": 6, "val_size": 2}, "train": {"batch_size": 2}},
+        "tune": {"overrides": {"train.steps": 1}, "methods": {"sft": {"train.lr_scale": [1.0, 2.0]}}},
+    }, sort_keys=False))
+    out = tmp_path / "grid"
+    # another worker holds sft's tuning job, then dies without a choice (its lock file stays behind)
+    holder = claimer(out, [Path("tuning--arithmetic--sft")], 0, time.time() + 8)
+    assert holder.stdout.readline().strip() == "won"
+    try:
+        rows = run_grid(Protocol.load(path), out)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "tuning sft on arithmetic: running in another process, skipped" in capsys.readouterr().out
+    record = out / "tuning" / "arithmetic--sft.json"
+    choice = json.loads(record.read_text())
+    assert len(choice["tried"]) == 2  # tuned here, once its tuner was gone
+    # the cell that needs no choice ran first instead of waiting; the sft cell ran with the choice
+    assert (grid.cell_dir(out, "arithmetic", "zero-shot", 0) / "summary.json").stat().st_mtime < record.stat().st_mtime
+    assert {r["method"]: r["tuned"] for r in rows} == {"zero-shot": {}, "sft": {"train.lr_scale": choice["chosen"]}}
+    assert not list((out / "claims").iterdir())

@@ -174,10 +174,11 @@ def cell_dir(out: Path, task: str, method: str, seed: int) -> Path:
     return out / "cells" / f"{file_name(task)}--{method}--seed{seed}"
 
 
-def claim(out: Path, folder: Path) -> locks.Lock | None:
-    """Claims a cell for this process (release it with ``.release()``); None when another live process
-    holds it. The claim of a process that died is taken over."""
-    return locks.try_lock(files.make_dirs(out / "claims") / f"{folder.name}.claim")
+def claim(out: Path, folder: Path | str) -> locks.Lock | None:
+    """Claims a cell (its folder) or a tuning job (its name) for this process (release it with
+    ``.release()``); None when another live process holds it. The claim of a process that died is taken over."""
+    name = folder if isinstance(folder, str) else folder.name
+    return locks.try_lock(files.make_dirs(out / "claims") / f"{name}.claim")
 
 
 def run_grid(protocol: Protocol, out: Path, data_dir: str | None = None, only: list[str] | None = None,
@@ -187,12 +188,14 @@ def run_grid(protocol: Protocol, out: Path, data_dir: str | None = None, only: l
     spec = yaml.safe_dump(to_protocol_dict(protocol), sort_keys=False)
     if not (out / "protocol.yaml").is_file() or (out / "protocol.yaml").read_text() != spec:  # workers rewrite it
         files.write_text(out / "protocol.yaml", spec)
-    tune(protocol, out, data_dir, only)  # before any cell, in this process: the cells use its choices
-    if workers > 1:
+    if workers > 1:  # the workers share the tuning runs out between them, then the cells
         return _run_workers(protocol, out, data_dir, only, workers)
     from metatuner.recipes import eval_method
 
-    cells = protocol.cells(only)
+    # before the cells: every tuning run not on file and not claimed by another process (a worker)
+    tune(protocol, out, data_dir, only)
+    waiting = set(tuning_pending(protocol, out, only))  # tuned by another worker right now
+    cells = sorted(protocol.cells(only), key=lambda c: (c[0], c[1]) in waiting)  # those cells go last
     for i, (task, method, seed) in enumerate(cells, 1):
         interrupts.check(f"before cell {i} of {len(cells)}; finished cells are kept in {out}; rerun the same "
                          "command to continue")
@@ -200,6 +203,8 @@ def run_grid(protocol: Protocol, out: Path, data_dir: str | None = None, only: l
         if (folder / "summary.json").is_file():
             print(f"[{i}/{len(cells)}] {task} {method} seed {seed}: done, skipped")
             continue
+        if (task, method) in waiting:  # the cell needs the choice: wait for it (or tune it, if its tuner died)
+            _await_tuning(protocol, out, data_dir, task, method)
         held = claim(out, folder)
         if held is None:
             print(f"[{i}/{len(cells)}] {task} {method} seed {seed}: running in another process, skipped")
@@ -240,54 +245,92 @@ def run_grid(protocol: Protocol, out: Path, data_dir: str | None = None, only: l
     return collect(out)
 
 
-def tune(protocol: Protocol, out: Path, data_dir: str | None = None, only: list[str] | None = None) -> list[dict]:
+def tuning_jobs(protocol: Protocol, only: list[str] | None = None) -> list[tuple[str, str]]:
+    """The (task, method) pairs ``protocol.tune`` tunes (the methods in ``only``, if given), in order."""
+    spec = protocol.tune
+    if spec is None:
+        return []
+    return [(t, m) for t in protocol.tasks for m in protocol.methods if m in spec.methods and (not only or m in only)]
+
+
+def tuning_pending(protocol: Protocol, out: Path, only: list[str] | None = None) -> list[tuple[str, str]]:
+    """The tuning jobs with no choice on file yet."""
+    return [(t, m) for t, m in tuning_jobs(protocol, only)
+            if not tuning.choice_path(out, file_name(t), m).is_file()]
+
+
+def _await_tuning(protocol: Protocol, out: Path, data_dir: str | None, task: str, method: str) -> None:
+    """Blocks until the tuning choice of (task, method) is on file; runs it here if nobody holds it."""
+    while not tuning.choice_path(out, file_name(task), method).is_file():
+        interrupts.check(f"waiting for the tuning of {method} on {task}; finished cells are kept in {out}; rerun "
+                         "the same command to continue")
+        tune(protocol, out, data_dir, [method], quiet=True)  # claims and runs it when its tuner has died
+        time.sleep(5)
+
+
+def tune(protocol: Protocol, out: Path, data_dir: str | None = None, only: list[str] | None = None,
+         quiet: bool = False) -> list[dict]:
     """Runs the tuning of every (task, method) of ``protocol.tune`` (the methods in ``only``, if given) that
-    has no choice on file yet (:mod:`metatuner.bench.tuning`); returns every choice record. Runs in this
-    process, before any cell."""
+    has no choice on file yet (:mod:`metatuner.bench.tuning`); returns the choice records on file. Before
+    any cell. Each job is claimed like a cell, so grid workers share the jobs out: a job another live
+    process holds is skipped here (the caller waits for its choice before the cells that need it)."""
+    records = []
+    for task, method in tuning_jobs(protocol, only):
+        path = tuning.choice_path(out, file_name(task), method)
+        if path.is_file():
+            records.append(files.read_json(path))
+            continue
+        held = claim(out, f"tuning--{file_name(task)}--{method}")
+        if held is None:
+            if not quiet:
+                print(f"    tuning {method} on {task}: running in another process, skipped", flush=True)
+            continue
+        try:
+            if path.is_file():  # chosen by another process just before the claim
+                records.append(files.read_json(path))
+                continue
+            records.append(_tune_one(protocol, out, data_dir, task, method))
+        finally:
+            held.release()
+    return records
+
+
+def _tune_one(protocol: Protocol, out: Path, data_dir: str | None, task: str, method: str) -> dict:
+    """Fits (task, method) once per value of its tuned key, scores each fit on the validation items carved
+    from train, and writes the choice record (returned)."""
     from tqdm.auto import tqdm
 
     from metatuner.evaluation.harness import evaluate
     from metatuner.recipes import fit_method, train_val_split
 
     spec = protocol.tune
-    if spec is None:
-        return []
-    records = []
-    todo = [(t, m) for t in protocol.tasks for m in protocol.methods if m in spec.methods and (not only or m in only)]
-    for task, method in todo:
-        path = tuning.choice_path(out, file_name(task), method)
-        if path.is_file():
-            records.append(files.read_json(path))
-            continue
-        key, values = spec.methods[method]
-        tried = []
-        for value in tqdm(values, desc=f"tuning {method} {key} on {task}", unit="value"):
-            cfg = protocol.tuning_config(task, method, value, data_dir)
-            start = time.perf_counter()
-            predictor, task_obj = fit_method(cfg)
-            seconds = time.perf_counter() - start
-            _, val = train_val_split(task_obj.load("train"), cfg.data.train_limit, cfg.data.val_size, cfg.data.seed)
-            if not val:
-                raise MetatunerError(f"tuning {method} on {task} needs validation items: set data.val_size > 0")
-            result = evaluate(predictor, task_obj, val, batch_size=cfg.eval.batch_size,
-                              max_new_tokens=cfg.eval.max_new_tokens, likelihood=cfg.eval.likelihood,
-                              progress=False, split="val")
-            score = result.metrics[task_obj.primary_metric]["mean"]
-            tried.append({"value": value, "val_score": score, "n": len(val), "fit_seconds": seconds})
-            print(f"    tuning {method} on {task}: {key}={value} -> val {100 * score:.1f}% ({seconds:.0f} s)", flush=True)
-        best = tuning.pick([t["val_score"] for t in tried], values, tuning.current(protocol.config(task, method, spec.seed), key))
-        record = {"task": task, "method": method, "key": key, "chosen": values[best], "seed": spec.seed,
-                  "overrides": spec.overrides, "tried": tried,
-                  "seconds": sum(t["fit_seconds"] for t in tried)}
-        files.write_json(path, record)
-        records.append(record)
-    return records
+    key, values = spec.methods[method]
+    tried = []
+    for value in tqdm(values, desc=f"tuning {method} {key} on {task}", unit="value"):
+        cfg = protocol.tuning_config(task, method, value, data_dir)
+        start = time.perf_counter()
+        predictor, task_obj = fit_method(cfg)
+        seconds = time.perf_counter() - start
+        _, val = train_val_split(task_obj.load("train"), cfg.data.train_limit, cfg.data.val_size, cfg.data.seed)
+        if not val:
+            raise MetatunerError(f"tuning {method} on {task} needs validation items: set data.val_size > 0")
+        result = evaluate(predictor, task_obj, val, batch_size=cfg.eval.batch_size,
+                          max_new_tokens=cfg.eval.max_new_tokens, likelihood=cfg.eval.likelihood,
+                          progress=False, split="val")
+        score = result.metrics[task_obj.primary_metric]["mean"]
+        tried.append({"value": value, "val_score": score, "n": len(val), "fit_seconds": seconds})
+        print(f"    tuning {method} on {task}: {key}={value} -> val {100 * score:.1f}% ({seconds:.0f} s)", flush=True)
+    best = tuning.pick([t["val_score"] for t in tried], values, tuning.current(protocol.config(task, method, spec.seed), key))
+    record = {"task": task, "method": method, "key": key, "chosen": values[best], "seed": spec.seed,
+              "overrides": spec.overrides, "tried": tried, "seconds": sum(t["fit_seconds"] for t in tried)}
+    files.write_json(tuning.choice_path(out, file_name(task), method), record)
+    return record
 
 
 def _run_workers(protocol: Protocol, out: Path, data_dir: str | None, only: list[str] | None,
                  workers: int) -> list[dict]:
-    """Starts ``workers`` grid processes on ``out`` (each claims cells as it goes), shows progress over
-    all of them, and waits. Each worker's output goes to ``out/logs/worker-<k>.log``; CPU threads are
+    """Starts ``workers`` grid processes on ``out`` (each claims tuning jobs, then cells, as it goes), shows
+    progress over all of them, and waits. Each worker's output goes to ``out/logs/worker-<k>.log``; CPU threads are
     split between them unless ``OMP_NUM_THREADS`` is set."""
     from tqdm.auto import tqdm
 
@@ -310,8 +353,15 @@ def _run_workers(protocol: Protocol, out: Path, data_dir: str | None, only: list
             # a session of its own: a signal reaches a worker once, forwarded by this process, never twice
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
             time.sleep(1.0)  # staggered starts: each claims a different first cell
-    done = lambda: sum((cell_dir(out, *c) / "summary.json").is_file() for c in cells)  # noqa: E731
-    bar = tqdm(total=len(cells), initial=done(), desc=f"cells ({workers} workers, logs in {logs})", unit="cell")
+    jobs = tuning_jobs(protocol, only)  # the workers run these first, each claiming one at a time
+
+    def done() -> int:
+        return (sum((cell_dir(out, *c) / "summary.json").is_file() for c in cells)
+                + sum(tuning.choice_path(out, file_name(t), m).is_file() for t, m in jobs))
+
+    what = "tuning jobs + cells" if jobs else "cells"
+    bar = tqdm(total=len(cells) + len(jobs), initial=done(), desc=f"{what} ({workers} workers, logs in {logs})",
+               unit="job")
     # on a terminal the bar ticks every second; in a log file (nohup, CI) it writes a line per finished cell
     # only, not one per second for hours
     tty = sys.stderr.isatty()
