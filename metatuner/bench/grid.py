@@ -245,6 +245,10 @@ def run_grid(protocol: Protocol, out: Path, data_dir: str | None = None, only: l
     return collect(out)
 
 
+def _choice_file(out: Path, task: str, method: str) -> Path:
+    return tuning.choice_path(out, file_name(task), method)
+
+
 def tuning_jobs(protocol: Protocol, only: list[str] | None = None) -> list[tuple[str, str]]:
     """The (task, method) pairs ``protocol.tune`` tunes (the methods in ``only``, if given), in order."""
     spec = protocol.tune
@@ -256,12 +260,12 @@ def tuning_jobs(protocol: Protocol, only: list[str] | None = None) -> list[tuple
 def tuning_pending(protocol: Protocol, out: Path, only: list[str] | None = None) -> list[tuple[str, str]]:
     """The tuning jobs with no choice on file yet."""
     return [(t, m) for t, m in tuning_jobs(protocol, only)
-            if not tuning.choice_path(out, file_name(t), m).is_file()]
+            if not _choice_file(out, t, m).is_file()]
 
 
 def _await_tuning(protocol: Protocol, out: Path, data_dir: str | None, task: str, method: str) -> None:
     """Blocks until the tuning choice of (task, method) is on file; runs it here if nobody holds it."""
-    while not tuning.choice_path(out, file_name(task), method).is_file():
+    while not _choice_file(out, task, method).is_file():
         interrupts.check(f"waiting for the tuning of {method} on {task}; finished cells are kept in {out}; rerun "
                          "the same command to continue")
         tune(protocol, out, data_dir, [method], quiet=True)  # claims and runs it when its tuner has died
@@ -276,7 +280,7 @@ def tune(protocol: Protocol, out: Path, data_dir: str | None = None, only: list[
     process holds is skipped here (the caller waits for its choice before the cells that need it)."""
     records = []
     for task, method in tuning_jobs(protocol, only):
-        path = tuning.choice_path(out, file_name(task), method)
+        path = _choice_file(out, task, method)
         if path.is_file():
             records.append(files.read_json(path))
             continue
@@ -323,7 +327,7 @@ def _tune_one(protocol: Protocol, out: Path, data_dir: str | None, task: str, me
     best = tuning.pick([t["val_score"] for t in tried], values, tuning.current(protocol.config(task, method, spec.seed), key))
     record = {"task": task, "method": method, "key": key, "chosen": values[best], "seed": spec.seed,
               "overrides": spec.overrides, "tried": tried, "seconds": sum(t["fit_seconds"] for t in tried)}
-    files.write_json(tuning.choice_path(out, file_name(task), method), record)
+    files.write_json(_choice_file(out, task, method), record)
     return record
 
 
@@ -357,12 +361,12 @@ def _run_workers(protocol: Protocol, out: Path, data_dir: str | None, only: list
 
     def done() -> int:
         return (sum((cell_dir(out, *c) / "summary.json").is_file() for c in cells)
-                + sum(tuning.choice_path(out, file_name(t), m).is_file() for t, m in jobs))
+                + sum(_choice_file(out, t, m).is_file() for t, m in jobs))
 
     what = "tuning jobs + cells" if jobs else "cells"
     bar = tqdm(total=len(cells) + len(jobs), initial=done(), desc=f"{what} ({workers} workers, logs in {logs})",
                unit="job")
-    # on a terminal the bar ticks every second; in a log file (nohup, CI) it writes a line per finished cell
+    # on a terminal the bar ticks every second; in a log file (nohup, CI) it writes a line per finished job
     # only, not one per second for hours
     tty = sys.stderr.isatty()
     try:
@@ -377,8 +381,9 @@ def _run_workers(protocol: Protocol, out: Path, data_dir: str | None, only: list
                 interrupts.check(f"(and its {workers} workers); finished cells are kept in {out}; rerun the "
                                  "same command to continue")
             time.sleep(1)
-            if tty or done() != bar.n:
-                bar.update(done() - bar.n)
+            finished = done()
+            if tty or finished != bar.n:
+                bar.update(finished - bar.n)
     except KeyboardInterrupt:  # a second signal: stop the workers at once
         for p in procs:
             p.kill()
