@@ -628,3 +628,21 @@ def test_a_tuning_job_held_by_another_process_is_awaited_and_taken_over_when_its
     assert (grid.cell_dir(out, "arithmetic", "zero-shot", 0) / "summary.json").stat().st_mtime < record.stat().st_mtime
     assert {r["method"]: r["tuned"] for r in rows} == {"zero-shot": {}, "sft": {"train.lr_scale": choice["chosen"]}}
     assert not list((out / "claims").iterdir())
+
+
+def test_workers_share_the_tuning_jobs_out_and_each_runs_once(tmp_path, tiny_model_dir):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({
+        "tasks": ["arithmetic", "mixture"], "seeds": [0], "methods": {"sft": {"train.steps": 1}},
+        "common": {"model": {"name": str(tiny_model_dir)}, "eval": {"limit": 2, "max_new_tokens": 4},
+                   "data": {"train_limit": 6, "val_size": 2}, "train": {"batch_size": 2}},
+        "tune": {"overrides": {"train.steps": 1}, "methods": {"sft": {"train.lr_scale": [1.0, 2.0]}}},
+    }, sort_keys=False))
+    out = tmp_path / "grid"
+    rows = run_grid(Protocol.load(path), out, workers=2)
+    logs = "".join((out / "logs" / f"worker-{k}.log").read_text() for k in range(2))
+    for task in ("arithmetic", "mixture"):  # each job's two fits ran in one worker, once
+        assert logs.count(f"tuning sft on {task}: train.lr_scale=") == 2
+        choice = json.loads((out / "tuning" / f"{task}--sft.json").read_text())
+        assert {r["tuned"]["train.lr_scale"] for r in rows if r["task"] == task} == {choice["chosen"]}
+    assert len(rows) == 2 and not list((out / "claims").iterdir())
