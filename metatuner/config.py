@@ -208,6 +208,10 @@ class TrainConfig:
     generator_warmup_steps: int | None = option(
         None, "SFT steps of G on the warm-up's best prompts, part of train.steps (unset: a tenth of them)"
     )
+    overlap_warmups: bool = option(
+        True, "G's warm-up steps also train M (static LoRA and F) on the task loss with p~, as w/o P's joint "
+        "steps do, so G's warm-up costs M no steps (false: they step G alone, the paper's sequential warm-ups)"
+    )
     gate: bool = option(True, "at the end, serve p~ instead of generated prompts unless they score higher on validation")
     gate_margin: float = option(
         0.05, "how much higher (primary metric, 0-1) generated prompts must score on validation than p~ to be served"

@@ -6,7 +6,10 @@ rates an SFT run of the same budget sees:
 
 1. warm-up of M (``actor_warmup_steps``): SFT of M's static LoRA on (p~, x) -> y, exactly the SFT baseline;
 2. warm-up of G (``generator_warmup_steps``): one round of rejection sampling (rollouts on
-   ``generator_warmup_queries`` queries fill the expert set D2), then SFT of G on D2;
+   ``generator_warmup_queries`` queries fill the expert set D2), then SFT of G on D2. With
+   ``overlap_warmups`` (the default) each of these steps also trains M (static LoRA and F) on the task
+   loss under p~, on the joint phase's data stream, exactly as a joint step of w/o P does: G's warm-up
+   then costs M no steps, and w/o P differs from MetaTuner-J only by the prompt branch;
 3. joint training for the remaining steps, minimising per METHOD.md section 4
 
        L = task(x, y)  +  alpha * reg(x, p*)
@@ -162,20 +165,22 @@ class Trainer:
 
     def supervised(self, phase: str, name: str, steps: int, stream: DataStream, loss_fn, start: int = 0) -> None:
         """A plain fine-tuning loop (the warm-ups): optimizer steps ``start``..``steps`` on batches of
-        ``stream``. A stop request is honoured between two of its steps (after the last one, the caller's
-        own safe point follows), so a checkpoint inside a warm-up is never at its end."""
+        ``stream``. ``loss_fn`` returns the loss, or a dict of named terms whose sum is stepped on (each
+        logged as ``<term>_loss``). A stop request is honoured between two of its steps (after the last one,
+        the caller's own safe point follows), so a checkpoint inside a warm-up is never at its end."""
         params = [p for ps in self.groups.values() for p in ps]
         # closed also on an error, so the error's line starts on a line of its own
         with tqdm(total=steps, initial=start, desc=phase.replace("_", " "), disable=not self.progress) as bar:
             for k in range(start, steps):
                 began = time.perf_counter()
-                loss = loss_fn(self._share(stream.next(self.tc.batch_size)))
-                self._check_finite(self.step + 1, {name: loss})
-                loss.backward()
+                terms = loss_fn(self._share(stream.next(self.tc.batch_size)))
+                terms = terms if isinstance(terms, dict) else {name: terms}
+                self._check_finite(self.step + 1, terms)
+                sum(terms.values()).backward()
                 lrs = self._lrs()
                 self._optimizer_step(params)
-                self.log({"phase": phase, "step": self.step, f"{name}_loss": loss.item(), **lrs,
-                          "seconds": time.perf_counter() - began})
+                self.log({"phase": phase, "step": self.step, **{f"{t}_loss": v.item() for t, v in terms.items()},
+                          **lrs, "seconds": time.perf_counter() - began})
                 bar.update(1)
                 if k + 1 < steps:
                     self._stop_point()
@@ -210,8 +215,14 @@ class Trainer:
         ids = list(dict.fromkeys(ex.id for ex in queries))
         stream = DataStream([self.by_id[i] for i in ids], self.cfg.data.seed + 3, cursor=start * self.tc.batch_size)
 
-        def loss(batch: list[Example]) -> torch.Tensor:
-            return self.mt.prompt_nll(self.task, batch, [self.experts[ex.id].output for ex in batch]).mean()
+        trains_m = self.tc.overlap_warmups and (self.mt.has_static or self.mt.use_hypernet)
+
+        def loss(batch: list[Example]) -> dict[str, torch.Tensor]:
+            terms = {"generator_sft": self.mt.prompt_nll(self.task, batch,
+                                                         [self.experts[ex.id].output for ex in batch]).mean()}
+            if trains_m:  # M's share of the step: the task loss under p~, as a joint step of w/o P
+                terms["task"] = self.p0_task_loss(self._share(self.stream.next(self.tc.batch_size)))
+            return terms
 
         self.supervised("warmup_generator", "generator_sft", steps, stream, loss, start)
         self.log({"phase": "warmup_generator", "step": self.step, **self.experts.stats()})
@@ -281,6 +292,15 @@ class Trainer:
         return record
 
     # ---- one step's pieces -----------------------------------------------------------------------
+    def p0_task_loss(self, batch: list[Example], factors=None) -> torch.Tensor:
+        """The task loss under p~: mean NLL of the gold targets under M (static LoRA and, with F, the
+        queries' generated LoRA; ``factors`` computed here unless given)."""
+        mt = self.mt
+        if factors is None and mt.use_hypernet:
+            factors = mt.factors(mt.encode(self.task, batch))
+        prompts = [self.task.instruction_for(ex) for ex in batch]
+        return mt.answer_nll(self.task, batch, prompts, factors, self.tc.max_length).mean()
+
     def terms_for_step(self) -> set[str]:
         """Which loss terms drive this step's update (both for J; alternating for I)."""
         if self.tc.schedule == "alternate":
@@ -318,9 +338,11 @@ class Trainer:
         elif mt.use_prompt and "task" in terms:
             outputs = self.frozen_outputs(batch)
         if "task" in terms:
-            prompts = ([mt.compose(task, ex, o) for ex, o in zip(batch, outputs)] if outputs is not None
-                       else [task.instruction_for(ex) for ex in batch])
-            out["task"] = mt.answer_nll(task, batch, prompts, factors, tc.max_length).mean()
+            if outputs is None:
+                out["task"] = self.p0_task_loss(batch, factors)
+            else:
+                prompts = [mt.compose(task, ex, o) for ex, o in zip(batch, outputs)]
+                out["task"] = mt.answer_nll(task, batch, prompts, factors, tc.max_length).mean()
             backward("task")
         if "reg" in terms and mt.use_prompt and len(self.experts):
             # a batch from the whole of D2, drawn alike in every process (D2 is gathered), then shared out
