@@ -132,11 +132,16 @@ def test_right_after_the_warm_up_metatuner_is_exactly_the_sft_model(tiny_tokeniz
     torch.testing.assert_close(tuned, untuned)  # the static LoRA lives in the adapters, not the base weights
 
 
-@pytest.mark.parametrize("overlap", [True, False])
-def test_g_warm_up_also_trains_m_unless_the_warm_ups_run_one_after_the_other(tiny_tokenizer, tmp_path, overlap):
+@pytest.mark.parametrize("overlap,variant", [(True, []), (False, []), (True, ["train.schedule=alternate"]),
+                                             (True, ["train.ablation=no_hypernet"])],
+                         ids=["joint", "sequential", "metatuner-i", "wo-f"])
+def test_g_warm_up_also_trains_m_unless_the_warm_ups_run_one_after_the_other(tiny_tokenizer, tmp_path, overlap,
+                                                                           variant):
     cfg, mt, task = setup(tiny_tokenizer, ["train.steps=4", "train.actor_warmup_steps=2",
                                            "train.generator_warmup_steps=2", "train.generator_warmup_queries=2",
-                                           "data.val_size=0", f"train.overlap_warmups={str(overlap).lower()}"])
+                                           "data.val_size=0", f"train.overlap_warmups={str(overlap).lower()}",
+                                           *variant])
+    has_f = "train.ablation=no_hypernet" not in variant
     trainer = Trainer(cfg, mt, task, task.load("train")[:8], [], tmp_path, progress=False)
     seen = {}
     trainer.on_step = lambda step: seen.setdefault(step, {name: [p.detach().clone() for p in ps]
@@ -145,7 +150,8 @@ def test_g_warm_up_also_trains_m_unless_the_warm_ups_run_one_after_the_other(tin
     after_m, after_g = seen[2], seen[4]  # end of M's warm-up, end of G's (no joint steps in a budget of 4)
     moved = {name: any(not torch.equal(a, b) for a, b in zip(after_m[name], after_g[name])) for name in after_m}
     assert moved["decoder"]
-    assert moved["static"] == moved["hypernet"] == overlap  # M (static LoRA and F) steps with G, or waits
+    assert moved["static"] == overlap  # M (static LoRA and F) steps with G, or waits
+    assert moved["hypernet"] == (overlap and has_f)
     warm = [r for r in log_of(tmp_path) if r["phase"] == "warmup_generator" and "generator_sft_loss" in r]
     assert [r["step"] for r in warm] == [3, 4] and all(("task_loss" in r) == overlap for r in warm)
     assert trainer.stream.cursor == (4 if overlap else 0)  # M's batches come from the joint phase's stream
