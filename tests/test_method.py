@@ -307,3 +307,30 @@ def test_mixed_generate_equals_separate_greedy_and_sampled_calls(tiny_tokenizer)
     live = [g.text for g in mt.generate_outputs(task, sampled)]
     assert [g.text for g in samples] == [t for t in live for _ in range(2)]
     assert live != [g.text for g in mt.generate_outputs(task, sampled, frozen=True)]  # the decoders do differ
+
+
+# ---- inputs longer than train.max_length -------------------------------------------------------------
+def test_a_long_row_never_cuts_a_short_row_of_its_batch(tiny_tokenizer):
+    cfg, mt, task = setup(tiny_tokenizer)
+    short = Example("s", "Mia has 3 apples and buys 4. How many?", "7", "The answer is 7")
+    long = Example("l", "Count the apples. " * 40, "9", "The answer is 9")
+    prompts = [task.instruction] * 2
+    with torch.no_grad():
+        alone = mt.answer_nll(task, [short], prompts[:1], None, max_length=400)
+        together = mt.answer_nll(task, [short, long], prompts, None, max_length=400)
+        # the long row keeps its whole target and the end of its own context: as if cut alone
+        long_alone = mt.answer_nll(task, [long], prompts[:1], None, max_length=400)
+    assert together[0].item() == pytest.approx(alone[0].item(), abs=1e-6) and alone[0] > 0.1
+    assert together[1].item() == pytest.approx(long_alone[0].item(), abs=1e-6)
+
+
+def test_encode_pairs_cuts_each_context_from_the_left_and_never_the_target(tiny_tokenizer):
+    from metatuner.evaluation.generation import encode_pairs
+
+    batch = encode_pairs(tiny_tokenizer, ["abcdefghij", "xy"], ["123", "4567890"], "cpu", max_length=6)
+    ids, labels = batch["input_ids"], batch["labels"]
+    decode = lambda row, mask: tiny_tokenizer.decode([t for t, m in zip(row.tolist(), mask.tolist()) if m])  # noqa: E731
+    assert decode(ids[0], batch["attention_mask"][0]) == "hij123"  # the end of the context, the whole target
+    assert decode(ids[1], batch["attention_mask"][1]) == "y4567890"  # a target over the cap: one context token
+    assert [t for t in labels[0].tolist() if t != -100] == tiny_tokenizer("123", add_special_tokens=False)["input_ids"]
+    assert [t for t in labels[1].tolist() if t != -100] == tiny_tokenizer("4567890", add_special_tokens=False)["input_ids"]

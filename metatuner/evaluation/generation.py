@@ -165,12 +165,22 @@ def _end_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def encode_pairs(tokenizer, contexts: list[str], continuations: list[str], device) -> dict[str, torch.Tensor]:
-    """Right-padded ``context + continuation`` ids with labels only on the continuation (-100 elsewhere)."""
+def encode_pairs(
+    tokenizer, contexts: list[str], continuations: list[str], device, max_length: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Right-padded ``context + continuation`` ids with labels only on the continuation (-100 elsewhere).
+
+    ``max_length`` caps each row on its own, before padding: a row longer than it loses the start of its
+    context (at least one context token is kept, so the first target token stays predicted) and never a
+    target token. A short row in a batch with a long one is therefore encoded exactly as it is alone.
+    A target that alone reaches ``max_length`` is kept whole, so such a row stays longer than the cap.
+    """
     rows, labels = [], []
     for ctx, cont in zip(contexts, continuations, strict=True):
         c = tokenizer(ctx, add_special_tokens=False)["input_ids"]
         y = tokenizer(cont, add_special_tokens=False)["input_ids"]
+        if max_length is not None and len(c) + len(y) > max_length:
+            c = c[len(c) - max(1, max_length - len(y)) :]  # the end of the context: the query and the turn marker
         rows.append(c + y)
         labels.append([-100] * len(c) + y)
     width = max(map(len, rows))

@@ -305,13 +305,15 @@ class MetaTuner(nn.Module):
     def answer_nll(
         self, task: Task, examples: list[Example], prompts: list[str], factors: Factors | None, max_length: int = 512
     ) -> torch.Tensor:
-        """Per-row mean NLL of each example's target (plus EOS) under M with the given prompt and LoRA."""
+        """Per-row mean NLL of each example's target (plus EOS) under M with the given prompt and LoRA.
+
+        A row longer than ``max_length`` tokens loses the start of its own context (never its target), as
+        :func:`~metatuner.evaluation.generation.encode_pairs` cuts it; the other rows are unaffected."""
         eos = self.tokenizer.eos_token or ""
         batch = encode_pairs(
             self.tokenizer, self.actor_inputs(task, examples, prompts), [ex.target + eos for ex in examples],
-            self.actor.device,
+            self.actor.device, max_length,
         )
-        batch = {k: v[:, -max_length:] if v.shape[1] > max_length else v for k, v in batch.items()}
         with self.as_actor(factors):
             return _mean_nll(self.actor, batch)
 
