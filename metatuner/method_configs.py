@@ -138,6 +138,10 @@ class GRPOMethodConfig:
 
 @dataclass
 class RLPromptConfig:
+# the original RLPrompt's Polyak rate times its steps (0.001 x 12,000): the unset rlprompt.target_rate keeps it
+RLPROMPT_TARGET_MOVES = 12.0
+
+
     """The RLPrompt baseline: a frozen policy LM (M itself) with a trainable MLP writes a short discrete prompt,
     trained by soft Q-learning on the task reward."""
 
@@ -155,7 +159,10 @@ class RLPromptConfig:
     lr: float = option(1e-3, "Adam learning rate of the MLP (schedule and warm-up: train.lr_schedule, "
                        "train.warmup_ratio)")
     grad_clip: float = option(5.0, "clip the MLP's gradient to this norm (0: off), as the original")
-    target_rate: float = option(0.001, "Polyak rate of the target MLP (target <- (1 - rate) target + rate policy)")
+    target_rate: float | None = option(None, "Polyak rate of the target MLP (target <- (1 - rate) target + rate "
+                                       "policy, before every step); unset: scaled to the budget, min(1, 12 / steps), "
+                                       "so the target trails the policy by 1/12 of the run as in the original (0.001 "
+                                       "over 12,000 steps)")
     fluent_top_k: int = option(20, "sample only among M's own top-k next tokens (the original's 'fluent' mode; 0: "
                                "the whole vocabulary)")
     top_k: int = option(256, "sample among the policy's top-k tokens while training (0: all)")
@@ -172,12 +179,20 @@ class RLPromptConfig:
         if self.grad_clip < 0:
             raise ConfigKeyError("rlprompt.grad_clip", f"rlprompt.grad_clip must be >= 0, got {self.grad_clip}")
         positive("rlprompt", self, "reward_scale", "lr")
-        if not 0 <= self.target_rate <= 1:
+        if self.target_rate is not None and not 0 <= self.target_rate <= 1:
             raise ConfigKeyError("rlprompt.target_rate",
                                  f"rlprompt.target_rate must be in [0, 1], got {self.target_rate}")
 
 
 @dataclass
+    def polyak_rate(self) -> float:
+        """``target_rate``, or when unset the rate that moves the target as far over ``steps`` as the original's
+        0.001 does over its 12,000 steps (``1 - (1 - rate) ** steps``: all but e^-12 of the way, after a
+        lag of 1/12 of the run); at most 1 (then the target is the policy as it stood before each step)."""
+        if self.target_rate is not None:
+            return self.target_rate
+        return min(1.0, RLPROMPT_TARGET_MOVES / self.steps)
+
 class OPROConfig:
     """OPRO's search budget and its optimizer LM."""
 

@@ -3,6 +3,7 @@ validation with a scripted scorer, and an end-to-end fit on the tiny model."""
 
 from __future__ import annotations
 
+import math
 import types
 
 import pytest
@@ -92,6 +93,48 @@ def test_config_section_and_bad_values():
         RLPromptConfig(prompts_per_step=1)
     with pytest.raises(MetatunerError, match="rlprompt.target_rate must be in"):
         RLPromptConfig(target_rate=1.5)
+
+
+def test_the_target_rate_is_scaled_to_the_budget_so_the_target_moves_as_far_as_the_originals():
+    def initial_share(rate: float, steps: int) -> float:
+        """What is left of the target's initial values after ``steps`` Polyak updates towards a fixed policy."""
+        target, policy = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+        with torch.no_grad():
+            target.weight.fill_(1.0)
+            policy.weight.fill_(0.0)
+        for _ in range(steps):
+            rlprompt.polyak_update(target, policy, rate)
+        return target.weight.mean().item()
+
+    original = initial_share(0.001, 12_000)  # the original RLPrompt: e^-12 of the initial values is left
+    assert original < 1e-5
+    assert initial_share(0.001, 6) > 0.99 and initial_share(0.001, 400) > 0.65  # the old default, our budgets
+    for steps in (3, 6, 12, 16, 50, 200, 400):  # the budgets of the shipped configs and tests
+        rate = RLPromptConfig(steps=steps).polyak_rate()
+        assert rate == min(1.0, 12 / steps)
+        # (1 - 12 / steps) ** steps <= e^-12: at least as far as the original over its run (all the way at rate 1)
+        assert initial_share(rate, steps) <= math.exp(-12) + 1e-7
+    assert RLPromptConfig(steps=400, target_rate=0.001).polyak_rate() == 0.001  # an explicit rate is kept
+    assert load_config(None, ["rlprompt.target_rate=0.01"]).rlprompt.polyak_rate() == 0.01
+    assert load_config(None, []).rlprompt.target_rate is None
+
+
+def test_fit_moves_the_target_at_the_budgets_rate(tiny_model, tiny_tokenizer, monkeypatch):
+    rates = []
+    real = rlprompt.polyak_update
+
+    def spy(target, source, rate):
+        rates.append(rate)
+        real(target, source, rate)
+        # the target is the policy as it stood before the step (rate 1 for a budget under 12 steps)
+        assert all(torch.equal(a, b) for a, b in zip(target.parameters(), source.parameters()))
+
+    monkeypatch.setattr(rlprompt, "polyak_update", spy)
+    config = types.SimpleNamespace(rlprompt=RLPromptConfig(**{**TINY, "candidates": 1}))
+    method = rlprompt.RLPrompt(tiny_model, tiny_tokenizer, config, scorer=lambda i, e: 0.0)
+    method.progress = False
+    predictor = method.fit(get_task("arithmetic"), get_task("arithmetic").load("train")[:4], [])
+    assert rates == [1.0] * TINY["steps"] and predictor.training["target_rate"] == 1.0
 
 
 def test_rlprompt_is_registered_and_needs_training_data(tiny_model, tiny_tokenizer):

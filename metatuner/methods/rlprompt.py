@@ -21,8 +21,14 @@ shaping: [0, 1] -> [0, 5] for classification).
 
 Loss (the original's ``sql_loss_impl=v2_v2r_v3_v3r`` without the reversed terms, which its released code
 leaves off): see :func:`sql_loss`. The target network is a copy of the MLP, updated before every step by
-Polyak averaging with rate ``target_rate``. Adam with learning rate ``lr`` under train.lr_schedule and
-train.warmup_ratio; gradients clipped to norm ``grad_clip`` (the original's 5).
+Polyak averaging (:func:`polyak_update`) with rate ``target_rate``. The original's 0.001 over its 12,000
+steps leaves e^-12 of the target's initial values; over this project's budgets (6 to 400 steps) the same
+rate would leave 99% to 67% of them, so the target's values V' would stay those of the near-zero
+initial MLP (uniform Q-values over the allowed tokens) and the loss would chase them instead of the
+policy's own. Unset, the rate is scaled to the budget instead (``RLPromptConfig.polyak_rate``:
+min(1, 12 / steps)), which moves the target as far over the run as the original does over its. Adam with
+learning rate ``lr`` under train.lr_schedule and train.warmup_ratio; gradients clipped to norm ``grad_clip``
+(the original's 5).
 
 Selection. At the end the greedy prompt and ``candidates - 1`` sampled ones are scored on (up to
 ``val_size``) validation items by the task's primary metric; the best one wins (ties: the earlier, greedy
@@ -89,6 +95,13 @@ def sql_loss(logits: torch.Tensor, target_logits: torch.Tensor, actions: torch.T
     to_go = adv.flip(-1).cumsum(-1).flip(-1)  # sum_{s>=t} A_s
     multi = (to_go - (r[:, None] - v_target)).pow(2).sum(-1)
     return ((single + multi) / 2).mean()
+
+
+@torch.no_grad()
+def polyak_update(target: nn.Module, source: nn.Module, rate: float) -> None:
+    """``target <- (1 - rate) target + rate source``, parameter by parameter."""
+    for p_, p in zip(target.parameters(), source.parameters(), strict=True):
+        p_.mul_(1 - rate).add_(p, alpha=rate)
 
 
 def zscore_per_query(scores: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -274,10 +287,9 @@ class RLPrompt(Method):
         now = lambda step: lambda: RLPromptPredictor(model, tok, greedy(), {"steps": step})  # noqa: E731
         self.at_step(0, now(0))
         log: list[dict[str, Any]] = []
+        rate = cfg.polyak_rate()
         for step in tqdm(range(1, cfg.steps + 1), desc="rlprompt (soft Q-learning)", disable=not self.progress):
-            with torch.no_grad():  # Polyak update of the target MLP before each step, as the original
-                for p_, p in zip(target.parameters(), policy.mlp.parameters()):
-                    p_.mul_(1 - cfg.target_rate).add_(p, alpha=cfg.target_rate)
+            polyak_update(target, policy.mlp, rate)  # the target MLP moves before each step, as the original's
             ids, states = policy.rollout(cfg.prompts_per_step, cfg.prompt_length, top_k=cfg.top_k, generator=gen)
             prompts = [text(row) for row in ids.tolist()]
             queries = rng.sample(train, min(cfg.queries_per_step, len(train)))
@@ -307,7 +319,7 @@ class RLPrompt(Method):
             ranked = [(next(iter(prompt_ids)), None)]
         best, best_score = ranked[0]
         prompt = tok.decode(prompt_ids[best], skip_special_tokens=True)
-        training = {"steps": cfg.steps, "use": cfg.use, "prompt": prompt,
+        training = {"steps": cfg.steps, "use": cfg.use, "target_rate": rate, "prompt": prompt,
                     "prompt_ids": prompt_ids[best], "val_score": best_score, "val_items": len(held),
                     "candidates": [{"instruction": c, "val_score": s} for c, s in ranked],
                     "final_loss": log[-1]["loss"] if log else None, "trainable_params": self.trainable_params}
