@@ -1,6 +1,9 @@
-"""Stopping at a safe point: the first signal is a request, the second acts as usual."""
+"""Stopping at a safe point: the first signal is a request, the second acts as usual.
 
-import os
+The signals are raised with ``signal.raise_signal``: delivered to this (the main) thread, whose Python handler
+has run when the call returns. ``os.kill(os.getpid(), ...)`` may hand the signal to another thread (pytest-xdist's
+workers have several), and the handler then runs at some later point of the main thread."""
+
 import signal
 
 import pytest
@@ -12,12 +15,12 @@ def test_the_first_signal_asks_the_second_stops_and_handlers_are_restored_after(
     before = signal.getsignal(signal.SIGINT)
     with interrupts.stop_at_safe_points():
         interrupts.check("nothing asked yet")
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
         assert interrupts.requested() == signal.SIGINT
         with pytest.raises(interrupts.Stopped, match="stopped by SIGINT at step 3") as e:
             interrupts.check("at step 3")
         assert e.value.exit_code == 130
         with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C does not wait for the safe point
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
     assert interrupts.requested() is None and signal.getsignal(signal.SIGINT) is before
     assert issubclass(interrupts.Stopped, BaseException) and not issubclass(interrupts.Stopped, Exception)

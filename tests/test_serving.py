@@ -134,13 +134,37 @@ def test_a_system_message_replaces_the_initial_prompt(served):
     assert plain.model_extra["metatuner"]["prompt"] == get_task(SPEC).instruction
 
 
+def wait_until(condition, what: str, timeout: float = 60.0) -> None:
+    """Polls ``condition`` until it holds; fails after ``timeout`` seconds (generous: a loaded machine is slow)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def held(engine):
+    """Keeps ``engine``'s worker busy (on a request of a model of its own) until the block ends, so requests
+    sent meanwhile all wait in its queue, however slowly they arrive: the batches they then form do not
+    depend on the machine's speed."""
+    task, gate = get_task(SPEC), threading.Event()
+    engine.models["gate"] = Served(Scripted(gate=gate), task)
+    try:
+        busy = engine.submit("gate", "hold", 8)
+        wait_until(lambda: engine.models["gate"].predictor.batches, "the engine runs the holding request")
+        yield
+    finally:
+        gate.set()
+        busy.result(timeout=60)
+        del engine.models["gate"]
+
+
 def test_concurrent_requests_share_a_batch_and_answer_as_alone(served):
     url, engine = served
     api = client(url)
     models = ["metatuner", "zero-shot"]
     alone = {(m, q): api.chat.completions.create(model=m, messages=[{"role": "user", "content": q}])
              for m in models for q in QUERIES}
-    batches = engine.batches
 
     def ask(job):
         m, q = job
@@ -148,12 +172,17 @@ def test_concurrent_requests_share_a_batch_and_answer_as_alone(served):
 
     jobs = [(m, q) for q in QUERIES for m in models]
     with ThreadPoolExecutor(len(jobs)) as pool:
-        together = dict(pool.map(ask, jobs))
+        with held(engine):  # all ten requests are in the queue before the engine gathers a batch
+            replies = [pool.submit(ask, job) for job in jobs]
+            wait_until(lambda: engine._queue.qsize() == len(jobs), "every request waits in the queue")
+            batches = engine.batches
+        together = dict(r.result() for r in replies)
     for job, reply in together.items():
         assert reply.choices[0].message.content == alone[job].choices[0].message.content
         assert reply.model_extra["metatuner"]["prompt"] == alone[job].model_extra["metatuner"]["prompt"]
-    assert max(r.model_extra["metatuner"]["batch_size"] for r in together.values()) > 1
-    assert engine.batches - batches < len(jobs)  # fewer batched generates than requests
+    # one batched generate per model (max_batch_size 8 >= 5 queries each), after the holding request's
+    assert [r.model_extra["metatuner"]["batch_size"] for r in together.values()] == [len(QUERIES)] * len(jobs)
+    assert engine.batches - batches == 1 + len(models)
     # per-row prompts and LoRA: different queries of one batch got different answers
     assert len({together[("metatuner", q)].choices[0].message.content for q in QUERIES}) > 1
 
@@ -234,29 +263,33 @@ def test_sigterm_stops_the_server_cleanly(lively_model_dir):
 
 # ---- the engine's batching rules, on a scripted predictor ----------------------------------------
 class Scripted(Predictor):
-    """Answers each query with its text reversed, after ``delay`` seconds; records every batch."""
+    """Answers each query with its text reversed, once ``gate`` (if any) is open; records every batch."""
 
-    def __init__(self, delay: float = 0.0):
-        self.delay, self.batches = delay, []
+    def __init__(self, gate: threading.Event | None = None):
+        self.gate, self.batches = gate, []
 
     def predict(self, task, examples, max_new_tokens):
         self.batches.append([ex.query for ex in examples])
-        time.sleep(self.delay)
+        if self.gate is not None:
+            assert self.gate.wait(60), "the test never opened the gate"
         return [Prediction(task.instruction_for(ex), ex.query, ex.query[::-1], 1) for ex in examples]
 
 
 def test_the_engine_batches_by_model_and_budget_up_to_its_size():
     task = get_task(SPEC)
-    a, b = Scripted(delay=1.0), Scripted()
+    gate = threading.Event()
+    a, b = Scripted(gate), Scripted()
     engine = Engine({"a": Served(a, task), "b": Served(b, task)}, max_batch_size=3, max_wait_ms=100).start()
     try:
         first = engine.submit("a", "q0", 8)  # alone after 100 ms, it occupies the worker while the rest queue up
-        time.sleep(0.4)
+        wait_until(lambda: a.batches, "q0 runs")
         futures = [engine.submit("a", f"q{i}", 8) for i in range(1, 5)]
         futures += [engine.submit("b", "x", 8), engine.submit("a", "long", 16),
                     engine.submit("a", "own p~", 8, instruction="Be brief.")]
-        answers = [f.result(timeout=30) for f in [first, *futures]]
+        gate.set()  # every request is queued: what follows depends on their order only, not on timing
+        answers = [f.result(timeout=60) for f in [first, *futures]]
     finally:
+        gate.set()
         engine.stop()
     assert [x.prediction.output for x in answers] == ["0q", "1q", "2q", "3q", "4q", "x", "gnol", "~p nwo"]
     assert a.batches == [["q0"], ["q1", "q2", "q3"], ["q4", "own p~"], ["long"]] and b.batches == [["x"]]
@@ -267,14 +300,21 @@ def test_a_timed_out_request_is_dropped_and_the_server_keeps_serving():
     import httpx2 as httpx
 
     task = get_task(SPEC)
-    slow = Scripted(delay=0.5)
+    gate = threading.Event()
+    slow = Scripted(gate)  # the first request runs until both have timed out, however slow the machine
     engine = Engine({"slow": Served(slow, task)}, max_batch_size=1, max_wait_ms=0)
     with running(create_app(engine, ServeConfig(timeout_s=0.2))) as url:
-        with ThreadPoolExecutor(2) as pool:
-            replies = list(pool.map(lambda q: httpx.post(f"{url}/v1/completions", json={"model": "slow", "prompt": q},
-                                                         timeout=30), ["first", "second"]))
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                replies = list(pool.map(lambda q: httpx.post(f"{url}/v1/completions",
+                                                             json={"model": "slow", "prompt": q}, timeout=30),
+                                        ["first", "second"]))
+        finally:
+            gate.set()
         assert [r.status_code for r in replies] == [504, 504]
         assert all(r.json()["error"]["code"] == "timeout" for r in replies)
-        time.sleep(0.6)
-        assert len(slow.batches) == 1  # the request that timed out while waiting never ran
-        assert httpx.get(f"{url}/health", timeout=30).json()["answered"] == 1
+        # the engine answers in order: once a later request is answered, the one that timed out while
+        # waiting has been passed over
+        assert engine.submit("slow", "third", 8).result(timeout=60).prediction.output == "driht"
+        assert len(slow.batches) == 2 and slow.batches[1] == ["third"]  # the one that waited never ran
+        assert httpx.get(f"{url}/health", timeout=30).json()["answered"] == 2
