@@ -335,3 +335,19 @@ def test_encode_pairs_cuts_each_context_from_the_left_and_never_the_target(tiny_
     assert decode(ids[1], batch["attention_mask"][1]) == "y4567890"  # a target over the cap: one context token
     assert [t for t in labels[0].tolist() if t != -100] == tiny_tokenizer("123", add_special_tokens=False)["input_ids"]
     assert [t for t in labels[1].tolist() if t != -100] == tiny_tokenizer("4567890", add_special_tokens=False)["input_ids"]
+
+
+def test_padding_goes_with_each_call_and_never_changes_the_shared_tokenizer(tiny_tokenizer):
+    """Generation pads on the left and G's encoder input on the right, while the tokenizer, which serving
+    threads and TRL share, keeps the padding side it was given."""
+    from metatuner.evaluation.generation import generate
+
+    cfg, mt, task = setup(tiny_tokenizer)
+    batch = [Example("a", "1+1?", "2", ""), Example("b", "A much longer question about 3 + 4?", "7", "")]
+    for side in ("left", "right"):
+        tiny_tokenizer.padding_side = side
+        generate(mt.actor, tiny_tokenizer, ["hi", "a longer text"], 2)
+        enc, _ = mt.rewrite_batch(task, batch)
+        assert tiny_tokenizer.padding_side == side
+        assert enc["attention_mask"][0, 0] == 1 and enc["attention_mask"][0, -1] == 0  # right-padded all the same
+    tiny_tokenizer.padding_side = "right"

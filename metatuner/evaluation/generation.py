@@ -49,8 +49,8 @@ def generate(
     """Generates ``num_samples`` continuations for every text of one batch (greedy unless ``do_sample``),
     grouped by text. With several samples the texts are prefilled once and the KV cache is shared by
     their samples, instead of prefilling every copy (the model must not carry per-row adapters then)."""
-    tokenizer.padding_side = "left"
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    # the padding side goes with this call: the tokenizer object, shared by threads, is left as it is
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(model.device)
     kwargs = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if do_sample else dict(do_sample=False)
     if num_samples > 1:
         cache = _prefill(model, enc["input_ids"], enc["attention_mask"])
@@ -129,8 +129,8 @@ def generate_rows(
     from transformers import LogitsProcessorList
 
     stage = stage or (lambda name: contextlib.nullcontext())
-    tokenizer.padding_side = "left"
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    # the padding side goes with this call: the tokenizer object, shared by threads, is left as it is
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(model.device)
     with stage("prefill"):
         cache = _prefill(model, enc["input_ids"], enc["attention_mask"])
     index = torch.tensor(rows, device=model.device)

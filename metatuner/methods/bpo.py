@@ -163,7 +163,8 @@ class BPOSelfPairs(Method):
 
     # ---- the gate ------------------------------------------------------------------------------------
     def gated(self, task: Task, val: list[Example], rewrite: Rewrite, details: dict[str, Any]) -> BPOPredictor:
-        """The predictor to serve: rewritten prompts unless validation says the original ones are as good."""
+        """The predictor to serve: rewritten prompts only if :func:`~metatuner.evaluation.gate.gate_opens`."""
+        from metatuner.evaluation.gate import gate_opens
         from metatuner.methods.opro import score_predictor
 
         cfg = self.cfg
@@ -172,7 +173,7 @@ class BPOSelfPairs(Method):
             return _with(rewritten, gate="off" if not cfg.gate else "none (no validation items)")
         score = score_predictor(rewritten, task, val, self.config)
         initial = score_predictor(BPOPredictor(self.model, self.tokenizer, rewrite, "initial"), task, val, self.config)
-        prompts = "rewritten" if score > initial + cfg.gate_margin else "initial"
+        prompts = "rewritten" if gate_opens(score, initial, cfg.gate_margin) else "initial"
         return _with(BPOPredictor(self.model, self.tokenizer, rewrite, prompts, details=details),
                      gate=prompts, val_score_rewritten=score, val_score_initial=initial)
 

@@ -166,8 +166,7 @@ def rollout(model, tokenizer, prompts: list[str], max_new_tokens: int, stop: tup
     with its first EOS / pad token (included, as the harness counts it), and its text is cut at the stop
     strings. The tokens decoded are added to :func:`count_generated`.
     """
-    tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(model.device)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=1.0,
                          top_k=0, pad_token_id=tokenizer.pad_token_id, stop_strings=list(stop) or None,
                          tokenizer=tokenizer if stop else None)

@@ -39,6 +39,7 @@ from metatuner.models.hypernet import LoRAHypernet
 from metatuner.models.lora import LoRAModel
 from metatuner.prompts import generator_messages
 from metatuner.tasks.base import Example, Task
+from metatuner.tasks.leaks import states_answer
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -170,10 +171,11 @@ class MetaTuner(nn.Module):
         """G's right-padded rewrite inputs and ``pool_mask [bs, T]``, the positions pooled into F's input:
         the query's own tokens (``generator.features=query``) or every non-padding one (``all``)."""
         tok = self.gen_tokenizer
-        tok.padding_side = "right"  # right padding keeps positions identical to the unpadded rows
         texts = self.rewrite_texts(task, examples)
         query_only = self.gen_cfg.features == "query"
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False, return_offsets_mapping=query_only)
+        # right padding keeps positions identical to the unpadded rows
+        enc = tok(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False,
+                  return_offsets_mapping=query_only)
         pool_mask = enc["attention_mask"].clone()  # [bs, T]
         if query_only:
             # the template and p~ are the same for every query: pooling over them pushes F towards one static LoRA
@@ -264,9 +266,10 @@ class MetaTuner(nn.Module):
         return ""
 
     def compose(self, task: Task, example: Example, output: str) -> str:
-        """The prompt M reads for a cleaned output of G (empty output: p~)."""
+        """The prompt M reads for a cleaned output of G: p~ for an empty output, and for one that states an
+        answer (:func:`~metatuner.tasks.leaks.states_answer`), wherever the prompt is used."""
         initial = task.instruction_for(example)
-        if not output:
+        if not output or states_answer(task, example, output):
             return initial
         return output if self.gen_cfg.mode == "rewrite" else f"{initial} {output}"
 

@@ -21,7 +21,8 @@ B = 0), and is +inf in the degenerate case of nonzero updates that cancel to a z
 is computed in float64. ``delta_norm`` and ``delta_spread`` average the per-site values over sites.
 
 Prompt side: the share of generated prompts equal to the task's initial prompt p~ (G copying its
-input), their mean length in words, and the share cut by the token cap before finishing.
+input), their mean length in words, the share cut by the token cap before finishing, and the share of
+G's outputs that stated an answer (``prompt_stated_answer``; those are served as p~).
 """
 
 from __future__ import annotations
@@ -103,15 +104,17 @@ def prompt_diagnostics(prompts: list[str], initial: list[str], cut: list[bool]) 
 def validate(mt, task, val: list, batch_size: int, gate_margin: float | None = None) -> dict[str, Any]:
     """Scores MetaTuner on the validation examples with its generated prompts, with the diagnostics above;
     with ``gate_margin`` (the final validation, gate on) also with p~, and sets the prompt gate: generated
-    prompts are served (``mt.serve_generated``) only if they score at least ``gate_margin`` higher."""
+    prompts are served (``mt.serve_generated``) only if :func:`~metatuner.evaluation.gate.gate_opens`."""
+    from metatuner.evaluation.gate import gate_opens
     from metatuner.evaluation.harness import evaluate
+    from metatuner.tasks.leaks import states_answer
     from metatuner.training.predictor import MetaTunerPredictor
 
     bs = batch_size
     # a stop request waits for the trainer's next step boundary, not this evaluation's next batch
     run = lambda predictor: evaluate(predictor, task, val, batch_size=bs, likelihood=False,  # noqa: E731
                                      progress=False, stoppable=False)
-    generated = MetaTunerPredictor(mt, prompts="generated")
+    generated = MetaTunerPredictor(mt, prompts="generated", trace_limit=len(val))
     result = run(generated)
     record: dict[str, Any] = {f"val_{result.primary_metric}": result.score}
     if mt.use_hypernet:
@@ -123,9 +126,11 @@ def validate(mt, task, val: list, batch_size: int, gate_margin: float | None = N
         trace = [generated.trace[ex.id] for ex in val]
         record.update(prompt_diagnostics([mt.compose(task, ex, o) for ex, (o, _) in zip(val, trace)],
                                          [task.instruction_for(ex) for ex in val], [c for _, c in trace]))
+        # outputs that stated an answer: compose replaced them by p~, so they never reached M
+        record["prompt_stated_answer"] = sum(states_answer(task, ex, o) for ex, (o, _) in zip(val, trace)) / len(val)
         if gate_margin is not None:
             initial = run(MetaTunerPredictor(mt, prompts="initial"))
-            mt.serve_generated = result.score >= initial.score + gate_margin
+            mt.serve_generated = gate_opens(result.score, initial.score, gate_margin)
             record.update({f"val_{result.primary_metric}_initial": initial.score,
                            "gate": "generated" if mt.serve_generated else "initial"})
     record["sample_prompts"] = [{"id": r["id"], "prompt": r["instruction"], "output": r["output"]}

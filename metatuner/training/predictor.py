@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from typing import Any, Iterator
 
 import torch
@@ -17,14 +18,16 @@ class MetaTunerPredictor(LMPredictor):
 
     ``prompts``: ``"generated"`` or ``"initial"`` (p~) forces one; unset follows the validation gate's
     verdict stored with the run (``mt.serve_generated``). ``trace`` keeps, per query id, G's cleaned
-    output and whether it was cut at the token cap (for the diagnostics).
+    output and whether it was cut at the token cap (for the diagnostics), for the newest ``trace_limit``
+    queries only, so a predictor that serves requests for days holds a bounded amount of memory.
     """
 
-    def __init__(self, mt: MetaTuner, name: str = "metatuner", prompts: str | None = None):
+    def __init__(self, mt: MetaTuner, name: str = "metatuner", prompts: str | None = None, trace_limit: int = 256):
         super().__init__(mt.actor, mt.tokenizer, None, name=name)
         self.mt = mt
         self.prompts = prompts
-        self.trace: dict[str, tuple[str, bool]] = {}
+        self.trace: OrderedDict[str, tuple[str, bool]] = OrderedDict()
+        self.trace_limit = trace_limit
         self._memo: tuple[tuple[str, ...], list[str], Factors | None] | None = None
 
     def uses_generated_prompts(self) -> bool:
@@ -40,7 +43,11 @@ class MetaTunerPredictor(LMPredictor):
             if self.uses_generated_prompts():
                 gens = self.mt.generate_outputs(task, examples)
                 outputs = [self.mt.clean_output(g) for g in gens]
-                self.trace.update({ex.id: (o, not g.finished) for ex, o, g in zip(examples, outputs, gens)})
+                for ex, o, g in zip(examples, outputs, gens):
+                    self.trace[ex.id] = (o, not g.finished)
+                    self.trace.move_to_end(ex.id)
+                while len(self.trace) > self.trace_limit:
+                    self.trace.popitem(last=False)
                 prompts = [self.mt.compose(task, ex, o) for ex, o in zip(examples, outputs)]
             factors = self.mt.factors(self.mt.encode(task, examples)) if self.mt.use_hypernet else None
             self._memo = (ids, prompts, factors)

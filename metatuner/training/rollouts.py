@@ -9,15 +9,14 @@ scored once. Rewards (higher is better), compared only within a query's group of
   dense, so a rewrite that helps a little is seen even when no answer flips);
 - ``em``: M decodes an answer greedily with the candidate prompt and the task's primary metric scores it.
 
-A candidate that *leaks* (:func:`leaks`: it contains the gold answer, or states an answer in the
-task's format) is never chosen: guessing the answer into the prompt would be rewarded by the NLL.
+A candidate that *leaks* (:func:`~metatuner.tasks.leaks.leaks`: it contains the gold answer, or states
+an answer) is never chosen: guessing the answer into the prompt would be rewarded by the NLL.
 The result gives each query's best candidate and its *gain*, its reward minus p~'s in the same
 rollout, which the expert set compares across rollouts.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +24,7 @@ import torch
 from metatuner.evaluation.generation import Generation, generate
 from metatuner.models.metatuner import Factors, MetaTuner
 from metatuner.tasks.base import Example, Task
+from metatuner.tasks.leaks import leaks
 
 
 @dataclass
@@ -34,30 +34,6 @@ class RolloutResult:
     mean_reward: float  # over the sampled candidates that did not leak: tracks G's quality
     initial_reward: float  # mean reward of p~
     leaked: int  # sampled candidates excluded for leaking the answer
-
-
-def _has_word(text: str, word: str) -> bool:
-    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, re.IGNORECASE) is not None
-
-
-# "the answer (to this question) is 12", "answer: 12": an answer stated as a number
-_STATES_NUMBER = re.compile(r"\banswer\b(?:\W+\w+){0,5}?(?:\W+is\b|\s*[:=])\W*-?\d", re.IGNORECASE)
-
-
-def leaks(task: Task, example: Example, output: str) -> bool:
-    """Whether G's ``output`` gives the answer away: it contains the gold answer as a word (where the
-    query and p~ do not), states an answer in the task's strict format that p~ does not, or states a
-    number as the answer."""
-    if not output:
-        return False
-    initial = task.instruction_for(example)
-    stated = task.extract(output)["strict"]
-    if stated is not None and stated != task.extract(initial)["strict"]:
-        return True
-    if _STATES_NUMBER.search(output):
-        return True
-    gold = example.answer.strip()
-    return bool(gold) and _has_word(output, gold) and not _has_word(example.query, gold) and not _has_word(initial, gold)
 
 
 @torch.no_grad()

@@ -24,8 +24,9 @@ rates an SFT run of the same budget sees:
    ``schedule=joint`` (MetaTuner-J) steps on the sum; ``schedule=alternate`` (MetaTuner-I) steps on the
    task term at even joint steps and on the regularizer at odd ones;
 4. finish: one validation with diagnostics (ΔW norm and spread between queries, share of prompts equal
-   to p~, prompt length, share cut at the cap) and the validation gate: unless the generated prompts
-   score higher than p~ on validation, the trained predictor serves p~ (``train.gate``).
+   to p~, prompt length, share cut at the cap, share that stated an answer) and the validation gate: the
+   trained predictor serves G's prompts only if they score more than ``train.gate_margin`` above p~ on
+   validation (:func:`~metatuner.evaluation.gate.gate_opens`), else p~ (``train.gate``).
 
 The loop runs on ``accelerate``: under ``accelerate launch`` each process takes its share of every
 batch, gradients are averaged across processes in one all-reduce before each step, and the rollouts'
@@ -55,6 +56,7 @@ from metatuner.config import RunConfig
 from metatuner.errors import MetatunerError
 from metatuner.models.metatuner import MetaTuner
 from metatuner.tasks.base import Example, Task
+from metatuner.tasks.leaks import states_answer
 from metatuner.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from metatuner.training.collective import agreed_signal, average_gradients
 from metatuner.training.experts import ExpertSet
@@ -342,6 +344,9 @@ class Trainer:
                 out["task"] = self.p0_task_loss(batch, factors)
             else:
                 prompts = [mt.compose(task, ex, o) for ex, o in zip(batch, outputs)]
+                # an output that states an answer is composed into p~ (METHOD.md section 6): counted here
+                record["prompt_stated_answer"] = record.get("prompt_stated_answer", 0) + sum(
+                    states_answer(task, ex, o) for ex, o in zip(batch, outputs))
                 out["task"] = mt.answer_nll(task, batch, prompts, factors, tc.max_length).mean()
             backward("task")
         if "reg" in terms and mt.use_prompt and len(self.experts):
