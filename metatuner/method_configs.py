@@ -136,12 +136,12 @@ class GRPOMethodConfig:
         non_negative("grpo", self, "beta", "format_bonus")
 
 
-@dataclass
-class RLPromptConfig:
 # the original RLPrompt's Polyak rate times its steps (0.001 x 12,000): the unset rlprompt.target_rate keeps it
 RLPROMPT_TARGET_MOVES = 12.0
 
 
+@dataclass
+class RLPromptConfig:
     """The RLPrompt baseline: a frozen policy LM (M itself) with a trainable MLP writes a short discrete prompt,
     trained by soft Q-learning on the task reward."""
 
@@ -183,8 +183,6 @@ RLPROMPT_TARGET_MOVES = 12.0
             raise ConfigKeyError("rlprompt.target_rate",
                                  f"rlprompt.target_rate must be in [0, 1], got {self.target_rate}")
 
-
-@dataclass
     def polyak_rate(self) -> float:
         """``target_rate``, or when unset the rate that moves the target as far over ``steps`` as the original's
         0.001 does over its 12,000 steps (``1 - (1 - rate) ** steps``: all but e^-12 of the way, after a
@@ -193,6 +191,8 @@ RLPROMPT_TARGET_MOVES = 12.0
             return self.target_rate
         return min(1.0, RLPROMPT_TARGET_MOVES / self.steps)
 
+
+@dataclass
 class OPROConfig:
     """OPRO's search budget and its optimizer LM."""
 
