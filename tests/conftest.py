@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import string
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,31 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"benchmark data folder {SHARED_DATA} not present")
     return SHARED_DATA
+
+
+# ---- pytest-xdist ------------------------------------------------------------------------------------
+# The fault-injection tally (tests/faults/conftest.py) is counted where the tests run, in the workers; each
+# worker hands its counts over when it ends (its pytest_sessionfinish), and they are added up here, in the
+# controller, which prints them with the fault suite's own summary.
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    counted = getattr(node, "workeroutput", {}).get("fault tally")
+    if counted:
+        from faults.conftest import TALLY
+
+        _add_counts(TALLY, counted)
+
+
+def _add_counts(into, counted: dict) -> None:
+    """Adds the numbers of ``counted`` (a worker's tally: counts by name, maybe nested by part) to ``into``."""
+    for key, value in counted.items():
+        if isinstance(value, dict):
+            _add_counts(into[key] if isinstance(into, dict) else getattr(into, key), value)
+        else:
+            into[key] += value
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    faults = sys.modules.get("faults.conftest")  # imported by pytest_testnodedown, or collected here
+    if faults is not None and not config.pluginmanager.is_registered(faults):  # else its own hook prints
+        faults.pytest_terminal_summary(terminalreporter)

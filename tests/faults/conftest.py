@@ -52,6 +52,13 @@ def pytest_terminal_summary(terminalreporter):
         )
 
 
+def pytest_sessionfinish(session):
+    # a pytest-xdist worker hands its counts to the controller, which adds up all workers' and prints them
+    # (pytest_testnodedown in tests/conftest.py)
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["fault tally"] = TALLY if isinstance(TALLY, dict) else vars(TALLY)
+
+
 # ---- checks of folders --------------------------------------------------------------------------------
 def snapshot(root: Path) -> dict[str, bytes | None]:
     """Every path under ``root`` with its bytes (None for a folder)."""

@@ -5,38 +5,71 @@ in progress, and the rerun completes it."""
 
 from __future__ import annotations
 
-import json
 import signal
 import time
+from pathlib import Path
 
 from faults.conftest import (TIMEOUT, assert_nothing_half_written, count, grid_state, leftovers, train_argv,
                              train_state)
 from metatuner.training.checkpoint import latest_checkpoint
 
 
-def wait_for(condition, child, timeout: float = 60.0) -> None:
-    end = time.perf_counter() + timeout
-    while not condition():
-        assert child.process.exitcode is None, f"the command ended first:\n{child.output()}"
-        assert time.perf_counter() < end, child.output()
-        time.sleep(0.01)
+def _signalled_child(argv: list[str], cwd: str, log: str, signum: int, where: tuple[str, str]) -> None:
+    """In the forked child: runs the command, raising ``signum`` in itself exactly once at ``where``:
+    ``("phase", name)`` right after the first record of that training phase is logged, ``("cell", name)`` as
+    the grid starts evaluating that cell (its claim held). A signal sent from outside once a file shows that
+    point would land later by however long this loaded machine took to notice, possibly after the command
+    had finished."""
+    from faults import runner
+    from metatuner import recipes
+    from metatuner.training import logbook
+
+    kind, name = where
+    fired = []
+
+    def fire() -> None:
+        if not fired:
+            fired.append(True)
+            signal.raise_signal(signum)  # delivered to this thread: its handler has run when the call returns
+
+    if kind == "phase":
+        write = logbook.Logbook.write
+
+        def logged(self, record):
+            write(self, record)
+            if record.get("phase") == name:
+                fire()
+
+        logbook.Logbook.write = logged
+    else:
+        eval_method = recipes.eval_method
+
+        def evaluated(cfg, out_dir):
+            if out_dir is not None and Path(out_dir).name == name:
+                fire()
+            return eval_method(cfg, out_dir)
+
+        recipes.eval_method = evaluated
+    runner._child(argv, cwd, log, None)
 
 
-def logged(run_dir, phase: str):
-    def condition() -> bool:
-        log = run_dir / "log.jsonl"
-        return log.is_file() and any(json.loads(line).get("phase") == phase
-                                     for line in log.read_text().splitlines() if line.endswith("}"))
-    return condition
+def signalled(forkserver, argv: list[str], cwd: Path, log: Path, signum: int, where: tuple[str, str]):
+    """``forkserver.Child(argv, cwd, log)`` that raises ``signum`` in itself at ``where`` (:func:`_signalled_child`)."""
+    child = forkserver.Child.__new__(forkserver.Child)
+    child.log = Path(log)
+    child.process = forkserver.context().Process(target=_signalled_child,
+                                                 args=(list(argv), str(cwd), str(log), signum, where))
+    child.started = time.perf_counter()
+    child.process.start()
+    return child
 
 
 def test_sigterm_and_sigint_during_train_save_then_resume_ends_as_an_uninterrupted_run(
         forkserver, tiny_model_dir, tmp_path, reference_train):
     for signum, phase, code in ((signal.SIGTERM, "joint", 143), (signal.SIGINT, "warmup_actor", 130)):
         run_dir = tmp_path / signum.name
-        child = forkserver.Child(train_argv(tiny_model_dir, run_dir, False), tmp_path, tmp_path / f"{signum.name}.log")
-        wait_for(logged(run_dir, phase), child)
-        child.signal_after(signum, 0)
+        child = signalled(forkserver, train_argv(tiny_model_dir, run_dir, False), tmp_path,
+                          tmp_path / f"{signum.name}.log", signum, ("phase", phase))
         count("faults injected")
         assert child.wait(TIMEOUT) == code, child.output()
         last = [line for line in child.output().splitlines() if line.startswith("metatuner: ")][-1]
@@ -56,12 +89,13 @@ def test_sigterm_during_bench_keeps_finished_cells_and_releases_the_one_in_progr
     spec, reference, _ = reference_grid
     out = tmp_path / "grid"
     argv = ["bench", "--config", str(spec), "--out", str(out), "--no-report"]
-    child = forkserver.Child(argv, tmp_path, tmp_path / "bench.log")
     first = out / "cells" / "arithmetic--sft--seed0"  # the protocol file lists its methods sorted
-    wait_for(lambda: (first / "summary.json").is_file(), child)
-    child.signal_after(signal.SIGTERM, 0)
+    # SIGTERM once the first cell is finished and the second one is in progress
+    child = signalled(forkserver, argv, tmp_path, tmp_path / "bench.log", signal.SIGTERM,
+                      ("cell", "arithmetic--zero-shot--seed0"))
     count("faults injected")
     assert child.wait(TIMEOUT) == 143, child.output()
+    assert "in cell arithmetic--zero-shot--seed0" in child.output().splitlines()[-1]
     assert "finished cells are kept" in child.output().splitlines()[-1]
     kept = (first / "records.jsonl").read_bytes()
     assert list((out / "claims").iterdir()) == [] and leftovers(out) == []
