@@ -234,7 +234,7 @@ def test_dspy_as_a_client(served):
     lm = dspy.LM("openai/zero-shot", api_base=f"{url}/v1", api_key=KEY, cache=False, max_tokens=16)
     direct = client(url).chat.completions.create(model="zero-shot", messages=[{"role": "user", "content": QUERIES[0]}],
                                                   max_tokens=16)
-    assert lm(messages=[{"role": "user", "content": QUERIES[0]}])[0] == direct.choices[0].message.content
+    assert lm(QUERIES[0])[0] == direct.choices[0].message.content  # DSPy sends it as the one user message
 
 
 def test_sigterm_stops_the_server_cleanly(lively_model_dir):
