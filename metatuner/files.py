@@ -19,8 +19,23 @@ or complete, never half written:
 
 An ``OSError`` (no space left, a read-only folder) becomes one :class:`MetatunerError` line naming the path;
 the temporary file or folder is removed and the previous file stays as it was. Temporaries left by a
-process that died are removed by the next write of the same name (:func:`sweep`). All bytes reach the
-disk through :func:`_write_all`, where the fault-injection tests raise ENOSPC.
+process that died are removed by the next write of the same name (:func:`sweep`). All bytes this package
+writes itself reach the disk through :func:`_write_all`, where the fault-injection tests raise ENOSPC.
+
+Two writers of other libraries are left their own file I/O, and why:
+
+- a library's ``save_pretrained`` into a :func:`new_folder` (PEFT's ``adapter_config.json`` in ``export``,
+  transformers' model folder in the GGUF conversion): the folder is staged, fsynced and renamed into place
+  like any other, so it appears complete or not at all, and an ``OSError`` of the library's own writes
+  (a full disk) is the same one line, naming the folder and the file, with the staged folder removed
+  (:func:`staged_folder`; tests/test_serving.py exports with PEFT's write failing). Only the ENOSPC
+  injection at :func:`_write_all` does not reach those bytes; writing the library's files here instead
+  would copy its file formats;
+- TensorBoard's event files (``tb/`` of a run, :mod:`metatuner.training.logbook`): an append-only stream
+  that TensorBoard's writer owns (a background thread and its own file handle). Each record carries its
+  length and CRC, and TensorBoard's reader drops a torn last record and reads the ones before it, which is
+  what a crash can leave; they are a view of ``log.jsonl``, which is written here and is what ``--resume``
+  relies on. Routing them through this module would mean replacing TensorBoard's writer.
 """
 
 from __future__ import annotations
@@ -207,6 +222,13 @@ def staged_folder(final: Path) -> Iterator[Path]:
     except MetatunerError as e:  # named as the user knows it: the folder being made, not its hidden name
         _remove(tmp)
         raise MetatunerError(str(e).replace(str(tmp), str(final))) from None
+    except OSError as e:  # a library's own writes into the folder (save_pretrained): one line all the same
+        _remove(tmp)
+        where = final
+        if isinstance(e.filename, (str, bytes)) and Path(os.fsdecode(e.filename)).is_relative_to(tmp):
+            where = final / Path(os.fsdecode(e.filename)).relative_to(tmp)
+        reason = e.strerror or (str(e).splitlines() or [type(e).__name__])[0]
+        raise MetatunerError(f"cannot write {where}: {reason}") from None
     except BaseException:
         _remove(tmp)
         raise

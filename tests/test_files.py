@@ -46,6 +46,23 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["a.txt"]
 
 
+def test_a_librarys_own_write_failing_in_a_new_folder_is_one_line_and_leaves_nothing(tmp_path):
+    """save_pretrained of PEFT or transformers writes into the staged folder with its own open(): a full disk
+    there is reported as any other write, naming the folder's file, and the staged folder is removed."""
+    final = tmp_path / "adapter"
+    with pytest.raises(MetatunerError) as e:
+        with files.new_folder(final) as tmp:
+            files.write_new(tmp / "adapter_model.safetensors", b"x")
+            with open(tmp / "adapter_config.json", "w"):  # what the library does, until the disk is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "adapter_config.json"))
+    assert str(e.value) == f"cannot write {final / 'adapter_config.json'}: No space left on device"
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(MetatunerError, match=f"^cannot write {final}: Can't load it$"):
+        with files.new_folder(final):
+            raise OSError("Can't load it\nsee the docs")  # a library's OSError without errno: its first line
+    assert os.listdir(tmp_path) == []
+
+
 def test_new_folder_appears_complete_or_not_at_all(tmp_path):
     final = tmp_path / "results"
     with pytest.raises(RuntimeError):
@@ -112,3 +129,23 @@ def test_read_json_errors_name_the_file(tmp_path):
         files.read_json(tmp_path / "bad.json")
     (tmp_path / "ok.json").write_text(json.dumps({"a": 1}))
     assert files.read_json(tmp_path / "ok.json") == {"a": 1}
+
+
+def test_tensorboards_own_files_lose_only_a_torn_last_record(tmp_path):
+    """TensorBoard's event files are not written through files.py (see its docstring): what a crash can leave,
+    a last record cut short, is dropped by TensorBoard's reader, which reads every record before it."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    for step in range(3):
+        writer.add_scalar("joint/loss", float(step), step)
+    writer.close()
+    (events,) = tmp_path.glob("events.out.tfevents.*")
+
+    def steps() -> list[int]:
+        return [e.step for e in EventFileLoader(str(events)).Load() if e.summary.value]
+
+    assert steps() == [0, 1, 2]
+    os.truncate(events, events.stat().st_size - 5)
+    assert steps() == [0, 1]

@@ -116,10 +116,31 @@ def test_served_answers_equal_metatuner_generate(served, run_dir, tmp_path):
         assert chat.usage.completion_tokens > 0 and chat.usage.prompt_tokens > chat.usage.completion_tokens
 
 
-def test_export_of_a_run_on_a_spec_task(run_dir, tmp_path):
+def test_export_of_a_run_on_a_spec_task(run_dir, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from peft import LoraConfig
+
+    # PEFT writes adapter_config.json itself, into export's staged folder: a full disk there is one line, and
+    # no adapter folder (complete or not) appears
+    real = LoraConfig.save_pretrained
+
+    def full_disk(self, folder, **kwargs):
+        with open(Path(folder) / "adapter_config.json", "w") as f:
+            f.write("{")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f.name)
+
+    monkeypatch.setattr(LoraConfig, "save_pretrained", full_disk)
+    assert main(["export", "--run", str(run_dir), "--query", QUERIES[0], "--out", str(tmp_path / "adapter")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"metatuner: error: cannot write {tmp_path / 'adapter' / 'adapter_config.json'}: No space left on device")
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(LoraConfig, "save_pretrained", real)
+
     assert main(["export", "--run", str(run_dir), "--query", QUERIES[0], "--out", str(tmp_path / "adapter")]) == 0
     assert json.loads((tmp_path / "adapter" / "query.json").read_text())["task"] == "capitals"
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
 def test_a_system_message_replaces_the_initial_prompt(served):
