@@ -323,8 +323,15 @@ def test_processes_racing_for_a_dead_workers_claim_exactly_one_wins(tmp_path):
     for folder in folders:
         (out / "claims" / f"{folder.name}.claim").write_text(f"pid {dead} on this host (killed)\n")
     start_at = time.time() + 2.0
-    procs = [claimer(out, folders, start_at, start_at + 4.0) for _ in range(4)]
-    results = [p.communicate(timeout=60)[0].split() for p in procs]
+    # each holds what it won until every one has raced for every folder (however late a process on a loaded
+    # machine starts), so no claim is released while another process still races for it
+    procs = [claimer(out, folders, start_at, start_at + 600) for _ in range(4)]
+    try:
+        results = [p.stdout.readline().split() for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
     winners = [sum(r[i] == "won" for r in results) for i in range(len(folders))]
     assert winners == [1] * len(folders)
 
@@ -601,7 +608,7 @@ def test_tuning_chooses_each_methods_learning_rate_on_validation_and_the_cells_u
 
 
 def test_a_tuning_job_held_by_another_process_is_awaited_and_taken_over_when_its_tuner_dies(tmp_path, tiny_model_dir,
-                                                                                            capsys):
+                                                                                            capsys, monkeypatch):
     import time
 
     path = tmp_path / "p.yaml"
@@ -612,14 +619,28 @@ def test_a_tuning_job_held_by_another_process_is_awaited_and_taken_over_when_its
         "tune": {"overrides": {"train.steps": 1}, "methods": {"sft": {"train.lr_scale": [1.0, 2.0]}}},
     }, sort_keys=False))
     out = tmp_path / "grid"
-    # another worker holds sft's tuning job, then dies without a choice (its lock file stays behind)
-    holder = claimer(out, [Path("tuning--arithmetic--sft")], 0, time.time() + 8)
+    # another worker holds sft's tuning job, then dies without a choice (its lock file stays behind): it dies
+    # once the sft cell has found the job held while waiting for its choice, not at a time a loaded machine
+    # may reach before or after that
+    holder = claimer(out, [Path("tuning--arithmetic--sft")], 0, time.time() + 600)
     assert holder.stdout.readline().strip() == "won"
+    real_tune, awaited = grid.tune, []
+
+    def tune(*args, quiet=False, **kwargs):
+        records = real_tune(*args, quiet=quiet, **kwargs)
+        if quiet and not awaited:  # the first look of the waiting cell: still held, so nothing was tuned
+            awaited.append(records)
+            holder.kill()
+            holder.wait()
+        return records
+
+    monkeypatch.setattr(grid, "tune", tune)
     try:
         rows = run_grid(Protocol.load(path), out)
     finally:
         holder.kill()
         holder.wait()
+    assert awaited == [[]]
     assert "tuning sft on arithmetic: running in another process, skipped" in capsys.readouterr().out
     record = out / "tuning" / "arithmetic--sft.json"
     choice = json.loads(record.read_text())
