@@ -13,6 +13,7 @@ saved with every run (``config.yaml`` in the run folder).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -28,7 +29,7 @@ from metatuner.method_configs import (  # noqa: F401 - the baselines' sections, 
     STEPS, BetterTogetherConfig, BPOConfig, DPOMethodConfig, GRPOMethodConfig, OPROConfig, PPOMethodConfig,
     RLPromptConfig, parse_strategy,
 )
-from metatuner.options import ConfigKeyError, _at_least, option  # noqa: F401 - re-exported
+from metatuner.options import ConfigKeyError, _at_least, non_negative, option, positive  # noqa: F401 - re-exported
 
 SHIPPED = Path(__file__).parent / "configs"
 
@@ -48,7 +49,8 @@ class DataConfig:
     )
     train_limit: int | None = option(None, "use at most this many training items (seeded subset)")
     val_size: int = option(
-        32, "items carved from train (seeded) for validation (MetaTuner's prompt gate, diagnostics); never from test"
+        32, "items carved from train (seeded) for validation (MetaTuner's prompt gate, diagnostics; 0: none); never "
+        "from test"
     )
     seed: int = option(0, "seed of the train/validation subset choice")
 
@@ -86,7 +88,7 @@ class EvalConfig:
     )
     budgets: list[int] | None = option(
         None, "learning curve: also score a trained method at these optimizer steps of its training (warm-ups "
-        "counted), each into <folder>.b<step>; the run's own end is scored as usual"
+        "counted; 0: before the first), each into <folder>.b<step>; the run's own end is scored as usual"
     )
     after_training: bool = option(
         True, "`metatuner train` scores the test split when training ends (--no-eval sets false; --resume keeps it)"
@@ -128,12 +130,16 @@ class GeneratorConfig:
         "query", "the tokens F's input is pooled over: the query's own (query) or the whole rewrite input (all)",
         ("query", "all"),
     )
-    feature_layer: int | None = option(None, "with k = 0, the frozen layer F reads (default: a quarter of the depth)")
+    feature_layer: int | None = option(
+        None, "with k = 0, the frozen layer F reads, counted from 1 (default: a quarter of the depth)"
+    )
 
     def __post_init__(self):
         _at_least("generator.rank", self.rank, 1)
         _at_least("generator.max_prompt_tokens", self.max_prompt_tokens, 1)
         _at_least("generator.share_layers", self.share_layers, 0)
+        _at_least("generator.feature_layer", self.feature_layer, 1)
+        non_negative("generator", self, "alpha")
         if not 0.0 <= self.share_ratio <= 1.0:
             raise MetatunerError(f"generator.share_ratio must be in [0, 1], got {self.share_ratio}")
 
@@ -143,15 +149,18 @@ class HypernetConfig:
     """The parameter generator F and the per-query LoRA it writes for M."""
 
     targets: list[str] = option(None, "M's target modules for generated LoRA", factory=lambda: ["q_proj", "v_proj"])
-    layers: list[int] | None = option(None, "M's layers given generated LoRA (unset: all)")
+    layers: list[int] | None = option(None, "M's layers given generated LoRA, 0-based (unset: all)")
     rank: int = option(8, "rank of the generated LoRA")
     alpha: float = option(16.0, "LoRA alpha of the generated LoRA (scale alpha / rank)")
     hidden: int = option(64, "width of F's two-layer MLPs")
     emb_dim: int = option(32, "size of F's layer and module-type embeddings")
 
     def __post_init__(self):
-        _at_least("hypernet.rank", self.rank, 1)
-        _at_least("hypernet.hidden", self.hidden, 1)
+        for layer in self.layers or ():
+            _at_least("hypernet.layers[]", layer, 0)
+        for name in ("rank", "hidden", "emb_dim"):
+            _at_least(f"hypernet.{name}", getattr(self, name), 1)
+        non_negative("hypernet", self, "alpha")
 
 
 @dataclass
@@ -206,16 +215,28 @@ class TrainConfig:
     )
     generator_warmup_queries: int = option(32, "queries for G's rejection-sampling warm-up (0 = skip it)")
     generator_warmup_steps: int | None = option(
-        None, "SFT steps of G on the warm-up's best prompts, part of train.steps (unset: a tenth of them)"
+        None, "SFT steps of G on the warm-up's best prompts, part of train.steps (unset: a tenth of them; 0 = none)"
     )
     overlap_warmups: bool = option(
         True, "G's warm-up steps also train M (static LoRA and F) on the task loss with p~, as w/o P's joint "
         "steps do, so G's warm-up costs M no steps (false: they step G alone, the paper's sequential warm-ups)"
     )
-    gate: bool = option(True, "at the end, serve p~ instead of generated prompts unless they score higher on validation")
-    gate_margin: float = option(
-        0.05, "how much higher (primary metric, 0-1) generated prompts must score on validation than p~ to be served"
+    gate: bool = option(
+        True, "at the end, serve p~ instead of generated prompts unless they score more than gate_margin higher on validation"
     )
+    gate_margin: float = option(
+        0.05, "generated prompts are served only if they score more than this (primary metric, 0-1) above p~ on validation"
+    )
+    prompt_branch: str = option(
+        "auto", "auto = the prompt branch retires itself (no more rollouts, regularizer or prompt decoding; p~ is "
+        "served) when warm-up rollouts, later rollouts or a validation gate show G's prompts do not beat p~; "
+        "always = it trains to the end, the paper's schedule", ("auto", "always"),
+    )
+    retire_below: float = option(
+        0.1, "prompt_branch=auto retires the branch when fewer than this share of rolled-out queries improved on p~ "
+        "by expert_margin (G's warm-up rollouts, or the last retire_window queries of the joint phase's rollouts)"
+    )
+    retire_window: int = option(32, "queries of joint-phase rollouts that prompt_branch=auto judges at a time")
     max_length: int = option(512, "truncate M's training inputs to this many tokens")
     log_every: int = option(1, "log losses every this many steps")
     eval_every: int = option(0, "evaluate on the validation split every this many steps (0 = only at the end)")
@@ -223,14 +244,20 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "rollouts", "rollout_every", "sync_every", "static_rank",
-                     "max_length", "log_every", "save_every", "expert_cap", "reg_batch_size", "prefetch_limit"):
+                     "max_length", "log_every", "save_every", "expert_cap", "reg_batch_size", "prefetch_limit",
+                     "retire_window"):
             _at_least(f"train.{name}", getattr(self, name), 1)
         for name in ("actor_warmup_steps", "generator_warmup_queries", "generator_warmup_steps", "eval_every"):
             _at_least(f"train.{name}", getattr(self, name), 0)
         if self.temperature <= 0:
             raise MetatunerError(f"train.temperature must be > 0, got {self.temperature}")
+        positive("train", self, "lr_encoder", "lr_decoder", "lr_hypernet", "lr_static")
+        non_negative("train", self, "weight_decay", "max_grad_norm", "alpha", "expert_margin", "gate_margin",
+                     "static_alpha")
         if self.lr_scale <= 0:
             raise MetatunerError(f"train.lr_scale must be > 0, got {self.lr_scale}")
+        if not 0.0 <= self.retire_below <= 1.0:
+            raise MetatunerError(f"train.retire_below must be in [0, 1], got {self.retire_below}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise MetatunerError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.warmups()[0] + self.warmups()[1] > self.steps:
@@ -297,6 +324,10 @@ class RunConfig:
     out_dir: str = option("runs", "parent folder of run folders")
     seed: int = option(0, "global seed (torch, python, numpy)")
 
+    def __post_init__(self):
+        if not 0 <= self.seed < 2**32:
+            raise ConfigKeyError("seed", f"seed must be in 0..{2**32 - 1} (numpy's seeds), got {self.seed}")
+
 
 # ---- building configs from dicts ---------------------------------------------------------------
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
@@ -315,7 +346,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for name, value in data.items():
         f, hint, key = fields[name], hints[name], prefix + name
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = from_dict(hint, value or {}, key + ".")
+            kwargs[name] = from_dict(hint, {} if value is None else value, key + ".")  # empty: the defaults
         else:
             kwargs[name] = _coerce(key, value, hint, f.metadata.get("choices"))
     return cls(**kwargs)
@@ -349,6 +380,8 @@ def _coerce(key: str, value: Any, hint: Any, choices: tuple | None) -> Any:
     if ok is None or not ok(value):
         raise ConfigKeyError(key, f"{key} must be {getattr(base, '__name__', base)}, got {value!r}")
     value = base(value)
+    if base is float and math.isnan(value):
+        raise ConfigKeyError(key, f"{key} must be a number, got nan")
     if choices and value not in choices:
         raise ConfigKeyError(key, f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
     return value

@@ -35,6 +35,7 @@ class DPOMethodConfig:
                      "batch_size", "grad_accum", "rank", "max_length"):
             _at_least(f"dpo.{name}", getattr(self, name), 1)
         positive("dpo", self, "temperature", "lr", "beta")
+        non_negative("dpo", self, "alpha")
 
 
 @dataclass
@@ -60,13 +61,16 @@ class BPOConfig:
     alpha: float = option(16.0, "LoRA alpha of the rewriter (scale alpha / rank)")
     targets: list[str] = option(None, "the rewriter's LoRA target modules", factory=lambda: ["q_proj", "v_proj"])
     gate: bool = option(True, "serve the rewritten prompts only if they score higher than the original ones on validation")
-    gate_margin: float = option(0.0, "how much higher (primary metric, 0-1) rewritten prompts must score on validation")
+    gate_margin: float = option(
+        0.0, "rewritten prompts are served only if they score more than this (primary metric, 0-1) above the originals on validation"
+    )
     max_length: int = option(512, "truncate M's scoring inputs to this many tokens")
 
     def __post_init__(self):
         for name in ("queries", "samples", "max_new_tokens", "steps", "batch_size", "rank", "max_length"):
             _at_least(f"bpo.{name}", getattr(self, name), 1)
         positive("bpo", self, "temperature", "lr")
+        non_negative("bpo", self, "alpha")
         if self.margin < 0 or self.gate_margin < 0:
             raise ConfigKeyError("bpo.margin", f"bpo.margin and bpo.gate_margin must be >= 0, got {self.margin} "
                                  f"and {self.gate_margin}")
@@ -98,7 +102,7 @@ class PPOMethodConfig:
         for name in ("steps", "batch_size", "epochs", "minibatches", "max_new_tokens", "rank"):
             _at_least(f"ppo.{name}", getattr(self, name), 1)
         positive("ppo", self, "lr", "temperature", "cliprange")
-        non_negative("ppo", self, "kl_coef", "cliprange_value", "vf_coef", "format_bonus")
+        non_negative("ppo", self, "kl_coef", "cliprange_value", "vf_coef", "format_bonus", "alpha")
         for name in ("gamma", "lam"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigKeyError(f"ppo.{name}", f"ppo.{name} must be in [0, 1], got {getattr(self, name)}")
@@ -133,7 +137,7 @@ class GRPOMethodConfig:
             _at_least(f"grpo.{name}", getattr(self, name), 1)
         _at_least("grpo.group_size", self.group_size, 2)
         positive("grpo", self, "lr", "temperature", "epsilon")
-        non_negative("grpo", self, "beta", "format_bonus")
+        non_negative("grpo", self, "beta", "format_bonus", "alpha")
 
 
 # the original RLPrompt's Polyak rate times its steps (0.001 x 12,000): the unset rlprompt.target_rate keeps it
@@ -196,13 +200,13 @@ class RLPromptConfig:
 class OPROConfig:
     """OPRO's search budget and its optimizer LM."""
 
-    rounds: int = option(5, "optimization rounds; each samples proposals_per_round instructions")
+    rounds: int = option(5, "optimization rounds; each samples proposals_per_round instructions (0: p~ alone)")
     proposals_per_round: int = option(4, "instructions sampled from the optimizer LM per round")
     score_size: int = option(32, "training queries every instruction is scored on (seeded subset)")
     temperature: float = option(1.0, "sampling temperature of the optimizer LM")
     max_new_tokens: int = option(64, "cap on the length of a proposed instruction")
     history: int = option(20, "best earlier instructions (with scores) shown in the meta-prompt")
-    shown_examples: int = option(3, "training queries with gold answers shown in the meta-prompt")
+    shown_examples: int = option(3, "training queries with gold answers shown in the meta-prompt (0: none)")
     optimizer: str | None = option(None, "optimizer LM (alias, hub id or folder); unset: the task model itself")
 
     def __post_init__(self):
@@ -247,9 +251,10 @@ class BetterTogetherConfig:
     max_bootstrapped_demos: int = option(4, "p step: most bootstrapped (own correct output) demos per candidate "
                                             "(DSPy's max_bootstrapped_demos, default 4)")
     max_labeled_demos: int = option(16, "p step: demos per candidate filled up to this with gold-labeled ones; the "
-                                        "labeled-only candidate has this many (DSPy's max_labeled_demos, default 16)")
+                                        "labeled-only candidate has this many (DSPy's max_labeled_demos, default 16; "
+                                        "0: none)")
     candidates: int = option(16, "p step: random-seed candidates besides zero-shot, labeled-only and unshuffled "
-                                 "(DSPy's num_candidate_programs, default 16)")
+                                 "(DSPy's num_candidate_programs, default 16; 0: those three only)")
     traces: int = option(64, "training items each step works on, reshuffled per step: the p step bootstraps and "
                              "labels demos from them, the w step fine-tunes on the program's correct answers to "
                              "them (DSPy: the whole trainset)")
@@ -269,11 +274,13 @@ class BetterTogetherConfig:
 
     def __post_init__(self):
         parse_strategy(self.strategy)
-        for old, new in (("demos", "max_bootstrapped_demos"), ("trials", "candidates")):
+        for old, new, low in (("demos", "max_bootstrapped_demos", 1), ("trials", "candidates", 0)):
             if getattr(self, old) is not None:  # old configs and saved runs keep loading
+                _at_least(f"bettertogether.{old}", getattr(self, old), low)
                 setattr(self, new, getattr(self, old))
                 setattr(self, old, None)
         for name in ("max_bootstrapped_demos", "traces", "val_size", "score_size", "w_steps"):
             _at_least(f"bettertogether.{name}", getattr(self, name), 1)
         for name in ("max_labeled_demos", "candidates"):
             _at_least(f"bettertogether.{name}", getattr(self, name), 0)
+        non_negative("bettertogether", self, "min_score")

@@ -277,6 +277,12 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()):
         mt.add_static_adapter(cfg.train.static_rank, cfg.train.static_alpha)
     mt.load_trainable_state(tensors)
     mt.serve_generated = state["extra"].get("serve_generated", True)  # the validation gate's verdict
+    branch = state["extra"].get("prompt_branch") or {}
+    if branch.get("retired"):  # the prompt branch retired itself: p~ is served, and G is never run
+        from metatuner.training.branch import PromptBranch
+
+        mt.use_prompt = False
+        mt.prompt_branch_note = PromptBranch(retired=branch["retired"]).message()
     return mt, cfg
 
 

@@ -301,8 +301,8 @@ def test_weight_step_trains_on_own_traces_with_the_programs_demos(monkeypatch, t
     import metatuner.models.metatuner as mtm
 
     inputs, encode = [], mtm.encode_pairs
-    monkeypatch.setattr(mtm, "encode_pairs", lambda tok, prompts, targets, device: (
-        inputs.extend(zip(prompts, targets)), encode(tok, prompts, targets, device))[1])
+    monkeypatch.setattr(mtm, "encode_pairs", lambda tok, prompts, targets, device, max_length=None: (
+        inputs.extend(zip(prompts, targets)), encode(tok, prompts, targets, device, max_length))[1])
     monkeypatch.setattr(BetterTogether, "answer", lambda self, program, queries: [
         (f"The answer is {i}.", i % 2 == 0) for i in range(len(queries))])
     cfg = tiny_config(bettertogether=BetterTogetherConfig(traces=4, w_steps=2, exclude_demos=exclude))

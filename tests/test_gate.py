@@ -30,6 +30,7 @@ TRAIN = [
     "train.steps=4", "train.batch_size=2", "train.rollouts=2", "generator.max_prompt_tokens=8", "train.save_every=4",
     "train.actor_warmup_steps=1", "train.generator_warmup_queries=2", "train.generator_warmup_steps=1",
     "data.val_size=4", "train.gate_margin=0.05", "train.max_length=256",
+    "train.prompt_branch=always",  # the gate decides here, not the branch's own retirement (tests/test_branch.py)
 ]
 
 

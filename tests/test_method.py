@@ -22,6 +22,7 @@ from metatuner.training.trainer import Trainer
 FAST = [
     "train.batch_size=2", "train.rollouts=2", "generator.max_prompt_tokens=4", "train.max_length=128",
     "train.warmup_ratio=0", "train.lr_schedule=constant",
+    "train.prompt_branch=always",  # these tests follow G through every phase; tests/test_branch.py tests auto
 ]
 
 

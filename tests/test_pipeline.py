@@ -11,6 +11,7 @@ TRAIN = [
     "train.steps=5", "train.batch_size=2", "train.rollouts=2", "generator.max_prompt_tokens=4", "train.save_every=1",
     "train.actor_warmup_steps=2", "train.generator_warmup_queries=2", "train.generator_warmup_steps=1",
     "train.lr_static=0.05", "train.lr_hypernet=0.05", "eval.max_new_tokens=4", "data.train_limit=8", "data.val_size=2",
+    "train.prompt_branch=always",  # these tests follow every phase of G; tests/test_branch.py tests auto
 ]
 
 

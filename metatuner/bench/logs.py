@@ -48,6 +48,14 @@ def number(v) -> float | None:
     return float(v) if ok else None
 
 
+def gate_label(record: dict) -> str:
+    """What a run's last validation served: ``generated``, ``initial``, or ``retired at step N`` when the
+    prompt branch retired itself (``train.prompt_branch=auto``)."""
+    if record["gate"] == "retired" and "prompt_branch_step" in record:
+        return f"retired at step {record['prompt_branch_step']}"
+    return str(record["gate"])
+
+
 def diagnostics(rows: list[dict], root: Path) -> dict[tuple[str, str], dict]:
     """(method, task) -> {key: mean over seeds of its value at the run's last validation that logged any
     diagnostic (None where no seed has it), "gate": Counter of gate values, "runs": how many runs}."""
@@ -58,7 +66,7 @@ def diagnostics(rows: list[dict], root: Path) -> dict[tuple[str, str], dict]:
             groups[(r["method"], r["task"])].append(logged[-1])
     out = {}
     for key, lasts in groups.items():
-        cell: dict = {"runs": len(lasts), "gate": Counter(str(x["gate"]) for x in lasts if "gate" in x)}
+        cell: dict = {"runs": len(lasts), "gate": Counter(gate_label(x) for x in lasts if "gate" in x)}
         for k in DIAGNOSTICS:
             values = [v for v in (number(x.get(k)) for x in lasts) if v is not None]
             cell[k] = sum(values) / len(values) if values else None

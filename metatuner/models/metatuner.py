@@ -115,6 +115,7 @@ class MetaTuner(nn.Module):
         self.rows_scale = hyper_cfg.alpha / hyper_cfg.rank
         self.has_static = False
         self.serve_generated = True  # the validation gate's verdict (see the module docstring)
+        self.prompt_branch_note: str | None = None  # "prompt branch retired at step N: ..." once it has
 
     # ---- parameter groups -----------------------------------------------------------------------
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:

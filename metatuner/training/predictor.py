@@ -65,4 +65,5 @@ class MetaTunerPredictor(LMPredictor):
         return {"predictor": type(self).__name__, "method": self.name, "k": self.mt.k,
                 "use_hypernet": self.mt.use_hypernet, "use_prompt": self.mt.use_prompt,
                 "has_static": self.mt.has_static, "mode": self.mt.gen_cfg.mode,
-                "prompts": "generated" if self.uses_generated_prompts() else "initial"}
+                "prompts": "generated" if self.uses_generated_prompts() else "initial"} | (
+                {"prompt_branch": self.mt.prompt_branch_note} if self.mt.prompt_branch_note else {})

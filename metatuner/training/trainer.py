@@ -40,11 +40,12 @@ it saves a checkpoint and stops, and :meth:`Trainer.run` with ``resume`` continu
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -59,6 +60,7 @@ from metatuner.tasks.base import Example, Task
 from metatuner.tasks.leaks import states_answer
 from metatuner.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from metatuner.training.collective import agreed_signal, average_gradients
+from metatuner.training.branch import PromptBranch
 from metatuner.training.experts import ExpertSet
 from metatuner.training.logbook import Logbook
 from metatuner.training.rollouts import rollout
@@ -81,6 +83,7 @@ class Trainer:
                 "every process needs at least one query of each batch"
             )
         self.experts = ExpertSet(self.tc.expert_cap, self.tc.expert_margin)  # D2
+        self.branch = PromptBranch(self.tc.prompt_branch, self.tc.retire_below, self.tc.retire_window)
         self.prompt_cache: dict[str, str] = {}  # query id -> frozen decoder's cleaned greedy output, until the next sync
         self.step = 0  # optimizer steps taken, over all phases
         self.joint_start = 0  # the step at which joint training starts
@@ -89,6 +92,10 @@ class Trainer:
         self.finished = False  # the final validation (and gate) has run
         self.on_step: Callable[[int], None] | None = None  # called with the step count after every optimizer step
         self._logbook: Logbook | None = None
+        #: wall seconds spent in each part of the joint steps so far (``benchmarks/train_step.py`` reads it):
+        #: encode (meta encoder + F), decode (G's prompts), score (rollout rewards), task and reg (forward and
+        #: backward of each loss term)
+        self.part_seconds: dict[str, float] = {}
 
     # ---- phases ----------------------------------------------------------------------------------
     def phase_steps(self) -> dict[str, int]:
@@ -212,8 +219,16 @@ class Trainer:
         if start == 0:
             with tqdm(total=len(queries), desc="warm-up G (rollouts)", disable=not self.progress) as bar:
                 for i in range(0, len(queries), self.tc.batch_size):
-                    self.offer(self._share(queries[i : i + self.tc.batch_size]), None, None)
+                    stats = self.offer(self._share(queries[i : i + self.tc.batch_size]), None, None)
+                    self.branch.record_warmup(stats["improved"], stats["rolled_out"])
                     bar.update(len(queries[i : i + self.tc.batch_size]))
+            reason = self.branch.after_warmup()
+            if reason is not None:
+                # G's warm-up steps become joint steps of w/o P: the run continues exactly as w/o P's would
+                self.log({"phase": "warmup_generator", "step": self.step, **self.experts.stats()})
+                self.retire(reason)
+                self.joint_start = self.step
+                return
         ids = list(dict.fromkeys(ex.id for ex in queries))
         stream = DataStream([self.by_id[i] for i in ids], self.cfg.data.seed + 3, cursor=start * self.tc.batch_size)
 
@@ -236,12 +251,15 @@ class Trainer:
         r = rollout(self.mt, self.task, batch, factors, tc.rollouts, tc.temperature, tc.reward, tc.max_length,
                     extra=extra, samples=samples) if batch else None
         triples = zip([ex.id for ex in batch], r.best_outputs, r.best_gains) if r else []
-        for qid, output, gain in self._gather(triples):
+        gathered = self._gather(triples)
+        for qid, output, gain in gathered:
             self.experts.offer(qid, output, gain, self.mt.keep_initial_output(self.task, self.by_id[qid]))
+        # every process's queries: the prompt branch's evidence is alike in every process
+        counts = {"improved": sum(gain > tc.expert_margin for _, _, gain in gathered), "rolled_out": len(gathered)}
         if r is None:
-            return {}
+            return counts
         stats = {"reward_initial": r.initial_reward, "reward_gain": sum(r.best_gains) / len(r.best_gains),
-                 "leaked": r.leaked}
+                 "leaked": r.leaked, **counts}
         if not math.isnan(r.mean_reward):
             stats["reward_mean"] = r.mean_reward
         return stats
@@ -257,14 +275,38 @@ class Trainer:
                 record = self.train_step()
                 if self.step % self.tc.log_every == 0:
                     self.log(record)
+                if self.branch.active and (reason := self.branch.after_rollouts()) is not None:
+                    self.retire(reason)
                 if self.tc.eval_every and self.step % self.tc.eval_every == 0 and self.val and self.step < total:
-                    self.evaluate_val()
+                    self.judge(self.evaluate_val(gate=self.branch.mode == "auto" and self.branch.active))
                 saved = self.step % self.tc.save_every == 0 or self.step == total
                 if saved:
                     self.save()
                 bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k.endswith("_loss")})
                 bar.update(1)
                 self._stop_point(saved)
+
+    def retire(self, reason: str) -> None:
+        """Retires the prompt branch (:mod:`metatuner.training.branch`) from this step on: no rollouts, no
+        regularizer, no prompt decoding; the task loss under p~, as w/o P; p~ served."""
+        message = self.branch.retire(self.step, reason)
+        self.mt.use_prompt = False
+        self.mt.serve_generated = False
+        self.mt.prompt_branch_note = message
+        self.prompt_cache.clear()
+        self.log({"phase": "prompt_branch", "step": self.step, "decision": "retired", "reason": reason,
+                  "message": message})
+        if self.progress:
+            tqdm.write(message)
+
+    def judge(self, record: dict[str, Any]) -> None:
+        """A validation with the gate is evidence too: a closed gate retires the branch (``auto``)."""
+        if "gate" not in record or not self.branch.active:
+            return
+        [initial] = [k for k in record if k.startswith("val_") and k.endswith("_initial")]
+        reason = self.branch.at_gate(record["gate"], record[initial.removesuffix("_initial")], record[initial])
+        if reason is not None:
+            self.retire(reason)
 
     def finish(self) -> None:
         """The final validation (diagnostics, and the prompt gate), saved with the last checkpoint."""
@@ -304,7 +346,10 @@ class Trainer:
         return mt.answer_nll(self.task, batch, prompts, factors, self.tc.max_length).mean()
 
     def terms_for_step(self) -> set[str]:
-        """Which loss terms drive this step's update (both for J; alternating for I)."""
+        """Which loss terms drive this step's update (both for J; alternating for I; the task loss alone once
+        the prompt branch has retired)."""
+        if not self.branch.active:
+            return {"task"}
         if self.tc.schedule == "alternate":
             return {"task"} if (self.step - self.joint_start) % 2 == 0 else {"reg"}
         return {"task", "reg"}
@@ -327,37 +372,54 @@ class Trainer:
 
         do_rollout = mt.use_prompt and (self.step - self.joint_start) % tc.rollout_every == 0
         need_factors = mt.use_hypernet and ("task" in terms or do_rollout)
-        factors = mt.factors(mt.encode(task, batch)) if need_factors else None
+        with self._timed("encode"):
+            factors = mt.factors(mt.encode(task, batch)) if need_factors else None
         outputs = None
         if do_rollout:
             # the rollout's samples and the frozen decoder's greedy prompts still missing: one batched generate
             todo = self._frozen_todo(batch)
-            samples, greedy = mt.generate_mixed(task, batch, tc.rollouts, tc.temperature, todo)
+            with self._timed("decode"):
+                samples, greedy = mt.generate_mixed(task, batch, tc.rollouts, tc.temperature, todo)
             self.prompt_cache.update({ex.id: mt.clean_output(g) for ex, g in zip(todo, greedy)})
             outputs = [self.prompt_cache[ex.id] for ex in batch]
             detached = {k: (a.detach(), b.detach()) for k, (a, b) in factors.items()} if factors else None
-            record.update(self.offer(batch, detached, outputs, samples))
+            with self._timed("score"):
+                stats = self.offer(batch, detached, outputs, samples)
+            self.branch.record_rollout(stats["improved"], stats["rolled_out"])
+            record.update(stats)
         elif mt.use_prompt and "task" in terms:
-            outputs = self.frozen_outputs(batch)
+            with self._timed("decode"):
+                outputs = self.frozen_outputs(batch)
         if "task" in terms:
-            if outputs is None:
-                out["task"] = self.p0_task_loss(batch, factors)
-            else:
-                prompts = [mt.compose(task, ex, o) for ex, o in zip(batch, outputs)]
-                # an output that states an answer is composed into p~ (METHOD.md section 6): counted here
-                record["prompt_stated_answer"] = record.get("prompt_stated_answer", 0) + sum(
-                    states_answer(task, ex, o) for ex, o in zip(batch, outputs))
-                out["task"] = mt.answer_nll(task, batch, prompts, factors, tc.max_length).mean()
-            backward("task")
+            with self._timed("task"):
+                if outputs is None:
+                    out["task"] = self.p0_task_loss(batch, factors)
+                else:
+                    prompts = [mt.compose(task, ex, o) for ex, o in zip(batch, outputs)]
+                    # an output that states an answer is composed into p~ (METHOD.md section 6): counted here
+                    record["prompt_stated_answer"] = record.get("prompt_stated_answer", 0) + sum(
+                        states_answer(task, ex, o) for ex, o in zip(batch, outputs))
+                    out["task"] = mt.answer_nll(task, batch, prompts, factors, tc.max_length).mean()
+                backward("task")
         if "reg" in terms and mt.use_prompt and len(self.experts):
             # a batch from the whole of D2, drawn alike in every process (D2 is gathered), then shared out
             rng = random.Random(self.cfg.seed * 1_000_003 + self.step * 101 + micro)
             ids = self._share(self.experts.sample(tc.reg_batch_size or max(1, tc.batch_size // 2), rng))
             if ids:
                 exs = [self.by_id[i] for i in ids]
-                out["reg"] = mt.prompt_nll(task, exs, [self.experts[i].output for i in ids]).mean()
-                backward("reg", tc.alpha)
+                with self._timed("reg"):
+                    out["reg"] = mt.prompt_nll(task, exs, [self.experts[i].output for i in ids]).mean()
+                    backward("reg", tc.alpha)
         return out
+
+    @contextlib.contextmanager
+    def _timed(self, part: str) -> Iterator[None]:
+        """Adds the wall seconds of the block to ``part_seconds[part]``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.part_seconds[part] = self.part_seconds.get(part, 0.0) + time.perf_counter() - start
 
     def frozen_outputs(self, batch: list[Example]) -> list[str]:
         """The frozen decoder's greedy (cleaned) outputs, generated once per query between two syncs.
@@ -440,6 +502,9 @@ class Trainer:
         gate_margin = self.tc.gate_margin if gate and self.tc.gate else None
         record = {"phase": "eval", "step": self.step,
                   **validate(self.mt, self.task, self.val, self.cfg.eval.batch_size, gate_margin)}
+        if not self.branch.active:
+            record.update({"gate": "retired", "prompt_branch": self.branch.message(),
+                           "prompt_branch_step": self.branch.retired["step"]})
         self.log(record)
         return record
 
@@ -467,6 +532,7 @@ class Trainer:
         extra = {"cursor": self.stream.cursor, "experts": self.experts.state(), "prompt_cache": prompt_cache,
                  "has_static": self.mt.has_static, "joint_start": self.joint_start,
                  "serve_generated": self.mt.serve_generated, "finished": self.finished,
+                 "prompt_branch": self.branch.state(),
                  "log_bytes": self._logbook.sync() if self._logbook is not None else 0}
         save_checkpoint(self.run_dir, self.step, self.mt.trainable_state(), self.optimizer, self.scheduler, extra)
 
@@ -482,3 +548,8 @@ class Trainer:
         self.joint_start = extra["joint_start"]
         self.mt.serve_generated = extra["serve_generated"]
         self.finished = extra["finished"]
+        if "prompt_branch" in extra:
+            self.branch.load_state(extra["prompt_branch"])
+        if not self.branch.active:
+            self.mt.use_prompt = False
+            self.mt.prompt_branch_note = self.branch.message()
