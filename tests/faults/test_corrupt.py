@@ -5,10 +5,11 @@ run then ends exactly as an undamaged one. With no intact checkpoint left, one e
 from __future__ import annotations
 
 import random
+import shutil
 
 import pytest
 
-from faults.conftest import assert_nothing_half_written, copy_run, count, snapshot, train_state
+from faults.conftest import copy_run, half_written, inject, record, results, snapshot, train_state
 from metatuner.cli import main
 
 FILES = ["trainable.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json", "rng.safetensors",
@@ -32,21 +33,25 @@ def test_resume_skips_a_damaged_checkpoint_and_ends_as_an_undamaged_run(referenc
     run_dir = copy_run(reference_train, tmp_path / "run")
     newest = run_dir / "checkpoints" / "step-000006"
     damage(newest / name, how, random.Random(name + how))
-    count("faults injected")
+    inject("fault")
     assert main(["train", "--resume", str(run_dir)]) == 0
     assert f"{newest}: {name}" in caplog.text and "; using" in caplog.text and "step-000005" in caplog.text
-    assert train_state(run_dir) == reference_train[1]
-    assert_nothing_half_written(run_dir)
-    count("faults survived")
+    assert record("fault", train_state(run_dir) == reference_train[1] and half_written(run_dir) == [])
 
 
 def test_eval_of_a_run_with_a_damaged_newest_checkpoint_uses_the_one_before(reference_train, tmp_path, caplog):
+    """The results equal, bit for bit, those of the same run whose newest checkpoint is step 5."""
+    reference_run = copy_run(reference_train, tmp_path / "reference-run")
+    shutil.rmtree(reference_run / "checkpoints" / "step-000006")
+    (reference_run / "checkpoints" / "latest").write_text("step-000005")
+    assert main(["eval", "--run", str(reference_run), "--out", str(tmp_path / "reference")]) == 0
+    assert "damaged" not in caplog.text
     run_dir = copy_run(reference_train, tmp_path / "run")
     (run_dir / "checkpoints" / "step-000006" / "trainable.safetensors").write_bytes(b"\0" * 10)
-    count("faults injected")
+    inject("fault")
     assert main(["eval", "--run", str(run_dir), "--out", str(tmp_path / "e")]) == 0
-    assert "using" in caplog.text and "step-000005" in caplog.text and (tmp_path / "e" / "summary.json").is_file()
-    count("faults survived")
+    assert "using" in caplog.text and "step-000005" in caplog.text
+    assert record("fault", results(tmp_path / "e") == results(tmp_path / "reference"))
 
 
 def test_no_intact_checkpoint_is_one_error_naming_the_damage(reference_train, tmp_path, capsys):
@@ -54,12 +59,11 @@ def test_no_intact_checkpoint_is_one_error_naming_the_damage(reference_train, tm
     (run_dir / "checkpoints" / "step-000006" / "rng.json").unlink()
     damage(run_dir / "checkpoints" / "step-000005" / "trainable.safetensors", "truncate", random.Random(0))
     before = snapshot(run_dir)
-    count("faults injected", 2)
+    inject("fault", 2)
     for argv in (["train", "--resume", str(run_dir)], ["eval", "--run", str(run_dir), "--out", str(tmp_path / "e")],
                  ["generate", "--run", str(run_dir), "--question", "What is 2 + 2?"]):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "no intact checkpoint" in err
         assert "step-000006: rng.json is missing" in err and "step-000005: trainable.safetensors has" in err
-    assert snapshot(run_dir) == before and not (tmp_path / "e").exists()
-    count("faults survived", 2)
+    assert record("fault", snapshot(run_dir) == before and not (tmp_path / "e").exists(), 2)  # nothing written

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from faults.conftest import (assert_nothing_half_written, copy_run, count, leftovers, snapshot, train_argv,
-                             train_state)
+from faults.conftest import copy_run, half_written, inject, leftovers, record, snapshot, train_argv, train_state
 from metatuner import files
 from metatuner.cli import main
 
@@ -60,12 +59,10 @@ def test_a_full_disk_stops_training_with_one_line_and_the_run_resumes_to_the_sam
     with disk_full_from(write) as calls:
         fails_with_one_line(capsys, train_argv(tiny_model_dir, run_dir, False), (NO_SPACE,))
     assert calls["n"] >= write
-    count("faults injected")
+    inject("fault")
     assert leftovers(tmp_path) == [] or leftovers(tmp_path) == [str(run_dir / "run.lock")]
     assert main(train_argv(tiny_model_dir, run_dir, run_dir.exists())) == 0
-    assert train_state(run_dir) == reference_train[1]
-    assert_nothing_half_written(tmp_path)
-    count("faults survived")
+    assert record("fault", train_state(run_dir) == reference_train[1] and half_written(tmp_path) == [])
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +100,11 @@ def test_a_full_disk_leaves_earlier_files_intact(grid, reference_train, tmp_path
     before = {p: snapshot(p) for p in (root / "grid", run_dir)}
     with disk_full_from(1):
         fails_with_one_line(capsys, commands(root, spec, run_dir, out)[command], (NO_SPACE,))
-    count("faults injected")
-    assert {p: snapshot(p) for p in before} == before
-    assert not out.exists() or all(p.is_dir() for p in out.rglob("*"))  # at most empty folders
-    assert leftovers(tmp_path) == [] and leftovers(root) == []
-    count("faults survived")
+    inject("fault")
+    # nothing written: what was there is intact, the output is at most empty folders, no leftover anywhere
+    assert record("fault", {p: snapshot(p) for p in before} == before
+                  and (not out.exists() or all(p.is_dir() for p in out.rglob("*")))
+                  and leftovers(tmp_path) == [] and leftovers(root) == [])
 
 
 @contextmanager
@@ -173,9 +170,8 @@ def test_a_read_only_output_folder_gives_one_line_and_changes_nothing(grid, refe
     before = snapshot(work)
     with read_only(work, monkeypatch):
         fails_with_one_line(capsys, argv, READ_ONLY)
-    count("faults injected")
-    assert snapshot(work) == before
-    count("faults survived")
+    inject("fault")
+    assert record("fault", snapshot(work) == before)  # nothing written
 
 
 def test_log_lines_cut_by_a_full_disk_are_removed(tmp_path):
@@ -183,5 +179,7 @@ def test_log_lines_cut_by_a_full_disk_are_removed(tmp_path):
     log.write({"step": 1})
     with disk_full_from(1), pytest.raises(Exception, match=NO_SPACE):
         log.write({"step": 2})
+    inject("fault")
     log.write({"step": 3})
-    assert [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [{"step": 1}, {"step": 3}]
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert record("fault", [json.loads(line) for line in lines] == [{"step": 1}, {"step": 3}])

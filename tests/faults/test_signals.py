@@ -9,8 +9,7 @@ import signal
 import time
 from pathlib import Path
 
-from faults.conftest import (TIMEOUT, assert_nothing_half_written, count, grid_state, leftovers, train_argv,
-                             train_state)
+from faults.conftest import TIMEOUT, grid_state, half_written, inject, leftovers, record, train_argv, train_state
 from metatuner.training.checkpoint import latest_checkpoint
 
 
@@ -70,7 +69,7 @@ def test_sigterm_and_sigint_during_train_save_then_resume_ends_as_an_uninterrupt
         run_dir = tmp_path / signum.name
         child = signalled(forkserver, train_argv(tiny_model_dir, run_dir, False), tmp_path,
                           tmp_path / f"{signum.name}.log", signum, ("phase", phase))
-        count("faults injected")
+        inject("fault")
         assert child.wait(TIMEOUT) == code, child.output()
         last = [line for line in child.output().splitlines() if line.startswith("metatuner: ")][-1]
         step = latest_checkpoint(run_dir).name
@@ -79,9 +78,7 @@ def test_sigterm_and_sigint_during_train_save_then_resume_ends_as_an_uninterrupt
                                f"--resume {run_dir}"), last
         resumed = forkserver.Child(train_argv(tiny_model_dir, run_dir, True), tmp_path, tmp_path / "resume.log")
         assert resumed.wait(TIMEOUT) == 0, resumed.output()
-        assert train_state(run_dir) == reference_train[1]
-        assert_nothing_half_written(run_dir)
-        count("faults survived")
+        assert record("fault", train_state(run_dir) == reference_train[1] and half_written(run_dir) == [])
 
 
 def test_sigterm_during_bench_keeps_finished_cells_and_releases_the_one_in_progress(forkserver, tmp_path,
@@ -93,7 +90,7 @@ def test_sigterm_during_bench_keeps_finished_cells_and_releases_the_one_in_progr
     # SIGTERM once the first cell is finished and the second one is in progress
     child = signalled(forkserver, argv, tmp_path, tmp_path / "bench.log", signal.SIGTERM,
                       ("cell", "arithmetic--zero-shot--seed0"))
-    count("faults injected")
+    inject("fault")
     assert child.wait(TIMEOUT) == 143, child.output()
     assert "in cell arithmetic--zero-shot--seed0" in child.output().splitlines()[-1]
     assert "finished cells are kept" in child.output().splitlines()[-1]
@@ -102,10 +99,8 @@ def test_sigterm_during_bench_keeps_finished_cells_and_releases_the_one_in_progr
     again = forkserver.Child(argv, tmp_path, tmp_path / "again.log")
     assert again.wait(TIMEOUT) == 0, again.output()
     assert "sft seed 0: done, skipped" in again.output()
-    assert (first / "records.jsonl").read_bytes() == kept
-    assert grid_state(out) == reference
-    assert_nothing_half_written(out)
-    count("faults survived")
+    assert record("fault", (first / "records.jsonl").read_bytes() == kept and grid_state(out) == reference
+                  and half_written(out) == [])
 
 
 def test_sigterm_to_bench_with_workers_is_forwarded_once_and_each_worker_stops_at_a_safe_point(
@@ -120,7 +115,7 @@ def test_sigterm_to_bench_with_workers_is_forwarded_once_and_each_worker_stops_a
     cells = out / "cells"
     # the parent's handler is what main() installs; here the request is faked once a cell is done
     monkeypatch.setattr(interrupts, "requested", lambda: signal.SIGTERM if list(cells.glob("*/summary.json")) else None)
-    count("faults injected")
+    inject("fault")
     with pytest.raises(interrupts.Stopped, match="and its 2 workers"):
         run_grid(Protocol.load(spec), out, workers=2)
     monkeypatch.undo()
@@ -128,6 +123,4 @@ def test_sigterm_to_bench_with_workers_is_forwarded_once_and_each_worker_stops_a
     assert all(log.count("SIGTERM received") <= 1 for log in logs)  # forwarded once, never twice
     assert list((out / "claims").iterdir()) == [] and leftovers(out) == []  # the cell in progress was released
     run_grid(Protocol.load(spec), out)
-    assert grid_state(out) == reference
-    assert_nothing_half_written(out)
-    count("faults survived")
+    assert record("fault", grid_state(out) == reference and half_written(out) == [])
