@@ -24,13 +24,13 @@ writes itself reach the disk through :func:`_write_all`, where the fault-injecti
 
 Two writers of other libraries are left their own file I/O, and why:
 
-- a library's ``save_pretrained`` into a :func:`new_folder` (PEFT's ``adapter_config.json`` in ``export``,
-  transformers' model folder in the GGUF conversion): the folder is staged, fsynced and renamed into place
-  like any other, so it appears complete or not at all, and an ``OSError`` of the library's own writes
-  (a full disk) is the same one line, naming the folder and the file, with the staged folder removed
-  (:func:`staged_folder`; tests/test_serving.py exports with PEFT's write failing). Only the ENOSPC
-  injection at :func:`_write_all` does not reach those bytes; writing the library's files here instead
-  would copy its file formats;
+- transformers' ``save_pretrained`` into a :func:`new_folder` (the model folder of the GGUF conversion): the
+  folder is staged, fsynced and renamed into place like any other, so it appears complete or not at all,
+  and an ``OSError`` of the library's own writes (a full disk) is the same one line, naming the folder and
+  the file, with the staged folder removed (:func:`staged_folder`). Only the ENOSPC injection at
+  :func:`_write_all` does not reach those bytes; writing a model's files here instead would copy
+  transformers' file formats. (PEFT's ``adapter_config.json`` in ``export`` is small and plain JSON, so
+  ``models/export.py`` writes it here, as PEFT would and PEFT loads: tested);
 - TensorBoard's event files (``tb/`` of a run, :mod:`metatuner.training.logbook`): an append-only stream
   that TensorBoard's writer owns (a background thread and its own file handle). Each record carries its
   length and CRC, and TensorBoard's reader drops a torn last record and reads the ones before it, which is

@@ -294,3 +294,23 @@ def test_use_contexts_nest(tiny_model):
             assert all(m.active == ("two",) for m in lora.wrapped.values())
         assert all(m.active == ("one",) for m in lora.wrapped.values())
     assert all(m.active == () for m in lora.wrapped.values())
+
+
+def test_the_exported_adapter_config_is_what_peft_writes_and_loads(tmp_path):
+    import json
+
+    from peft import LoraConfig
+
+    from metatuner.models.export import peft_config_json
+
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["v_proj", "q_proj"], layers_to_transform=[0, 2],
+                        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", base_model_name_or_path="tiny")
+    config.save_pretrained(tmp_path / "peft")
+    theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    ours = json.loads(peft_config_json(config))
+    # PEFT lists a set in its hash order, which varies between processes; ours are sorted
+    assert ours["target_modules"] == ["q_proj", "v_proj"] and set(theirs.pop("target_modules")) == {"q_proj", "v_proj"}
+    assert {k: v for k, v in ours.items() if k != "target_modules"} == theirs
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / "adapter_config.json").write_text(peft_config_json(config))
+    assert LoraConfig.from_pretrained(tmp_path / "ours") == config

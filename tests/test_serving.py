@@ -119,23 +119,22 @@ def test_served_answers_equal_metatuner_generate(served, run_dir, tmp_path):
 def test_export_of_a_run_on_a_spec_task(run_dir, tmp_path, monkeypatch, capsys):
     import errno
 
-    from peft import LoraConfig
+    from metatuner import files
 
-    # PEFT writes adapter_config.json itself, into export's staged folder: a full disk there is one line, and
-    # no adapter folder (complete or not) appears
-    real = LoraConfig.save_pretrained
+    # every file of the adapter, PEFT's adapter_config.json first, goes through the crash-safe write path: a
+    # full disk there is one line, and no adapter folder (complete or not) appears
+    real = files._write_all
 
-    def full_disk(self, folder, **kwargs):
-        with open(Path(folder) / "adapter_config.json", "w") as f:
-            f.write("{")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f.name)
+    def full_disk(fd, data):
+        os.write(fd, data[:1])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(LoraConfig, "save_pretrained", full_disk)
+    monkeypatch.setattr(files, "_write_all", full_disk)
     assert main(["export", "--run", str(run_dir), "--query", QUERIES[0], "--out", str(tmp_path / "adapter")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"metatuner: error: cannot write {tmp_path / 'adapter' / 'adapter_config.json'}: No space left on device")
     assert os.listdir(tmp_path) == []
-    monkeypatch.setattr(LoraConfig, "save_pretrained", real)
+    monkeypatch.setattr(files, "_write_all", real)
 
     assert main(["export", "--run", str(run_dir), "--query", QUERIES[0], "--out", str(tmp_path / "adapter")]) == 0
     assert json.loads((tmp_path / "adapter" / "query.json").read_text())["task"] == "capitals"

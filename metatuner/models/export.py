@@ -44,6 +44,14 @@ def query_lora(mt: MetaTuner, task: Task, example: Example) -> dict[str, tuple[t
     return out
 
 
+def peft_config_json(config: LoraConfig) -> str:
+    """``adapter_config.json`` as ``config.save_pretrained`` writes it (keys sorted, indent 2; sets as sorted
+    lists, where PEFT lists them in hash order), so that it goes through the crash-safe write path like every
+    other file of the folder."""
+    data = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+    return json.dumps(data, indent=2, sort_keys=True)
+
+
 def export_peft_adapter(mt: MetaTuner, task: Task, query: str, out_dir: Path) -> str:
     """Writes the PEFT adapter for ``query`` into ``out_dir`` (which appears complete, or not at all);
     returns the generated prompt."""
@@ -65,7 +73,7 @@ def export_peft_adapter(mt: MetaTuner, task: Task, query: str, out_dir: Path) ->
         base_model_name_or_path=getattr(mt.actor.config, "_name_or_path", None),
     )
     with files.new_folder(out_dir) as tmp:
-        config.save_pretrained(tmp)  # PEFT writes adapter_config.json; the folder is fsynced before it appears
+        files.write_new(tmp / "adapter_config.json", peft_config_json(config))
         files.write_new(tmp / "adapter_model.safetensors", save_bytes(peft_state_dict(mt.m_lora, factors)))
         files.write_new(tmp / "prompt.txt", prompt + "\n")
         files.write_new(tmp / "query.json", json.dumps({"task": task.name, "query": query, "prompt": prompt}, indent=2))
