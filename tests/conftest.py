@@ -123,3 +123,18 @@ def pytest_terminal_summary(terminalreporter, config):
     faults = sys.modules.get("faults.conftest")  # imported by pytest_testnodedown, or collected here
     if faults is not None and not config.pluginmanager.is_registered(faults):  # else its own hook prints
         faults.pytest_terminal_summary(terminalreporter)
+
+
+def script_validation_scores(monkeypatch, generated: float, initial: float) -> None:
+    """The harness scores MetaTuner's validation as ``generated`` with G's prompts and ``initial`` with p~
+    (its answers are still computed), so a test decides what the validation gate sees."""
+    from metatuner.evaluation import harness
+
+    real = harness.evaluate
+
+    def scored(predictor, task, examples, **kw):
+        result = real(predictor, task, examples, **kw)
+        result.metrics[result.primary_metric]["mean"] = generated if predictor.prompts == "generated" else initial
+        return result
+
+    monkeypatch.setattr(harness, "evaluate", scored)

@@ -16,7 +16,8 @@ import torch
 
 from metatuner.training.branch import PromptBranch
 from metatuner.training.trainer import Trainer
-from test_training import log_without_timing, setup
+from conftest import script_validation_scores
+from test_training import assert_resume_matches, log_without_timing, setup
 
 WARMUP = ["train.steps=8", "train.actor_warmup_steps=2", "train.generator_warmup_queries=4",
           "train.generator_warmup_steps=2", "train.lr_hypernet=0.01", "train.lr_static=0.01", "train.rollout_every=2"]
@@ -115,17 +116,8 @@ def test_joint_rollouts_that_never_improve_retire_the_branch(tiny_tokenizer, tmp
 
 
 def test_a_closed_gate_at_a_validation_retires_the_branch(tiny_tokenizer, tmp_path, monkeypatch):
-    from metatuner.evaluation import harness
-
     scripted_rewards(monkeypatch, g_wins=True)  # rollouts alone would keep the branch
-    real = harness.evaluate
-
-    def scored(predictor, task_, examples, **kw):
-        result = real(predictor, task_, examples, **kw)
-        result.metrics[result.primary_metric]["mean"] = 0.25 if predictor.prompts == "generated" else 0.5
-        return result
-
-    monkeypatch.setattr(harness, "evaluate", scored)
+    script_validation_scores(monkeypatch, generated=0.25, initial=0.5)
     _, log = train(tiny_tokenizer, tmp_path, "gate", [*JOINT, "train.eval_every=4"], val=4)
     [decision] = [r for r in log if r["phase"] == "prompt_branch"]
     assert decision["step"] == 4 and decision["reason"].startswith("the validation gate served p~ (score 0.250")
@@ -153,14 +145,7 @@ def test_resume_on_either_side_of_the_decision_is_bit_identical(tiny_tokenizer, 
         m.setattr(interrupts, "requested", lambda: signal.SIGTERM if trainer.step >= stop_after else None)
         with pytest.raises(interrupts.Stopped):
             trainer.run()
-    torch.manual_seed(99)  # the restored RNG state must win
-    cfg, mt, task, train_set = setup(tiny_tokenizer, JOINT)
-    Trainer(cfg, mt, task, train_set, [], tmp_path, progress=False).run(resume=True)
-    straight, log = straight_joint
-    resumed = mt.trainable_state()
-    for k in straight:
-        assert torch.equal(straight[k], resumed[k]), k
-    assert log_without_timing(tmp_path) == log
+    assert_resume_matches(tiny_tokenizer, tmp_path, JOINT, straight_joint)
 
 
 def test_the_report_names_the_retirement(tiny_tokenizer, tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from conftest import make_model
+from conftest import make_model, script_validation_scores
 from metatuner.config import load_config
 from metatuner.evaluation.generation import Generation
 from metatuner.tasks import Example, get_task
@@ -239,16 +239,7 @@ def test_the_gate_serves_p_tilde_when_generated_prompts_do_not_help(tiny_tokeniz
     cfg, mt, task = setup(tiny_tokenizer, ["train.steps=2", "train.actor_warmup_steps=1",
                                            "train.generator_warmup_queries=0", "train.gate_margin=0.05"])
     train, val = task.load("train")[:6], task.load("train")[6:10]
-    from metatuner.evaluation import harness
-
-    real = harness.evaluate
-
-    def scored(predictor, task_, examples, **kw):
-        result = real(predictor, task_, examples, **kw)
-        result.metrics[result.primary_metric]["mean"] = 0.5 if predictor.prompts == "generated" else 0.48
-        return result
-
-    monkeypatch.setattr(harness, "evaluate", scored)
+    script_validation_scores(monkeypatch, generated=0.5, initial=0.48)
     Trainer(cfg, mt, task, train, val, tmp_path, progress=False).run()
     final = [r for r in log_of(tmp_path) if r["phase"] == "eval"][-1]
     assert final["gate"] == "initial" and mt.serve_generated is False  # +2 points is within the margin

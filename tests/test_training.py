@@ -163,14 +163,20 @@ def test_a_stop_request_saves_at_the_next_step_and_resume_continues_exactly(tiny
         trainer.run()
     assert e.value.exit_code == 143 and latest_checkpoint(tmp_path).name == f"step-{stop_after:06d}"
     monkeypatch.undo()
+    assert_resume_matches(tiny_tokenizer, tmp_path, STOP_ARGS, straight_run)
+
+
+def assert_resume_matches(tok, run_dir, overrides, straight) -> None:
+    """Resumes the stopped run in ``run_dir`` and checks that its weights and log equal ``straight``'s, the
+    ``(trainable state, log)`` of the same run uninterrupted."""
     torch.manual_seed(99)  # the restored RNG state must win
-    cfg, mt, task, train = setup(tiny_tokenizer, STOP_ARGS)
-    Trainer(cfg, mt, task, train, [], tmp_path, progress=False).run(resume=True)
-    straight, log = straight_run
+    cfg, mt, task, train = setup(tok, overrides)
+    Trainer(cfg, mt, task, train, [], run_dir, progress=False).run(resume=True)
+    weights, log = straight
     resumed = mt.trainable_state()
-    for k in straight:
-        assert torch.equal(straight[k], resumed[k]), k
-    assert log_without_timing(tmp_path) == log  # the records after the checkpoint were cut, then written again
+    for k in weights:
+        assert torch.equal(weights[k], resumed[k]), k
+    assert log_without_timing(run_dir) == log  # the records after the checkpoint were cut, then written again
 
 
 def test_resume_without_checkpoint_is_an_error(tiny_tokenizer, tmp_path):
