@@ -197,6 +197,10 @@ class TrainConfig:
     temperature: float = option(1.0, "sampling temperature of rollouts")
     reward: str = option("nll", "rollout reward: nll (teacher-forced gold NLL) or em (greedy answer scored)", ("nll", "em"))
     rollout_every: int = option(2, "run rollouts every this many joint steps")
+    rollout_queries: int | None = option(
+        None, "queries of each batch rolled out on a rollout step, the first ones (unset: all): fewer cut G's "
+        "sampling and the reward scoring, the largest parts of a step while the prompt branch is active"
+    )
     expert_margin: float = option(
         0.05, "a sampled prompt becomes a query's expert only if its reward beats p~'s by this much (nats); else p~ is"
     )
@@ -245,7 +249,7 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "rollouts", "rollout_every", "sync_every", "static_rank",
                      "max_length", "log_every", "save_every", "expert_cap", "reg_batch_size", "prefetch_limit",
-                     "retire_window"):
+                     "retire_window", "rollout_queries"):
             _at_least(f"train.{name}", getattr(self, name), 1)
         for name in ("actor_warmup_steps", "generator_warmup_queries", "generator_warmup_steps", "eval_every"):
             _at_least(f"train.{name}", getattr(self, name), 0)

@@ -155,3 +155,14 @@ def test_the_report_names_the_retirement(tiny_tokenizer, tmp_path, monkeypatch):
     train(tiny_tokenizer, tmp_path, "run", JOINT, val=2)
     table = diagnostics_table([{"method": "metatuner-j", "task": "arithmetic", "train_log": "run/log.jsonl"}], tmp_path)
     assert "| metatuner-j | arithmetic |" in table and table.rstrip().endswith("| retired at step 4 x1 |")
+
+
+def test_rollout_queries_rolls_out_only_the_first_queries_of_each_batch(tiny_tokenizer, tmp_path, monkeypatch):
+    scripted_rewards(monkeypatch, g_wins=True)
+    cfg, mt, task, train_set = setup(tiny_tokenizer, [*JOINT, "train.rollout_queries=1", "train.prompt_branch=always"])
+    trainer = Trainer(cfg, mt, task, train_set, [], tmp_path, progress=False)
+    trainer.run()
+    joint = [r for r in log_without_timing(tmp_path) if r["phase"] == "joint"]
+    assert len(joint) == 6 and [r["rolled_out"] for r in joint] == [1] * 6  # of batches of 2
+    # 6 steps x 2 queries cover all 8 training queries; one rolled out per step reaches at most 6 of them
+    assert 1 <= len(trainer.experts) <= 6

@@ -378,13 +378,15 @@ class Trainer:
         if do_rollout:
             # the rollout's samples and the frozen decoder's greedy prompts still missing: one batched generate
             todo = self._frozen_todo(batch)
+            roll = batch[: tc.rollout_queries or len(batch)]  # the queries rolled out: a prefix of the batch
             with self._timed("decode"):
-                samples, greedy = mt.generate_mixed(task, batch, tc.rollouts, tc.temperature, todo)
+                samples, greedy = mt.generate_mixed(task, roll, tc.rollouts, tc.temperature, todo)
             self.prompt_cache.update({ex.id: mt.clean_output(g) for ex, g in zip(todo, greedy)})
             outputs = [self.prompt_cache[ex.id] for ex in batch]
-            detached = {k: (a.detach(), b.detach()) for k, (a, b) in factors.items()} if factors else None
+            n = len(roll)
+            detached = {k: (a[:n].detach(), b[:n].detach()) for k, (a, b) in factors.items()} if factors else None
             with self._timed("score"):
-                stats = self.offer(batch, detached, outputs, samples)
+                stats = self.offer(roll, detached, outputs[:n], samples)
             self.branch.record_rollout(stats["improved"], stats["rolled_out"])
             record.update(stats)
         elif mt.use_prompt and "task" in terms:
