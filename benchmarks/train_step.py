@@ -2,7 +2,8 @@
 retired: time per step, where it goes, and memory above the loaded model.
 
     .venv/bin/python benchmarks/train_step.py [--model smollm2-135m] [--batch-size 4] [--rollouts 4]
-                                              [--repeats 5] [--window 4] [--out results/bench/train_step.json]
+                                              [--rollout-queries N] [--repeats 5] [--window 4]
+                                              [--out results/bench/train_step.json]
 
 Variants, each run by the trainer's own code on the built-in task with the shipped defaults
 (``generator.mode=append``, 16-token prompt cap, rollouts every 2 joint steps), each on its own copy of
@@ -62,7 +63,8 @@ def build(args, only: str | None = None):
         cfg = load_config(None, [
             f"train.batch_size={args.batch_size}", f"train.rollouts={args.rollouts}", "train.steps=1000000",
             "train.actor_warmup_steps=0", "train.generator_warmup_steps=0", "data.val_size=0",
-            f"train.sync_every={args.window}", *overrides,
+            f"train.sync_every={args.window}",
+            *([f"train.rollout_queries={args.rollout_queries}"] if args.rollout_queries else []), *overrides,
         ])
         torch.manual_seed(0)
         model, tok = load_model(args.model, device="cpu")
@@ -138,6 +140,8 @@ def main() -> None:
     p.add_argument("--rollouts", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--window", type=int, default=4, help="J steps from one sync to the next (train.sync_every)")
+    p.add_argument("--rollout-queries", type=int, default=None,
+                   help="train.rollout_queries: queries of each batch rolled out (default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--out", help="write the results as JSON here")
@@ -176,6 +180,8 @@ def main() -> None:
         for name in VARIANTS:
             cmd = [sys.executable, __file__, "--memory-of", name, "--model", args.model, "--batch-size",
                    str(args.batch_size), "--rollouts", str(args.rollouts), "--window", str(args.window)]
+            if args.rollout_queries:
+                cmd += ["--rollout-queries", str(args.rollout_queries)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
@@ -189,6 +195,7 @@ def main() -> None:
             targets[f"memory {name}/sft"] = 1.3
     result = {
         "model": args.model, "batch_size": args.batch_size, "rollouts": args.rollouts, "window": args.window,
+        "rollout_queries": args.rollout_queries,
         "repeats": args.repeats, "threads": torch.get_num_threads(), "seconds": times, "stats": stats,
         "parts": parts, "median_parts": median_parts, "ratios": ratios, "targets": targets, "memory": mem,
     }
