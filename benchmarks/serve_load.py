@@ -11,12 +11,13 @@ Two servers start as subprocesses on free 127.0.0.1 ports, each serving ``metatu
 ``--max-wait-ms``), the other answers one request at a time (``serve.max_batch_size=1``). For each server and
 model, after ``--clients`` untimed warm-up requests, ``--clients`` threads send ``--requests`` requests in all
 (the run's test queries, cycled; chat completions with the task's own token budget) and the phase reports
-latency p50 / p95, throughput (answered requests per second of the phase), failed requests and the mean batch
-size the server reports. A thread samples each server's resident memory (RSS) every 100 ms; memory is flat when
+latency p50 / p95, throughput (answered requests, and completion tokens, per second of the phase), failed
+requests and the mean batch size the server reports. A thread samples each server's resident memory (RSS) every 100 ms; memory is flat when
 its peak over the measured phases stays within ``--max-rss-growth-mb`` of its level after the warm-up.
 
-Ratios printed: micro-batched MetaTuner throughput / micro-batched zero-shot throughput (the issue's target is
->= 0.5), and micro-batching's gain (batched / one-at-a-time throughput) for each model. Everything is bounded:
+Ratios printed: micro-batched MetaTuner throughput / micro-batched zero-shot throughput, in requests and in
+tokens per second (issue 21's target: >= 0.8 in both), and micro-batching's gain (batched / one-at-a-time
+throughput) for each model. Everything is bounded:
 ``--requests`` per phase, ``--time-limit`` seconds for the whole benchmark (a phase stops sending at its share),
 a timeout per request. Exits 1 when any request failed or memory grew. Timing is never a pass/fail test.
 """
@@ -95,17 +96,17 @@ class Server:
                 self.proc.wait()
 
 
-def ask(url: str, model: str, query: str, timeout: float) -> tuple[float, int | None, str | None]:
-    """One chat completion: (latency s, batch size the server reports, error or None)."""
+def ask(url: str, model: str, query: str, timeout: float) -> tuple[float, int | None, int, str | None]:
+    """One chat completion: (latency s, batch size the server reports, completion tokens, error or None)."""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": query}]}).encode()
     request = urllib.request.Request(f"{url}/chat/completions", body, {"Content-Type": "application/json"})
     start = time.perf_counter()
     try:
         with urllib.request.urlopen(request, timeout=timeout) as reply:
             data = json.loads(reply.read())
-        return time.perf_counter() - start, data["metatuner"]["batch_size"], None
+        return time.perf_counter() - start, data["metatuner"]["batch_size"], data["usage"]["completion_tokens"], None
     except (urllib.error.URLError, TimeoutError, OSError, KeyError, ValueError) as e:
-        return time.perf_counter() - start, None, f"{type(e).__name__}: {e}"
+        return time.perf_counter() - start, None, 0, f"{type(e).__name__}: {e}"
 
 
 def phase(server: Server, model: str, texts: list[str], clients: int, requests: int, deadline: float,
@@ -131,16 +132,18 @@ def phase(server: Server, model: str, texts: list[str], clients: int, requests: 
         for future in [pool.submit(client) for _ in range(clients)]:
             future.result()
     wall = time.monotonic() - start
-    ok = sorted(latency for latency, _, error in results if error is None)
+    ok = sorted(latency for latency, _, _, error in results if error is None)
+    tokens = sum(n for _, _, n, error in results if error is None)
     rss = [mb for t, mb in server.samples if t >= start]
-    failures = [error for _, _, error in results if error is not None]
+    failures = [error for _, _, _, error in results if error is not None]
     return {
         "model": model, "sent": len(results), "answered": len(ok), "failed": len(failures),
         "not_sent": requests - len(results), "errors": sorted(set(failures))[:3], "seconds": wall,
         "throughput_rps": len(ok) / wall if wall > 0 else 0.0,
+        "completion_tokens": tokens, "throughput_tps": tokens / wall if wall > 0 else 0.0,
         "p50_s": statistics.median(ok) if ok else None,
         "p95_s": ok[min(len(ok) - 1, int(0.95 * len(ok)))] if ok else None,
-        "mean_batch": statistics.mean(b for _, b, e in results if e is None) if ok else None,
+        "mean_batch": statistics.mean(b for _, b, _, e in results if e is None) if ok else None,
         "rss_after_warmup_mb": baseline, "rss_peak_mb": max(rss, default=baseline),
         "rss_end_mb": server.rss_mb(),
     }
@@ -180,27 +183,29 @@ def main() -> int:
         finally:
             server.stop()
 
-    def rps(key: str) -> float:
-        return results[key]["throughput_rps"]
+    def rps(key: str, unit: str = "rps") -> float:
+        return results[key][f"throughput_{unit}"]
 
     ratios = {
         "metatuner_vs_zero_shot_batched": rps("batched/metatuner") / max(rps("batched/zero-shot"), 1e-9),
+        "metatuner_vs_zero_shot_batched_tokens": rps("batched/metatuner", "tps") / max(rps("batched/zero-shot", "tps"), 1e-9),
         "batching_gain_metatuner": rps("batched/metatuner") / max(rps("one-at-a-time/metatuner"), 1e-9),
         "batching_gain_zero_shot": rps("batched/zero-shot") / max(rps("one-at-a-time/zero-shot"), 1e-9),
     }
     failed = sum(r["failed"] for r in results.values())
     growth = max(r["rss_peak_mb"] - r["rss_after_warmup_mb"] for r in results.values())
     print(f"\nclients {args.clients}, requests {args.requests} per phase, run {run_dir}\n")
-    print("| server | model | answered | failed | p50 s | p95 s | req/s | mean batch | RSS after warm-up / peak MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| server | model | answered | failed | p50 s | p95 s | req/s | tokens/s | mean batch | RSS after warm-up / peak MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for key, r in results.items():
         name, model = key.split("/")
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
         print(f"| {name} | {model} | {r['answered']}/{args.requests} | {r['failed']} | {fmt(r['p50_s'])} | "
-              f"{fmt(r['p95_s'])} | {r['throughput_rps']:.2f} | {fmt(r['mean_batch'])} | "
+              f"{fmt(r['p95_s'])} | {r['throughput_rps']:.2f} | {r['throughput_tps']:.1f} | {fmt(r['mean_batch'])} | "
               f"{r['rss_after_warmup_mb']:.0f} / {r['rss_peak_mb']:.0f} |")
-    print(f"\nMetaTuner / zero-shot throughput, micro-batched: {ratios['metatuner_vs_zero_shot_batched']:.2f}x "
-          f"(target >= 0.5x)")
+    print(f"\nMetaTuner / zero-shot throughput, micro-batched: {ratios['metatuner_vs_zero_shot_batched']:.2f}x in "
+          f"requests/s, {ratios['metatuner_vs_zero_shot_batched_tokens']:.2f}x in tokens/s (target >= 0.8x in both; "
+          f"both answer with the task's own token budget)")
     print(f"micro-batching gain: MetaTuner {ratios['batching_gain_metatuner']:.2f}x, "
           f"zero-shot {ratios['batching_gain_zero_shot']:.2f}x")
     print(f"failed requests: {failed}; largest RSS growth after warm-up: {growth:.0f} MB "
