@@ -196,3 +196,29 @@ def test_a_cross_task_mix_has_its_test_tasks_splits():
     assert [e.query for e in shifted] == [e.query for e in get_task("arithmetic").load("test_shift")]
     assert {e.meta["task"] for e in shifted} == {"arithmetic"} and {e.meta["family"] for e in mix.load("train")} \
         == set(mixture.FAMILIES)
+
+
+@pytest.mark.parametrize("held_out", ["weekdays", "sorting"])
+def test_a_held_out_family_never_reaches_train_or_validation(held_out):
+    from metatuner.recipes import train_val_split
+
+    task = get_task(f"mixture-without-{held_out}>mixture-only-{held_out}")
+    train, val = train_val_split(task.load("train"), 800, 32, seed=0)
+    seen = {ex.meta["family"] for ex in train + val}
+    assert seen == set(mixture.FAMILIES) - {held_out} and len(train) == 800 and len(val) == 32
+    for split in ("test", "test_shift"):
+        whole = [ex.id for ex in get_task("mixture").load(split) if ex.meta["family"] == held_out]
+        tested = task.load(split)
+        assert {ex.meta["family"] for ex in tested} == {held_out}
+        assert [ex.id for ex in tested] == whole  # every item of the family in the whole mixture, and only those
+    assert task.instruction == mixture.INSTRUCTION  # one p~ on both sides
+
+
+def test_mixture_names_that_cut_its_families_are_checked():
+    assert get_task("mixture").card()["metric"] == "per-family"  # `metatuner tasks mixture` printed a traceback
+    assert get_task("mixture-only-weekdays,choice").families == ("weekdays", "choice")
+    assert get_task("mixture-without-weekdays,choice").families == ("arithmetic", "letters", "sorting", "units")
+    for bad, said in [("mixture-only-moon", "unknown family 'moon'"), ("mixture-except-weekdays", "bad mixture name"),
+                      ("mixture-without-" + ",".join(mixture.FAMILIES), "leaves no family")]:
+        with pytest.raises(MetatunerError, match=said):
+            get_task(bad)

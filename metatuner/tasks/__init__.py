@@ -29,6 +29,8 @@ def get_task(name: str, data_dir: str | os.PathLike | None = None) -> Task:
 def _single_task(name: str, data_dir: str | os.PathLike | None) -> Task:
     if name.startswith(TASK_FILE_PREFIX):
         return SpecTask(name.removeprefix(TASK_FILE_PREFIX), data_dir)
+    if name.startswith("mixture-"):  # the mixture cut to some of its families
+        return mixture.Mixture.of_families(name, data_dir)
     try:
         return TASKS.get(name)(data_dir=data_dir)
     except MetatunerError as e:

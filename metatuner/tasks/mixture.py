@@ -40,6 +40,7 @@ from metatuner.tasks import answers
 from metatuner.tasks.arithmetic import ORDINARY, SHIFTED
 from metatuner.tasks.arithmetic import Vocabulary as WordProblems
 from metatuner.tasks.arithmetic import word_problem
+from metatuner.errors import MetatunerError
 from metatuner.tasks.base import TASKS, Example, Task
 from metatuner.tasks.cosmosqa import LETTERS
 
@@ -238,11 +239,38 @@ class Mixture(Task):
     splits = SPLITS
     required_fields = ("id", "family", "question", "answer", "solution")
     primary_metric = "exact_match_flexible"
+    #: no spec-file metric grades all six formats: each item is graded in its family's (``answer_format``)
+    metric = "per-family"
+
+    def __init__(self, data_dir=None, families: tuple[str, ...] = FAMILIES):
+        super().__init__(data_dir)
+        self.families = families
+
+    @classmethod
+    def of_families(cls, name: str, data_dir=None) -> "Mixture":
+        """The mixture cut to some families, by name: ``mixture-only-weekdays`` keeps the listed families (comma
+        separated), ``mixture-without-weekdays,sorting`` drops them. Every split is cut alike, so
+        ``mixture-without-weekdays>mixture-only-weekdays`` (a cross-task name) trains on five families and
+        tests on the sixth, which no training or validation item is from."""
+        kind, _, listed = name.removeprefix(f"{cls.name}-").partition("-")
+        chosen = tuple(f.strip() for f in listed.split(",") if f.strip())
+        unknown = [f for f in chosen if f not in FAMILIES]
+        if kind not in ("only", "without") or not chosen or unknown:
+            raise MetatunerError(
+                f"bad mixture name {name!r}" + (f": unknown family {unknown[0]!r}" if unknown else "")
+                + f"; expected mixture-only-F1,F2 or mixture-without-F1,F2 with families from {', '.join(FAMILIES)}"
+            )
+        kept = tuple(f for f in FAMILIES if (f in chosen) == (kind == "only"))
+        if not kept:
+            raise MetatunerError(f"{name!r} leaves no family of the mixture ({', '.join(FAMILIES)})")
+        task = cls(data_dir, kept)
+        task.name = name
+        return task
 
     def load(self, split: str) -> list[Example]:
-        """Generates the split; the data folder is not used."""
+        """Generates the split (the data folder is not used), keeping the task's families."""
         self.check_split(split)
-        return [self.example_from_row(row) for row in generate(split)]
+        return [self.example_from_row(row) for row in generate(split) if row["family"] in self.families]
 
     def example_from_row(self, row: dict[str, Any]) -> Example:
         return Example(id=row["id"], query=row["question"], answer=row["answer"], target=row["solution"],
