@@ -109,6 +109,11 @@ class LoRAModel:
                 self.sites[site.key] = (site, path)
                 if isinstance(module, LoRALinear):
                     self.wrapped[site.key] = module
+        if not self.sites:
+            raise MetatunerError(
+                f"unsupported model {type(model).__name__}: no linear layers inside a '.layers.N.' list of decoder "
+                "blocks (Llama, Qwen2, Mistral, Gemma 2/3, Phi-3 and other decoders that name their blocks 'layers')"
+            )
         self.num_layers = 1 + max((s.layer for s, _ in self.sites.values()), default=-1)
         self.adapters: dict[str, list[str]] = {}  # adapter name -> site keys
 

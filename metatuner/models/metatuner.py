@@ -196,7 +196,7 @@ class MetaTuner(nn.Module):
         """
         enc, pool_mask = self.rewrite_batch(task, examples)
         captured: list[torch.Tensor] = []
-        layer = self.generator.model.layers[self.feature_layer - 1]
+        layer = self.generator.get_decoder().layers[self.feature_layer - 1]  # the decoder's blocks, any family
 
         def hook(module, args, output):
             captured.append(output[0] if isinstance(output, tuple) else output)
