@@ -54,16 +54,20 @@ class LoRALinear(nn.Module):
         return self.base.out_features
 
     def add_adapter(self, name: str, rank: int, alpha: float) -> None:
+        """A new adapter, in float32 whatever the base's dtype: in bf16 an AdamW update of 1e-4 is below the
+        resolution of A's entries, so trainable weights (and so their optimizer state) stay fp32."""
         w = self.base.weight
-        a = torch.empty(rank, self.in_features, dtype=w.dtype, device=w.device)
+        a = torch.empty(rank, self.in_features, dtype=torch.float32, device=w.device)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's default: A random, B zero -> no change at init
         self.lora_A[name] = nn.Parameter(a)
-        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, rank, dtype=w.dtype, device=w.device))
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, rank, dtype=torch.float32, device=w.device))
         self.scaling[name] = alpha / rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # in-place adds: no extra [bs, T, out] temporaries (a linear layer's backward never needs its output)
         y = self.base(x)
+        if x.dtype != torch.float32:  # a bf16 / fp16 base: the LoRA terms in fp32, added to y in its dtype
+            return y.add_(self._delta(x.float()).to(y.dtype))
         for name in self.active:
             delta = nn.functional.linear(nn.functional.linear(x, self.lora_A[name]), self.lora_B[name])
             if name in self.masks:
@@ -74,6 +78,19 @@ class LoRALinear(nn.Module):
             h = torch.bmm(x, a.transpose(1, 2))  # [bs, T, r]
             y = y.baddbmm_(h, b.transpose(1, 2), alpha=scale)  # [bs, T, out]
         return y
+
+    def _delta(self, x: torch.Tensor) -> torch.Tensor:
+        """Every active LoRA term for a float32 ``x [bs, T, in]``: ``[bs, T, out]`` in float32."""
+        delta = torch.zeros(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)
+        for name in self.active:
+            d = nn.functional.linear(nn.functional.linear(x, self.lora_A[name]), self.lora_B[name])
+            if name in self.masks:
+                d = d * self.masks[name].view(-1, *(1,) * (d.dim() - 1))
+            delta = delta + self.scaling[name] * d
+        if self.rows is not None:
+            a, b, scale = self.rows
+            delta = delta + scale * torch.bmm(torch.bmm(x, a.float().transpose(1, 2)), b.float().transpose(1, 2))
+        return delta
 
 
 @dataclass(frozen=True)
@@ -190,12 +207,11 @@ class LoRAModel:
         saved = {key: (m.active, m.rows, m.masks) for key, m in self.wrapped.items()}
         for key, m in self.wrapped.items():
             m.active = tuple(a for a in active if a in m.lora_A)
-            m.masks = {a: w.to(m.base.weight.dtype) for a, w in (masks or {}).items() if a in m.active}
+            m.masks = {a: w.to(torch.float32) for a, w in (masks or {}).items() if a in m.active}
             m.rows = None
             if rows is not None and key in rows:
-                a, b = rows[key]
-                dtype = m.base.weight.dtype
-                m.rows = (a.to(dtype), b.to(dtype), rows_scale)
+                a, b = rows[key]  # F's output, float32; a bf16 base computes the LoRA terms in float32 too
+                m.rows = (a.float(), b.float(), rows_scale)
         try:
             yield
         finally:
