@@ -1,7 +1,8 @@
 """MetaTuner on decoder families other than Llama, from tiny random models built from their configs (no
 downloads): Qwen2, Mistral, Gemma 2 and Phi-3 (whose attention has one fused ``qkv_proj``), and G and M of
 different families. Each trains two steps (M's warm-up, then a joint step with rollouts), answers through
-the trained predictor, and exports one query's adapter that stock PEFT loads and that gives M's logits.
+the trained predictor, exports one query's adapter that stock PEFT loads and that gives M's logits, and
+resumes from a stop after its first step to the same weights as the run without a stop.
 A model with no ``.layers.N.`` list of decoder blocks is refused with one clear error.
 """
 
@@ -83,6 +84,32 @@ def test_a_family_trains_answers_and_exports_a_peft_adapter(tiny_tokenizer, tmp_
     with torch.no_grad():
         theirs = PeftModel.from_pretrained(base, tmp_path / "adapter")(ids).logits
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("actor,generator", [("qwen2", None), ("gemma2", None), ("phi3", None), ("qwen2", "mistral")])
+def test_a_family_resumes_bit_for_bit(tiny_tokenizer, tmp_path, monkeypatch, actor, generator):
+    import signal
+
+    from metatuner import interrupts
+
+    task = get_task("arithmetic")
+    train = task.load("train")[:6]
+    cfg, mt = build(tiny_tokenizer, actor, generator)
+    Trainer(cfg, mt, task, train, [], tmp_path / "straight", progress=False).run()
+    straight = mt.trainable_state()
+
+    cfg, mt = build(tiny_tokenizer, actor, generator)
+    trainer = Trainer(cfg, mt, task, train, [], tmp_path / "stopped", progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(interrupts, "requested", lambda: signal.SIGTERM if trainer.step >= 1 else None)
+        with pytest.raises(interrupts.Stopped, match="at step 1"):
+            trainer.run()
+    cfg, mt = build(tiny_tokenizer, actor, generator)
+    Trainer(cfg, mt, task, train, [], tmp_path / "stopped", progress=False).run(resume=True)
+    resumed = mt.trainable_state()
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
 
 
 def test_a_model_without_a_list_of_decoder_blocks_is_refused(tiny_tokenizer):
