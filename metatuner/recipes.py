@@ -281,8 +281,7 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()):
     if branch.get("retired"):  # the prompt branch retired itself: p~ is served, and G is never run
         from metatuner.training.branch import PromptBranch
 
-        mt.use_prompt = False
-        mt.prompt_branch_note = PromptBranch(retired=branch["retired"]).message()
+        mt.retire_prompt_branch(PromptBranch(retired=branch["retired"]).message())
     return mt, cfg
 
 

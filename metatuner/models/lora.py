@@ -66,31 +66,20 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # in-place adds: no extra [bs, T, out] temporaries (a linear layer's backward never needs its output)
         y = self.base(x)
-        if x.dtype != torch.float32:  # a bf16 / fp16 base: the LoRA terms in fp32, added to y in its dtype
-            return y.add_(self._delta(x.float()).to(y.dtype))
+        if not self.active and self.rows is None:
+            return y
+        # the adapters are float32: a bf16 / fp16 base adds its LoRA terms up in float32, then into y
+        acc, x = (y, x) if x.dtype == torch.float32 else (torch.zeros_like(y, dtype=torch.float32), x.float())
         for name in self.active:
             delta = nn.functional.linear(nn.functional.linear(x, self.lora_A[name]), self.lora_B[name])
             if name in self.masks:
                 delta = delta * self.masks[name].view(-1, *(1,) * (delta.dim() - 1))  # rows without it get 0
-            y = y.add_(delta, alpha=self.scaling[name])
+            acc = acc.add_(delta, alpha=self.scaling[name])
         if self.rows is not None:
-            a, b, scale = self.rows  # a [bs, r, in], b [bs, out, r]
+            a, b, scale = self.rows  # a [bs, r, in], b [bs, out, r], float32
             h = torch.bmm(x, a.transpose(1, 2))  # [bs, T, r]
-            y = y.baddbmm_(h, b.transpose(1, 2), alpha=scale)  # [bs, T, out]
-        return y
-
-    def _delta(self, x: torch.Tensor) -> torch.Tensor:
-        """Every active LoRA term for a float32 ``x [bs, T, in]``: ``[bs, T, out]`` in float32."""
-        delta = torch.zeros(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)
-        for name in self.active:
-            d = nn.functional.linear(nn.functional.linear(x, self.lora_A[name]), self.lora_B[name])
-            if name in self.masks:
-                d = d * self.masks[name].view(-1, *(1,) * (d.dim() - 1))
-            delta = delta + self.scaling[name] * d
-        if self.rows is not None:
-            a, b, scale = self.rows
-            delta = delta + scale * torch.bmm(torch.bmm(x, a.float().transpose(1, 2)), b.float().transpose(1, 2))
-        return delta
+            acc = acc.baddbmm_(h, b.transpose(1, 2), alpha=scale)  # [bs, T, out]
+        return acc if acc is y else y.add_(acc.to(y.dtype))
 
 
 @dataclass(frozen=True)

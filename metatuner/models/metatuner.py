@@ -157,6 +157,13 @@ class MetaTuner(nn.Module):
         self.m_lora.add_adapter("static", sorted({s.kind for s in self.sites}), layers, rank, alpha)
         self.has_static = True
 
+    def retire_prompt_branch(self, note: str) -> None:
+        """From now on G is never run: p~ is served and trained on (the prompt branch retired itself, ``note``
+        says when and why; :mod:`metatuner.training.branch`)."""
+        self.use_prompt = False
+        self.serve_generated = False
+        self.prompt_branch_note = note
+
     def sync_frozen_decoder(self) -> None:
         self.g_lora.copy_adapter("dec", "dec_frozen")
 

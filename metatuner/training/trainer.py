@@ -290,9 +290,7 @@ class Trainer:
         """Retires the prompt branch (:mod:`metatuner.training.branch`) from this step on: no rollouts, no
         regularizer, no prompt decoding; the task loss under p~, as w/o P; p~ served."""
         message = self.branch.retire(self.step, reason)
-        self.mt.use_prompt = False
-        self.mt.serve_generated = False
-        self.mt.prompt_branch_note = message
+        self.mt.retire_prompt_branch(message)
         self.prompt_cache.clear()
         self.log({"phase": "prompt_branch", "step": self.step, "decision": "retired", "reason": reason,
                   "message": message})
@@ -553,5 +551,4 @@ class Trainer:
         if "prompt_branch" in extra:
             self.branch.load_state(extra["prompt_branch"])
         if not self.branch.active:
-            self.mt.use_prompt = False
-            self.mt.prompt_branch_note = self.branch.message()
+            self.mt.retire_prompt_branch(self.branch.message())
