@@ -105,16 +105,24 @@ def callable_metric(spec: str, primary: str | None) -> Metric:
         raise MetatunerError(f"metric {spec!r} could not be imported ({type(e).__name__}: {e})") from None
     if not callable(function):
         raise MetatunerError(f"metric {spec!r} is not callable")
+    return function_metric(function, spec, primary)
+
+
+def function_metric(function: Callable[[str, str], float | dict[str, float]], name: str,
+                    primary: str | None = None) -> Metric:
+    """A metric from a Python function, called as ``function(output, answer)`` on the whole (stripped) output
+    and the gold answer; it returns a number in [0, 1] or a dict of them, of which ``primary`` (default
+    ``score``) is reported first."""
     primary = primary or "score"
 
     def score(extracted: Extracted, example: Example, _letters) -> dict[str, float]:
         value = function(extracted["flexible"] or "", example.answer)
         scores = dict(value) if isinstance(value, dict) else {"score": value}
         if primary not in scores:
-            raise MetatunerError(f"metric {spec!r} returned {sorted(scores)}, without its primary {primary!r}")
+            raise MetatunerError(f"metric {name!r} returned {sorted(scores)}, without its primary {primary!r}")
         return {k: float(v) for k, v in scores.items()}
 
-    return Metric(spec, primary, lambda o, _: {"strict": o.strip(), "flexible": o.strip()}, score,
+    return Metric(name, primary, lambda o, _: {"strict": o.strip(), "flexible": o.strip()}, score,
                   target_format="{answer}")
 
 

@@ -32,7 +32,7 @@ from metatuner.config import ConfigKeyError, from_dict, option
 from metatuner.errors import MetatunerError
 from metatuner.tasks.base import SPLITS, Example, HubSource, Task, numbered_jsonl
 from metatuner.tasks.cosmosqa import list_options
-from metatuner.tasks.metrics import NAMES, get_metric
+from metatuner.tasks.metrics import NAMES, Metric, get_metric
 
 TABLE_FORMATS = (".jsonl", ".csv", ".parquet")
 MAX_LETTERS = 10  # letters an answer may name when one field holds each row's list of options
@@ -137,19 +137,31 @@ def read_table(path: Path) -> list[tuple[int, dict[str, Any]]]:
 
 
 class SpecTask(Task):
-    """A task read from a spec file; see the module docstring."""
+    """A task read from a spec file (see the module docstring), or one whose spec and rows are given in Python
+    (``spec``, ``rows``: split -> row dicts; what :func:`metatuner.make_task` builds). ``grader`` replaces the
+    spec's named metric (a metric made from a Python function, :func:`~metatuner.tasks.metrics.function_metric`).
+    """
 
-    def __init__(self, path: str | Path, data_dir=None):
+    def __init__(self, path: str | Path | None = None, data_dir=None, *, spec: TaskSpec | None = None,
+                 rows: dict[str, list[dict[str, Any]]] | None = None, grader: Metric | None = None):
         super().__init__(data_dir)  # the spec names its own data: the data folder is not used
-        self.path = Path(path)
-        self.spec, lines = load_spec(self.path)
-        spec = self.spec
+        self.path = Path(path) if path is not None else None
+        self.rows = rows
+        lines: dict[str, int] = {}
+        if spec is None:
+            spec, lines = load_spec(self.path)
+        self.spec = spec
+        self.name = spec.name or self.path.stem
+        #: what errors name: the spec file, or the task given in Python
+        self.source = str(self.path) if self.path is not None else f"task {self.name!r}"
 
         def fail(key: str, message: str) -> MetatunerError:
+            if self.path is None:
+                return MetatunerError(f"{self.source}: {message}")
             return MetatunerError(f"{self.path}:{_line(lines, key)}: {message}")
 
         try:
-            self.grader = get_metric(spec.metric.name, spec.metric.pattern, spec.metric.primary)
+            self.grader = grader or get_metric(spec.metric.name, spec.metric.pattern, spec.metric.primary)
         except MetatunerError as e:
             raise fail("metric", str(e)) from None
         try:
@@ -166,15 +178,16 @@ class SpecTask(Task):
         instruction = spec.instruction or self.grader.instruction
         if instruction is None:
             raise fail("instruction", f"metric {spec.metric.name} has no default instruction; set instruction (p~)")
-        if spec.data.hub and (spec.data.train or spec.data.test):
+        if rows is not None and not rows:
+            raise fail("data", "no rows given; give train and/or test rows")
+        if rows is None and spec.data.hub and (spec.data.train or spec.data.test):
             raise fail("data", "data names both a hub dataset and files; give one of them")
-        if not (spec.data.hub or spec.data.train or spec.data.test):
+        if rows is None and not (spec.data.hub or spec.data.train or spec.data.test):
             raise fail("data", "data names no rows; give data.train / data.test files or data.hub")
         for key in ("max_new_tokens", "cot_max_new_tokens"):
             if getattr(spec, key) < 1:
                 raise fail(key, f"{key} must be >= 1, got {getattr(spec, key)}")
 
-        self.name = spec.name or self.path.stem
         self.version = spec.version
         self.instruction = instruction
         self.cot_instruction = spec.cot_instruction or f"Let's think step by step. {instruction}"
@@ -189,15 +202,22 @@ class SpecTask(Task):
                              "test": spec.data.test_split}, spec.data.revision) if spec.data.hub else None
 
     def card(self) -> dict[str, Any]:
-        data = {"hub": self.hub.path} if self.hub else {k: str(self.path.parent / f) for k in SPLITS
-                                                         if (f := getattr(self.spec.data, k))}
+        if self.rows is not None:
+            data = {k: f"{len(v)} rows given in Python" for k, v in self.rows.items()}
+        else:
+            data = {"hub": self.hub.path} if self.hub else {k: str(self.path.parent / f) for k in SPLITS
+                                                             if (f := getattr(self.spec.data, k))}
         return {**super().card(), "data": data} | ({"options": list(self.option_fields)} if self.option_fields else {})
 
     # ---- rows -> examples ----------------------------------------------------------------------
     def load(self, split: str) -> list[Example]:
         if split not in SPLITS:
             raise MetatunerError(f"unknown split {split!r}; available: {', '.join(SPLITS)}")
-        if self.hub is not None:
+        if self.rows is not None:
+            if split not in self.rows:
+                raise MetatunerError(f"task {self.name!r} has no {split} split; give its {split} rows")
+            numbered, where = list(enumerate(self.rows[split], 1)), f"{self.name}[{split}]"
+        elif self.hub is not None:
             rows, where = self._load_hub(split)
             numbered = list(enumerate(rows, 1))
         else:
@@ -219,16 +239,16 @@ class SpecTask(Task):
         missing = [f for f in self.required_fields if f not in row]
         if missing:
             raise MetatunerError(
-                f"{where}:{line}: row lacks field(s) {', '.join(missing)} named by {self.path} "
+                f"{where}:{line}: row lacks field(s) {', '.join(missing)} named by {self.source} "
                 f"(its fields: {', '.join(self.required_fields)})"
             )
         return self._example(row, where, line, labelled=True)
 
     def example_from_row(self, row: dict[str, Any]) -> Example:
-        return self._example(row, str(self.path), 0, labelled=True)
+        return self._example(row, self.source, 0, labelled=True)
 
     def unlabelled_example(self, row: dict[str, Any]) -> Example:
-        return self._example(row, str(self.path), 0, labelled=False)
+        return self._example(row, self.source, 0, labelled=False)
 
     def _example(self, row: dict[str, Any], where: str, line: int, labelled: bool) -> Example:
         try:
