@@ -253,42 +253,30 @@ def cmd_eval(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from accelerate.utils import broadcast_object_list
-
-    from metatuner.config import load_config
-    from metatuner.models.loading import process_state
-    from metatuner.recipes import eval_splits, new_run_dir, run_folder, train_metatuner
-    from metatuner.training.checkpoint import latest_checkpoint
-    from metatuner.training.predictor import MetaTunerPredictor
+    from metatuner.api import train
+    from metatuner.recipes import RunFolderExists
 
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise MetatunerError(f"--resume: {run_dir / 'config.yaml'} not found; is {run_dir} a training run folder?")
-        cfg = load_config(run_dir / "config.yaml", [*args.overrides, *_flag_overrides(args)])
+        config, overrides = None, [*args.overrides, *_flag_overrides(args)]
     else:
-        cfg = _config(args)
-    state = process_state(cfg.model.device)  # under `accelerate launch` / `torchrun`: one of the processes that train
-    if not args.resume:
-        run_dir = Path(args.out) if args.out else new_run_dir(cfg.out_dir, "metatuner", cfg.data.task)
-        run_dir = Path(broadcast_object_list([str(run_dir)])[0])  # the main process's name (time-stamped)
-    hint = f"continue with: metatuner train --resume {run_dir}"
-    with run_folder(cfg, run_dir, resume=bool(args.resume)):
-        # a run killed before its first checkpoint starts again from step 0
-        resume = bool(args.resume) and latest_checkpoint(run_dir) is not None
-        try:
-            mt, task = train_metatuner(cfg, run_dir, resume=resume)
-            state.wait_for_everyone()
-            if not state.is_main_process:
-                return  # the main process scores the trained model and prints; the others are done
-            print(f"trained: {run_dir}")
-            done = run_dir / "eval-test"
-            if cfg.eval.after_training and (done / "summary.json").is_file():
-                print(f"already evaluated: {done}")
-            elif cfg.eval.after_training:
-                _print_results("metatuner", eval_splits(MetaTunerPredictor(mt), task, cfg, done))
-        except interrupts.Stopped as e:
-            raise interrupts.Stopped(e.signum, f"{e.detail}; {hint}") from None
+        config, overrides, run_dir = _config(args), None, Path(args.out) if args.out else None
+    try:
+        run = train(config, overrides, run_dir=run_dir, resume=bool(args.resume),
+                    on_trained=lambda run: print(f"trained: {run.run_dir}"))
+    except RunFolderExists as e:
+        raise MetatunerError(f"run folder {e.run_dir} already exists; use --resume {e.run_dir} to continue it, "
+                             "or choose another --out") from None
+    except interrupts.Stopped as e:
+        if getattr(e, "run_dir", None) is None:
+            raise
+        raise interrupts.Stopped(e.signum, f"{e.detail}; continue with: metatuner train --resume {e.run_dir}") from None
+    if run.results_reused:
+        print(f"already evaluated: {run.run_dir / 'eval-test'}")
+    else:
+        _print_results("metatuner", run.results)
 
 
 def cmd_run(args) -> None:
@@ -309,11 +297,9 @@ def _query(text: str, flag: str) -> str:
 
 
 def cmd_generate(args) -> None:
+    from metatuner.api import load_run
     from metatuner.files import write_text
-    from metatuner.recipes import load_run
-    from metatuner.serving.predict import prediction_record
-    from metatuner.tasks import Example, get_task, read_jsonl
-    from metatuner.training.predictor import MetaTunerPredictor
+    from metatuner.tasks import Example, read_jsonl
 
     if args.question is not None:
         _query(args.question, "--question")
@@ -321,27 +307,20 @@ def cmd_generate(args) -> None:
         raise MetatunerError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.output and Path(args.output).is_dir():
         raise MetatunerError(f"--output {args.output} is a folder; give a file name")
-    mt, cfg = load_run(args.run)
-    task = get_task(cfg.data.task, cfg.data.data_dir)
+    run = load_run(args.run)
     if args.question is not None:
         examples = [Example(id="question", query=args.question, answer="", target="")]
     else:
         rows = read_jsonl(Path(args.input))
-        examples = [task.checked_example(row, args.input, i + 1) for i, row in enumerate(rows)]
+        examples = [run.task.checked_example(row, args.input, i + 1) for i, row in enumerate(rows)]
         if not examples:
             raise MetatunerError(f"{args.input} holds no rows")
-    predictor = MetaTunerPredictor(mt)
-    lines = []
-    for b in range(0, len(examples), args.batch_size):
-        batch = examples[b : b + args.batch_size]
-        for ex, p in zip(batch, predictor.predict(task, batch, predictor.budget(task))):
-            record = prediction_record(task, ex, p)
-            if args.output:
-                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-            else:
-                print(f"[{ex.id}]\n  prompt: {p.instruction}\n  output: {p.output}\n  answer: {record['answer']}")
-    if args.output:
-        write_text(Path(args.output), "".join(lines))  # the whole file at once, never a part of it
+    answers = run.answer(examples, batch_size=args.batch_size)
+    if args.output:  # the whole file at once, never a part of it
+        write_text(Path(args.output), "".join(json.dumps(a.to_dict(), ensure_ascii=False) + "\n" for a in answers))
+        return
+    for a in answers:
+        print(f"[{a.id}]\n  prompt: {a.prompt}\n  output: {a.output}\n  answer: {a.answer}")
 
 
 def _named_predictors(args):
@@ -375,7 +354,7 @@ def cmd_serve(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from metatuner.recipes import export_adapter
+    from metatuner.api import export_adapter
 
     prompt = export_adapter(args.run, _query(args.query, "--query"), Path(args.out))
     print(f"prompt: {prompt}\nadapter: {args.out} (PeftModel.from_pretrained(base_model, {args.out!r}))")

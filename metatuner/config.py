@@ -444,8 +444,10 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = RunConfig) -> Any:
-    """Defaults, then the YAML file (if any), then the ``key=value`` overrides.
+def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = RunConfig,
+                values: dict[str, Any] | None = None) -> Any:
+    """Defaults, then the YAML file (if any), then ``values`` (a nested dict of typed values, as the Python API
+    gives them), then the ``key=value`` overrides.
 
     ``path`` is a file, or the name of a shipped config (``quick``, ``gsm8k``, ... in metatuner/configs).
     """
@@ -458,7 +460,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = 
             names = ", ".join(sorted(f.stem for f in SHIPPED.glob("*.yaml")))
             raise MetatunerError(f"config file not found: {p} (shipped configs: {names})")
         data = read_yaml_mapping(p)
-    data = merge(data, parse_overrides(list(overrides)))
+    data = merge(merge(data, values or {}), parse_overrides(list(overrides)))
     return from_dict(cls, data)
 
 

@@ -37,6 +37,14 @@ from metatuner.training.build import build_metatuner  # noqa: F401 - re-exported
 RUN_LOCK = "run.lock"
 
 
+class RunFolderExists(MetatunerError):
+    """A new run folder's name is taken by a folder that is not empty."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(f"run folder {run_dir} already exists and is not empty; resume it, or choose another folder")
+        self.run_dir = run_dir
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -157,13 +165,15 @@ def budget_file(steps: int, fit_seconds: float, train_tokens: int = 0, trainable
                                        "trainable_params": trainable_params})}
 
 
-def fit_method(cfg: RunConfig, train_dir: Path | None = None, model=None, prepare=None) -> tuple[Predictor, Task]:
+def fit_method(cfg: RunConfig, train_dir: Path | None = None, model=None, prepare=None,
+               task: Task | None = None) -> tuple[Predictor, Task]:
     """Fits ``cfg.method`` on its task's train split (methods that train keep their logs in ``train_dir``);
     returns ``(predictor, task)``. ``model`` = ``(model, tokenizer)`` already loaded is used by methods that
     do not train (they leave the weights as they are); the others load their own copy. ``prepare(method)``
-    is called before the fit (e.g. to hook learning-curve budgets)."""
+    is called before the fit (e.g. to hook learning-curve budgets). ``task``: a task object to fit on
+    instead of the config's ``data.task`` (one built in Python)."""
     method_cls = get_method(cfg.method)
-    task = get_task(cfg.data.task, cfg.data.data_dir)
+    task = task if task is not None else get_task(cfg.data.task, cfg.data.data_dir)
     train, val = [], []
     if method_cls.needs_training:
         train, val = train_val_split(task.load("train"), cfg.data.train_limit, cfg.data.val_size, cfg.data.seed)
@@ -198,16 +208,16 @@ def run_folder(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Iterator[
     from accelerate.utils import broadcast_object_list
 
     state = process_state(cfg.model.device)
-    lock, error = None, ""
+    lock, error, failure = None, "", None
     if state.is_main_process:
         try:
             lock = _take_run_folder(cfg, run_dir) if resume else _create_run_folder(cfg, run_dir)
         except MetatunerError as e:
-            error = str(e)
+            error, failure = str(e), e
     if state.num_processes > 1:
         error = broadcast_object_list([error])[0]
     if error:
-        raise MetatunerError(error)
+        raise failure or MetatunerError(error)
     try:
         yield
     finally:
@@ -217,8 +227,7 @@ def run_folder(cfg: RunConfig, run_dir: Path, resume: bool = False) -> Iterator[
 
 def _create_run_folder(cfg: RunConfig, run_dir: Path) -> locks.Lock:
     if files.is_nonempty_dir(run_dir):
-        raise MetatunerError(f"run folder {run_dir} already exists; use --resume {run_dir} to continue it, "
-                             "or choose another --out")
+        raise RunFolderExists(run_dir)
     lock = None
     try:
         with files.new_folder(run_dir) as tmp:
@@ -244,12 +253,13 @@ def _take_run_folder(cfg: RunConfig, run_dir: Path) -> locks.Lock:
 
 
 # ---- MetaTuner ---------------------------------------------------------------------------------
-def train_metatuner(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True):
+def train_metatuner(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
+                    task: Task | None = None):
     """Warm-up and joint training into the run folder ``run_dir`` (see :func:`run_folder`); returns the
-    trained MetaTuner and the task."""
+    trained MetaTuner and the task (``task``, else the config's ``data.task``)."""
     from metatuner.training.trainer import Trainer
 
-    task = get_task(cfg.data.task, cfg.data.data_dir)
+    task = task if task is not None else get_task(cfg.data.task, cfg.data.data_dir)
     train, val = train_val_split(task.load("train"), cfg.data.train_limit, cfg.data.val_size, cfg.data.seed)
     seed_everything(cfg.seed)
     model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device)
@@ -258,8 +268,9 @@ def train_metatuner(cfg: RunConfig, run_dir: Path, resume: bool = False, progres
     return mt, task
 
 
-def load_run(run_dir: str | Path, overrides: list[str] = ()):
-    """Rebuilds a trained MetaTuner from a run folder: its config (plus overrides) and newest checkpoint."""
+def load_run(run_dir: str | Path, overrides: list[str] = (), values: dict | None = None):
+    """Rebuilds a trained MetaTuner from a run folder: its config (plus ``values``, a nested dict, and the
+    ``key=value`` overrides) and newest checkpoint."""
     from metatuner.config import load_config
     from metatuner.training.checkpoint import latest_checkpoint, read_trainable
 
@@ -269,7 +280,7 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()):
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise MetatunerError(f"{run_dir} has no checkpoint yet")
-    cfg = load_config(run_dir / "config.yaml", list(overrides))
+    cfg = load_config(run_dir / "config.yaml", list(overrides), values=values)
     model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device)
     mt = build_metatuner(cfg, model, tok)
     tensors, state = read_trainable(ckpt)
@@ -283,16 +294,6 @@ def load_run(run_dir: str | Path, overrides: list[str] = ()):
 
         mt.retire_prompt_branch(PromptBranch(retired=branch["retired"]).message())
     return mt, cfg
-
-
-def export_adapter(run_dir: str | Path, query: str, out_dir: Path) -> str:
-    """Writes ``query``'s generated LoRA of a trained run as a PEFT adapter folder; returns its prompt."""
-    from metatuner.models.export import export_peft_adapter
-
-    if files.is_nonempty_dir(out_dir):  # before the model loads
-        raise MetatunerError(f"export folder {out_dir} is not empty")
-    mt, cfg = load_run(run_dir)
-    return export_peft_adapter(mt, get_task(cfg.data.task, cfg.data.data_dir), query, out_dir)
 
 
 def run_predictor(run_dir: str | Path, overrides: list[str] = ()) -> tuple[Predictor, Task, RunConfig]:

@@ -130,11 +130,43 @@ def test_the_graph_sees_lazy_relative_and_from_package_imports():
     assert find_cycle(import_graph(sources)) == cycle and all_cycles(import_graph(sources)) == [cycle]
 
 
-def test_only_the_cli_imports_the_serving_package():
-    """Serving sits above evaluation, training and the recipes, and below the CLI: nothing else imports it."""
+def test_only_the_api_and_the_cli_import_the_serving_package():
+    """Serving sits above evaluation, training and the recipes, and below the public API and the CLI: nothing
+    else imports it."""
     graph = import_graph(package_sources())
     users = sorted(m for m, deps in graph.items() if not m.startswith("metatuner.serving")
                    and any(d.startswith("metatuner.serving") for d in deps))
-    assert users == ["metatuner.cli"]
+    assert users == ["metatuner.api", "metatuner.cli"]
     assert any(d.startswith("metatuner.recipes") or d.startswith("metatuner.evaluation")
                for d in graph["metatuner.serving.predict"] | graph["metatuner.serving.engine"])
+
+
+def test_the_public_api_sits_on_the_recipes_below_the_cli():
+    """``metatuner.api`` is the top of the library: it builds on the recipes, and only the CLI and the package's
+    lazy re-export (``metatuner.__getattr__``) import it."""
+    graph = import_graph(package_sources())
+    users = sorted(m for m, deps in graph.items() if "metatuner.api" in deps)
+    assert users == ["metatuner", "metatuner.cli"]
+    assert "metatuner.recipes" in graph["metatuner.api"] and "metatuner.api" not in graph["metatuner.recipes"]
+
+
+def test_import_metatuner_loads_no_torch_and_the_api_on_first_use():
+    """``import metatuner`` stays fast: neither torch nor transformers nor the API module loads with it; the
+    API's names load on first use, from ``metatuner.api``."""
+    import subprocess
+    import sys
+
+    code = ("import sys, metatuner; heavy = ('torch', 'transformers', 'metatuner.api');"
+            "print([m for m in heavy if m in sys.modules]); print(metatuner.train.__module__);"
+            "print('metatuner.api' in sys.modules, metatuner.Run is sys.modules['metatuner.api'].Run)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:3] == ["[]", "metatuner.api", "True True"]
+    import metatuner
+
+    assert set(metatuner._API) <= set(dir(metatuner)) and set(metatuner._API) <= set(metatuner.__all__)
+    try:
+        metatuner.no_such_name
+    except AttributeError as e:
+        assert "no attribute 'no_such_name'" in str(e)
+    else:
+        raise AssertionError("an unknown name is an AttributeError")
