@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import signal
+import string
 import subprocess
 import sys
 import threading
@@ -207,6 +208,128 @@ def test_concurrent_requests_share_a_batch_and_answer_as_alone(served):
     assert len({together[("metatuner", q)].choices[0].message.content for q in QUERIES}) > 1
 
 
+# ---- streaming: server-sent events in OpenAI's chunk format ---------------------------------------------
+def chat_stream(api, model: str, query: str, **kwargs) -> list:
+    """The chunks of a streamed chat answer, read with the openai client's streaming API."""
+    return list(api.chat.completions.create(model=model, messages=[{"role": "user", "content": query}], stream=True,
+                                            **kwargs))
+
+
+def test_streamed_answers_join_to_the_whole_answers(served):
+    url, _ = served
+    api = client(url)
+    cases = [("metatuner", QUERIES[0], {}, True), ("zero-shot", QUERIES[1], {"max_completion_tokens": 5}, False),
+             ("metatuner", QUERIES[2], {"max_tokens": 4, "stop": ["\n\n"], "seed": 3, "user": "u"}, True)]
+    for model, query, options, include_usage in cases:
+        whole = api.chat.completions.create(model=model, messages=[{"role": "user", "content": query}], **options)
+        chunks = chat_stream(api, model, query, **options,
+                             **({"stream_options": {"include_usage": True}} if include_usage else {}))
+        if not include_usage:  # no usage chunk unless asked for
+            assert chunks[-1].choices and chunks[-1].usage is None
+            chunks.append(chunks[-1].model_copy(update={"choices": [], "usage": whole.usage}))
+        opening, *pieces, finish, usage = chunks
+        assert {c.object for c in chunks} == {"chat.completion.chunk"} and len({c.id for c in chunks}) == 1
+        assert opening.choices[0].delta.role == "assistant" and opening.choices[0].delta.content == ""
+        text = [c.choices[0].delta.content for c in pieces]
+        assert "".join(text) == whole.choices[0].message.content != ""
+        assert len(text) > 1  # token by token, not the whole answer at once
+        assert all(c.choices[0].finish_reason is None and "metatuner" not in c.model_extra for c in [opening, *pieces])
+        assert finish.choices[0].finish_reason == whole.choices[0].finish_reason
+        assert finish.choices[0].delta.content is None
+        assert finish.model_extra["metatuner"] == whole.model_extra["metatuner"]  # the prompt, the answer, batch of 1
+        assert usage.choices == [] and usage.usage == whole.usage
+        assert all(c.usage is None for c in chunks[:-1])
+    assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 4
+
+    whole = api.completions.create(model="metatuner", prompt=QUERIES[3], max_tokens=6)
+    chunks = list(api.completions.create(model="metatuner", prompt=QUERIES[3], max_tokens=6, stream=True,
+                                         stream_options={"include_usage": True}))
+    *pieces, finish, usage = chunks
+    assert {c.object for c in chunks} == {"text_completion"} and len({c.id for c in chunks}) == 1
+    assert "".join(c.choices[0].text for c in pieces) == whole.choices[0].text and len(pieces) > 1
+    assert finish.choices[0].text == "" and finish.choices[0].finish_reason == whole.choices[0].finish_reason
+    assert finish.model_extra["metatuner"] == whole.model_extra["metatuner"]
+    assert usage.choices == [] and usage.usage == whole.usage
+
+
+def test_streamed_requests_share_a_batch_with_whole_ones(served):
+    url, engine = served
+    api = client(url)
+    alone = [api.chat.completions.create(model="metatuner", messages=[{"role": "user", "content": q}])
+             for q in QUERIES[:3]]
+
+    def ask(i: int):
+        if i == 0:  # streamed chat
+            chunks = chat_stream(api, "metatuner", QUERIES[0])
+            return "".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].model_extra["metatuner"]
+        if i == 1:  # streamed completion
+            chunks = list(api.completions.create(model="metatuner", prompt=QUERIES[1], stream=True))
+            return "".join(c.choices[0].text for c in chunks), chunks[-1].model_extra["metatuner"]
+        whole = api.chat.completions.create(model="metatuner", messages=[{"role": "user", "content": QUERIES[2]}])
+        return whole.choices[0].message.content, whole.model_extra["metatuner"]
+
+    with ThreadPoolExecutor(3) as pool:
+        with held(engine):  # all three wait in the queue before the engine gathers a batch
+            replies = [pool.submit(ask, i) for i in range(3)]
+            wait_until(lambda: engine._queue.qsize() == 3, "every request waits in the queue")
+            batches = engine.batches
+        together = [r.result() for r in replies]
+    assert engine.batches - batches == 2  # the holding request's, then one batched generate for all three
+    for (text, extra), whole in zip(together, alone):
+        assert text == whole.choices[0].message.content and extra["batch_size"] == 3
+        assert extra["prompt"] == whole.model_extra["metatuner"]["prompt"]
+
+
+def test_pieces_reach_each_request_while_its_batch_decodes(served):
+    _, engine = served
+    seen: list[tuple[int, str, bool]] = []  # (request, piece, whether its answer was out already)
+    futures = {}
+    with held(engine):  # both are queued before the engine gathers: they share one batched generate
+        for i, query in enumerate(QUERIES[:2]):
+            futures[i] = engine.submit("metatuner", query, 8,
+                                       on_text=lambda t, i=i: seen.append((i, t, futures[i].done())))
+    answers = [futures[i].result(timeout=60) for i in range(2)]
+    for i, answer in enumerate(answers):
+        pieces = [t for j, t, _ in seen if j == i]
+        assert "".join(pieces) == answer.prediction.output and len(pieces) > 1 and answer.batch_size == 2
+    assert not any(done for *_, done in seen)  # every piece went out before the batch's answers
+
+
+def test_pieces_join_to_the_stripped_text_cut_at_the_first_stop(tiny_tokenizer):
+    import torch
+    from conftest import make_model
+
+    from metatuner.evaluation.generation import RowStreamer, generate
+
+    tok, stop = tiny_tokenizer, ("STOP", "\n\n")
+    rows = [tok(text, add_special_tokens=False)["input_ids"] for text in ["  \n Hi  there \n", "abSTOPcd", "xyST y  z"]]
+    rows.append(tok("ok", add_special_tokens=False)["input_ids"] + [tok.eos_token_id] + rows[0])
+    got: dict[int, list[str]] = {i: [] for i in range(len(rows))}
+    streamer = RowStreamer(tok, {tok.eos_token_id, tok.pad_token_id}, stop, lambda row, text: got[row].append(text))
+    streamer.put(torch.zeros(len(rows), 3, dtype=torch.long))  # the prompt, which is not streamed
+    for step in range(max(map(len, rows))):  # as generate does: one [bs] column of new tokens per step
+        streamer.put(torch.tensor([ids[step] if step < len(ids) else tok.pad_token_id for ids in rows]))
+    streamer.end()
+    assert {i: "".join(p) for i, p in got.items()} == {0: "Hi  there", 1: "ab", 2: "xyST y  z", 3: "ok"}
+    assert got[0] == ["H", "i", "  t", "h", "e", "r", "e"]  # whitespace waits for what follows it
+    assert got[2] == ["x", "y", "ST", " y", "  z"]  # "S", then "ST", held while they could begin "STOP"
+
+    # and through model.generate, stop strings included: every row's pieces join to its returned text
+    model = make_model(tok, init_range=0.2)
+    queries = QUERIES[:3]
+    plain = generate(model, tok, queries, 12)
+    start = plain[1].text[1:3]  # a stop string that begins in the text and never ends there
+    never = start + next(c for c in string.punctuation if all(start + c not in g.text for g in plain))
+    texts = {}
+    for stop in [(), (plain[0].text[2:4],), (never,)]:
+        got = {i: [] for i in range(len(queries))}
+        gens = generate(model, tok, queries, 12, stop, on_text=lambda row, text: got[row].append(text))
+        assert ["".join(got[i]) for i in range(len(queries))] == [g.text for g in gens]
+        texts[stop] = [g.text for g in gens]
+    cut, held = list(texts.values())[1:]
+    assert len(cut[0]) <= 2 < len(plain[0].text) and held == [g.text for g in plain]
+
+
 @pytest.mark.parametrize(
     "body, status, message",
     [
@@ -219,7 +342,12 @@ def test_concurrent_requests_share_a_batch_and_answer_as_alone(served):
         ('{"model": "metatuner", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}', 400, "exceeds serve.max_tokens=64"),
         ('{"model": "metatuner", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', 400, "max_tokens"),
         ('{"model": "metatuner", "messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n must be 1"),
-        ('{"model": "metatuner", "messages": [{"role": "user", "content": "hi"}], "stream": true}', 400, "stream=true is not supported"),
+        ('{"model": "metatuner", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', 400, "stream: Input should be a valid boolean"),
+        ('{"model": "metatuner", "messages": [{"role": "user", "content": "hi"}], "stream": true, "stream_options": 5}', 400, "stream_options: Input should be a valid dictionary"),
+        ('{"model": "metatuner", "messages": [{"role": "user", "content": "hi"}], "stream": true, "stream_options": {"include_usage": "yes"}}', 400, "stream_options.include_usage: Input should be a valid boolean"),
+        ('{"model": "metatuner", "messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": true}}', 400, "stream_options is only allowed with stream=true"),
+        ('{"model": "metatuner", "messages": [{"role": "user", "content": "hi"}], "stream": true, "max_tokens": 1000}', 400, "exceeds serve.max_tokens=64"),
+        ('{"model": "metatuner", "messages": [{"role": "user", "content": "hi"}], "stream": true, "n": 2}', 400, "n must be 1"),
         ('{"model": "metatuner", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}', 400, "temperature"),
         ('{"model": "metatuner", "messages": [{"role": "wizard", "content": "hi"}]}', 400, "messages.0.role"),
         ('{"model": "metatuner", "messages": [{"role": "user", "content": "' + "x" * 5000 + '"}]}', 413, "exceeds serve.max_body_bytes"),
@@ -314,6 +442,49 @@ def test_the_engine_batches_by_model_and_budget_up_to_its_size():
     assert [x.prediction.output for x in answers] == ["0q", "1q", "2q", "3q", "4q", "x", "gnol", "~p nwo"]
     assert a.batches == [["q0"], ["q1", "q2", "q3"], ["q4", "own p~"], ["long"]] and b.batches == [["x"]]
     assert answers[-1].prediction.instruction == "Be brief." and answers[1].prediction.instruction == task.instruction
+
+
+class Failing(Scripted):
+    """Streams ``piece`` (if any) of the first answer, then fails."""
+
+    streams = True
+
+    def __init__(self, piece: str | None):
+        super().__init__()
+        self.piece = piece
+
+    def predict(self, task, examples, max_new_tokens, on_text=None):
+        if self.piece:
+            on_text(0, self.piece)
+        raise ValueError("the model fell over")
+
+
+def test_streams_from_predictors_that_cannot_stream_fail_or_time_out():
+    import openai
+
+    task = get_task(SPEC)
+    gate = threading.Event()
+    engine = Engine({"whole": Served(Scripted(), task), "slow": Served(Scripted(gate), task),
+                     "fails-first": Served(Failing(None), task), "fails-later": Served(Failing("par"), task)},
+                    max_batch_size=1, max_wait_ms=0)
+    with running(create_app(engine, ServeConfig(timeout_s=0.5))) as url:
+        api = client(url)
+        # a predictor without pieces: the answer goes out whole, in one chunk, when its batch is done
+        chunks = chat_stream(api, "whole", "abc")
+        assert [c.choices[0].delta.content for c in chunks] == ["", "cba", None]
+        assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].model_extra["metatuner"]["answer"] == "cba"
+        # before the first piece, a failure or a timeout is still a status; after it, an error event ends the stream
+        with pytest.raises(openai.InternalServerError) as e:
+            chat_stream(api, "fails-first", "abc")
+        assert e.value.status_code == 500 and "ValueError: the model fell over" in e.value.body["message"]
+        with pytest.raises(openai.APIError, match="ValueError: the model fell over"):
+            chat_stream(api, "fails-later", "abc")
+        try:
+            with pytest.raises(openai.InternalServerError) as e:
+                list(api.completions.create(model="slow", prompt="abc", stream=True))
+            assert e.value.status_code == 504 and e.value.body["code"] == "timeout"
+        finally:
+            gate.set()
 
 
 def test_a_timed_out_request_is_dropped_and_the_server_keeps_serving():

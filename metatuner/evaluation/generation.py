@@ -9,6 +9,7 @@ order unchanged, which is what lets a per-row adapter (one LoRA per row) ride al
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -45,10 +46,14 @@ def generate(
     do_sample: bool = False,
     temperature: float = 1.0,
     num_samples: int = 1,
+    on_text: Callable[[int, str], None] | None = None,
 ) -> list[Generation]:
     """Generates ``num_samples`` continuations for every text of one batch (greedy unless ``do_sample``),
     grouped by text. With several samples the texts are prefilled once and the KV cache is shared by
-    their samples, instead of prefilling every copy (the model must not carry per-row adapters then)."""
+    their samples, instead of prefilling every copy (the model must not carry per-row adapters then).
+
+    ``on_text(row, text)``, when given, receives each output row's text while it is decoded, in pieces
+    that join to exactly that row's :attr:`Generation.text` (see :class:`RowStreamer`)."""
     # the padding side goes with this call: the tokenizer object, shared by threads, is left as it is
     enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(model.device)
     kwargs = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if do_sample else dict(do_sample=False)
@@ -63,6 +68,7 @@ def generate(
         pad_token_id=tokenizer.pad_token_id,
         stop_strings=list(stop) or None,
         tokenizer=tokenizer if stop else None,
+        streamer=RowStreamer(tokenizer, _end_ids(model, tokenizer), stop, on_text) if on_text else None,
         **kwargs,
     )
     return _results(model, tokenizer, out[:, enc["input_ids"].shape[1] :], stop, max_new_tokens)
@@ -89,14 +95,72 @@ def _results(model, tokenizer, new: torch.Tensor, stop: tuple[str, ...], max_new
     results = []
     for row in new:
         ids = row.tolist()
-        # count tokens up to and including the first EOS / pad (generate pads finished rows)
-        n = next((i + 1 for i, t in enumerate(ids) if t in ends), None)
+        n = _first_end(ids, ends)
         text = tokenizer.decode(ids[: n or len(ids)], skip_special_tokens=True)
         stopped = n is not None or any(s in text for s in stop)
         finished = stopped or len(ids) < max_new_tokens
         results.append(Generation(cut_at_stop(text, stop).strip(), n or len(ids), finished=finished))
         count_generated(n or len(ids))
     return results
+
+
+def _first_end(ids: list[int], ends: set[int]) -> int | None:
+    """How many tokens a row holds up to and including its first EOS / pad (generate pads finished rows);
+    None when it has none."""
+    return next((i + 1 for i, t in enumerate(ids) if t in ends), None)
+
+
+class RowStreamer:
+    """A ``model.generate`` streamer (``put``/``end``) that hands each row's new text to ``on_text(row, text)`` while
+    the batch decodes, such that a row's pieces join to exactly the text :func:`generate` returns for it (decoded up
+    to its EOS, cut at the first stop string, stripped).
+
+    A piece goes out only once it can no longer change: the newest token's text stays back (it may be part of a
+    character or merge still completing), as do leading and trailing whitespace (the result is stripped) and an
+    ending that could be the start of a stop string. A row's last piece goes out when the row ends (EOS or the pad
+    generate gives a finished row, which also follows a stop string), or at ``end()`` for rows cut at the budget.
+    """
+
+    def __init__(self, tokenizer, ends: set[int], stop: tuple[str, ...], on_text: Callable[[int, str], None]):
+        self.tokenizer, self.ends, self.stop, self.on_text = tokenizer, ends, stop, on_text
+        self.ids: list[list[int]] | None = None  # per row, the tokens decoded so far; None until the prompt came
+        self.sent: list[str] = []
+        self.done: list[bool] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.ids is None:  # generate's first call hands over the prompt ids [bs, T]
+            self.ids = [[] for _ in range(value.shape[0])]
+            self.sent, self.done = [""] * value.shape[0], [False] * value.shape[0]
+            return
+        for row, token in enumerate(value.reshape(-1).tolist()):  # [bs] new tokens
+            if not self.done[row]:
+                self.ids[row].append(token)
+                self._flush(row, final=token in self.ends)
+
+    def end(self) -> None:
+        for row in range(len(self.ids or [])):
+            if not self.done[row]:
+                self._flush(row, final=True)
+
+    def _flush(self, row: int, final: bool) -> None:
+        ids = self.ids[row]
+        if final:
+            self.done[row] = True
+            text = cut_at_stop(self.tokenizer.decode(ids[: _first_end(ids, self.ends) or len(ids)],
+                                                     skip_special_tokens=True), self.stop)
+        else:
+            text = self.tokenizer.decode(ids[:-1], skip_special_tokens=True).rstrip("\ufffd")
+            cut = cut_at_stop(text, self.stop)
+            text = cut if len(cut) < len(text) else text[: len(text) - _stop_prefix(text, self.stop)]
+        text, sent = text.strip(), self.sent[row]
+        if len(text) > len(sent) and text.startswith(sent):
+            self.sent[row] = text
+            self.on_text(row, text[len(sent) :])
+
+
+def _stop_prefix(text: str, stop: tuple[str, ...]) -> int:
+    """The length of the longest ending of ``text`` that begins one of the ``stop`` strings (0: none)."""
+    return max((k for s in stop for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), default=0)
 
 
 class _GreedyRows:

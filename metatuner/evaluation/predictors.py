@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from metatuner.evaluation.generation import continuation_logprobs, generate, render_chat
 from metatuner.tasks.base import Example, Task
@@ -32,6 +32,10 @@ class Prediction:
 
 
 class Predictor(ABC):
+    #: whether :meth:`predict` takes ``on_text`` and hands over each row's text while it is decoded (a caller
+    #: streaming answers sends a predictor without it each answer whole, when its batch is done)
+    streams: bool = False
+
     @abstractmethod
     def predict(self, task: Task, examples: list[Example], max_new_tokens: int) -> list[Prediction]:
         """Answers one batch; the i-th prediction belongs to the i-th example."""
@@ -55,6 +59,8 @@ class LMPredictor(Predictor):
     ``demos`` (optional few-shot examples) go before the query as earlier exchanges: each demo is the
     task's user turn for its query followed by an assistant turn holding its ``target``.
     """
+
+    streams = True
 
     def __init__(
         self, model, tokenizer, instruction: str | None = None, name: str = "zero-shot", cot: bool = False,
@@ -93,10 +99,23 @@ class LMPredictor(Predictor):
         rendered = [render_chat(self.tokenizer, self.messages(task, i, ex)) for i, ex in zip(instructions, examples)]
         return instructions, rendered
 
-    def predict(self, task: Task, examples: list[Example], max_new_tokens: int) -> list[Prediction]:
+    def predict(self, task: Task, examples: list[Example], max_new_tokens: int,
+                on_text: Callable[[int, str], None] | None = None) -> list[Prediction]:
+        """Answers one batch with one batched generate.
+
+        Args:
+            task: gives each query's messages, p~ and stop strings.
+            examples: the queries of the batch.
+            max_new_tokens: the token budget of every answer.
+            on_text: if given, ``on_text(i, piece)`` is called while the batch decodes with the next piece of the
+                i-th answer; the pieces of an answer join to exactly its ``output``.
+
+        Returns:
+            One :class:`Prediction` per example, in order.
+        """
         instructions, rendered = self._inputs(task, examples)
         with self.weights(task, examples):
-            gens = generate(self.model, self.tokenizer, rendered, max_new_tokens, task.stop)
+            gens = generate(self.model, self.tokenizer, rendered, max_new_tokens, task.stop, on_text=on_text)
         return [Prediction(i, r, g.text, g.new_tokens) for i, r, g in zip(instructions, rendered, gens)]
 
     def choice_logprobs(self, task: Task, examples: list[Example]) -> list[list[float]] | None:

@@ -7,6 +7,10 @@ one ``predictor.predict(task, batch, budget)``: for MetaTuner, one batched gener
 its own generated prompt and its own generated LoRA. Requests for another model or budget wait for a later
 batch, in arrival order. A request whose caller gave up (its future cancelled) is dropped before it runs.
 
+A request may stream: its ``on_text`` receives its answer's text in pieces while the batched generate decodes
+it (a predictor that cannot stream gives none, and its caller sends the answer whole from the future); the
+other rows of the batch are unaffected, so streamed and whole requests share batches.
+
 A system message replaces p~ for its request only: the engine's task view answers ``instruction_for`` with
 the request's own instruction, which both G (whose input holds p~) and M read.
 """
@@ -17,15 +21,17 @@ import collections
 import itertools
 import queue
 import threading
+import logging
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from metatuner.evaluation.predictors import Prediction, Predictor
 from metatuner.tasks.base import Example, Task
 
 INSTRUCTION = "instruction"  # Example.meta key of a request's own p~
+log = logging.getLogger(__name__)
 
 
 class RequestTask(Task):
@@ -79,6 +85,7 @@ class _Request:
     example: Example
     max_new_tokens: int
     future: Future
+    on_text: Callable[[str], None] | None = None
 
     @property
     def key(self) -> tuple[str, int]:
@@ -116,8 +123,23 @@ class Engine:
         served = self.models[model]
         return served.predictor.budget(served.task)
 
-    def submit(self, model: str, query: str, max_new_tokens: int, instruction: str | None = None) -> Future:
-        """Queues one query for ``model``; the future's result is an :class:`Answer`."""
+    def submit(self, model: str, query: str, max_new_tokens: int, instruction: str | None = None,
+               on_text: Callable[[str], None] | None = None) -> Future:
+        """Queues one query for ``model``.
+
+        Args:
+            model: the name of a served model.
+            query: the question.
+            max_new_tokens: the answer's token budget; requests share a batch only with requests of the same
+                model and budget.
+            instruction: replaces p~ for this request (a system message).
+            on_text: called on the worker thread with each next piece of the answer while it is decoded, when the
+                model's predictor streams (``Predictor.streams``); the pieces join to the answer's output, or to
+                a prefix of it that the caller completes from the future's answer. It must return quickly.
+
+        Returns:
+            A future whose result is an :class:`Answer`.
+        """
         meta = {INSTRUCTION: instruction} if instruction else {}
         # a fresh id per request: predictors may cache per batch of ids (MetaTuner's prompts and factors)
         example = Example(id=f"request-{next(self._ids)}", query=query, answer="", target="", meta=meta)
@@ -125,7 +147,7 @@ class Engine:
         if self._stop.is_set():
             future.set_exception(RuntimeError("the server is shutting down"))
             return future
-        self._queue.put(_Request(model, example, max_new_tokens, future))
+        self._queue.put(_Request(model, example, max_new_tokens, future, on_text))
         return future
 
     # ---- the worker ------------------------------------------------------------------------------
@@ -174,8 +196,10 @@ class Engine:
         model, budget = batch[0].key
         served = self.models[model]
         examples = [r.example for r in batch]
+        streaming = served.predictor.streams and any(r.on_text for r in batch)
         try:
-            predictions = served.predictor.predict(served.view, examples, budget)
+            kwargs = {"on_text": lambda row, text: _hand_over(batch[row], text)} if streaming else {}
+            predictions = served.predictor.predict(served.view, examples, budget, **kwargs)
             tokenizer = getattr(served.predictor, "tokenizer", None)
             answers = [
                 Answer(p, served.task.extract(p.output)["flexible"],
@@ -190,6 +214,16 @@ class Engine:
         self.answered += len(batch)
         for r, answer in zip(batch, answers, strict=True):
             r.future.set_result(answer)
+
+
+def _hand_over(request: _Request, text: str) -> None:
+    """Gives a streaming request its next piece of text; a failing receiver (its caller gone) costs the batch
+    nothing: the request's answer still comes, through its future."""
+    if request.on_text is not None:
+        try:
+            request.on_text(text)
+        except Exception:  # noqa: BLE001 - one caller's failure must not end the other rows' generate
+            log.warning("dropped a streamed piece of %s", request.example.id, exc_info=True)
 
 
 def _drain(q: queue.Queue) -> list[Any]:

@@ -2,10 +2,15 @@
 
 Only what a client of a greedy, single-choice model needs is modelled. Unknown request fields are accepted and
 ignored (clients send ``user``, ``seed``, ``stop`` ...); parameters that ask for what this server cannot do
-(``n`` > 1, ``stream``, ``logprobs``, ``echo``) are rejected with a 400 error. Answers are greedy: a
-``temperature`` or ``top_p`` in range is accepted and has no effect. Responses carry the usual fields plus
-``metatuner``: the prompt the model was given (MetaTuner's generated prompt, else p~ or the system message),
-the answer extracted from the output by the task's rule, and how many requests shared the batched generate.
+(``n`` > 1, ``logprobs``, ``echo``) are rejected with a 400 error. Answers are greedy: a ``temperature`` or
+``top_p`` in range is accepted and has no effect. Responses carry the usual fields plus ``metatuner``: the
+prompt the model was given (MetaTuner's generated prompt, else p~ or the system message), the answer extracted
+from the output by the task's rule, and how many requests shared the batched generate.
+
+``stream: true`` answers with server-sent events, as OpenAI streams: chunks (``chat.completion.chunk`` or
+``text_completion``) whose pieces of text join to the answer, a last chunk with the ``finish_reason`` and
+``metatuner``, the usage in a chunk of its own when ``stream_options.include_usage`` is true, then
+``data: [DONE]``.
 """
 
 from __future__ import annotations
@@ -14,7 +19,13 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: StrictBool | None = None
 
 
 class _Request(BaseModel):
@@ -25,18 +36,23 @@ class _Request(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int | None = None
-    stream: bool | None = None
+    stream: StrictBool | None = None
+    stream_options: StreamOptions | None = None
     logprobs: Any = None
 
     @model_validator(mode="after")
     def _supported(self):
         if self.n not in (None, 1):
             raise ValueError(f"n must be 1 (one greedy answer per request), got {self.n}")
-        if self.stream:
-            raise ValueError("stream=true is not supported; send the request without stream")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream=true")
         if self.logprobs not in (None, False, 0):
             raise ValueError("logprobs are not supported")
         return self
+
+    def include_usage(self) -> bool:
+        """Whether a streamed answer ends with a usage chunk."""
+        return bool(self.stream_options and self.stream_options.include_usage)
 
 
 class TextPart(BaseModel):
@@ -152,6 +168,41 @@ class Completion(BaseModel):
     choices: list[TextChoice]
     usage: Usage
     metatuner: Extra
+
+
+# ---- streamed responses (server-sent events) ------------------------------------------------------------
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: dict[str, str] = Field(description="the role (first chunk), a piece of content, or nothing (last)")
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    metatuner: Extra | None = None
+
+
+class TextChunkChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[TextChunkChoice]
+    usage: Usage | None = None
+    metatuner: Extra | None = None
 
 
 class ModelCard(BaseModel):

@@ -9,6 +9,11 @@ answer back; every error is a JSON body ``{"error": {...}}`` with a 4xx/5xx stat
 - 404 an unknown model or path; 413 a body whose Content-Length is over ``serve.max_body_bytes``;
 - 504 no answer within ``serve.timeout_s`` (the request is dropped if it has not started); 503 shutting down.
 
+``stream: true`` answers with server-sent events (``protocol``) once the answer's first piece is decoded, so the
+errors above still come as statuses when they happen before it; ``serve.timeout_s`` bounds the whole stream, and
+a failure after the first piece arrives as one ``data: {"error": {...}}`` event, without ``[DONE]``. A streamed
+request joins micro-batches as any other: its row's text goes out while the batched generate decodes it.
+
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``.
 uvicorn stops cleanly on SIGTERM or Ctrl-C: it stops accepting, finishes the requests in flight, then the
 engine stops.
@@ -18,25 +23,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import secrets
 import signal
 import socket
 import threading
+import time
+import uuid
 from concurrent.futures import Future
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from metatuner.config import ServeConfig
 from metatuner.evaluation.predictors import Predictor
 from metatuner.serving.engine import Answer, Engine, Served
 from metatuner.serving.protocol import (
-    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, Extra,
-    ModelCard, ModelList, TextChoice, Usage, error_body,
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
+    Completion, CompletionChunk, CompletionRequest, Extra, ModelCard, ModelList, TextChoice, TextChunkChoice, Usage,
+    error_body,
 )
 from metatuner.tasks.base import Task
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -122,16 +135,27 @@ def create_app(engine: Engine, settings: ServeConfig, api_key: str | None = None
             raise ApiError(400, f"max_tokens={budget} exceeds serve.max_tokens={settings.max_tokens}", param="max_tokens")
         return budget
 
-    async def answer(future: Future) -> Answer:
+    def timed_out(future: Future) -> ApiError:
+        future.cancel()  # dropped if it has not started
+        return ApiError(504, f"no answer within serve.timeout_s={settings.timeout_s}s", "timeout", "timeout")
+
+    def outcome(future: Future) -> Answer:
+        """The answer of a finished request, or its failure as an ApiError."""
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), settings.timeout_s)
-        except asyncio.TimeoutError:
-            future.cancel()  # dropped if it has not started
-            raise ApiError(504, f"no answer within serve.timeout_s={settings.timeout_s}s", "timeout", "timeout") from None
+            return future.result(timeout=0)
         except RuntimeError as e:
             raise ApiError(503, str(e), "server_error", "unavailable") from None
         except Exception as e:  # noqa: BLE001 - a failed generate is this request's error, not the server's end
             raise ApiError(500, f"{type(e).__name__}: {e}", "server_error") from None
+
+    async def answer(future: Future) -> Answer:
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(future), settings.timeout_s)
+        except asyncio.TimeoutError:
+            raise timed_out(future) from None
+        except Exception:  # noqa: BLE001 - outcome says how it failed
+            pass
+        return outcome(future)
 
     def usage_and_extra(a: Answer, budget: int) -> dict:
         p = a.prediction
@@ -142,22 +166,124 @@ def create_app(engine: Engine, settings: ServeConfig, api_key: str | None = None
     def finish(a: Answer, budget: int) -> str:
         return "length" if a.prediction.new_tokens >= budget else "stop"
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest) -> ChatCompletion:
+    async def streamed(chunks: Chunks, budget: int,
+                       submit: Callable[[Callable[[str], None]], Future]) -> StreamingResponse:
+        """Submits a streaming request (``submit(on_text)``) and answers with its events, once its first piece of
+        text (or its whole answer) is there: a failure or timeout before that is still a status."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()  # the answer's text in pieces, then None: done
+        future = submit(lambda text: _post(loop, pieces, text))
+        future.add_done_callback(lambda _: _post(loop, pieces, None))
+        deadline = loop.time() + settings.timeout_s
+
+        async def next_piece() -> str | None:
+            try:
+                return await asyncio.wait_for(pieces.get(), max(deadline - loop.time(), 0))
+            except asyncio.TimeoutError:
+                raise timed_out(future) from None
+
+        first = await next_piece()
+        if first is None:
+            outcome(future)  # a failed request is answered with its status
+
+        async def events() -> AsyncIterator[str]:
+            sent, piece = "", first
+            try:
+                if (opening := chunks.opening()) is not None:
+                    yield opening
+                while piece is not None:
+                    sent += piece
+                    yield chunks.piece(piece)
+                    piece = await next_piece()
+                a = outcome(future)
+                output = a.prediction.output
+                if not output.startswith(sent):
+                    log.warning("the streamed text %r is not the start of the answer %r", sent, output)
+                elif len(output) > len(sent):  # a predictor that does not stream sends its answer whole here
+                    yield chunks.piece(output[len(sent):])
+                extra = usage_and_extra(a, budget)
+                yield chunks.finish(finish(a, budget), extra["metatuner"])
+                if chunks.include_usage:
+                    yield chunks.usage(extra["usage"])
+                yield "data: [DONE]\n\n"
+            except ApiError as e:
+                yield _event(e.body)
+            finally:
+                future.cancel()  # a client gone before its request ran: the request is dropped
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion)
+    async def chat(body: ChatCompletionRequest) -> ChatCompletion | StreamingResponse:
         query, instruction = body.query(), body.instruction()
         budget = checked(body.model, query, instruction, body.budget())
+        if body.stream:
+            return await streamed(Chunks(True, body.model, body.include_usage()), budget,
+                                  lambda on_text: engine.submit(body.model, query, budget, instruction, on_text))
         a = await answer(engine.submit(body.model, query, budget, instruction))
         choice = ChatChoice(message=AssistantMessage(content=a.prediction.output), finish_reason=finish(a, budget))
         return ChatCompletion(model=body.model, choices=[choice], **usage_and_extra(a, budget))
 
-    @app.post("/v1/completions")
-    async def complete(body: CompletionRequest) -> Completion:
+    @app.post("/v1/completions", response_model=Completion)
+    async def complete(body: CompletionRequest) -> Completion | StreamingResponse:
         budget = checked(body.model, body.query(), None, body.budget())
+        if body.stream:
+            return await streamed(Chunks(False, body.model, body.include_usage()), budget,
+                                  lambda on_text: engine.submit(body.model, body.query(), budget, on_text=on_text))
         a = await answer(engine.submit(body.model, body.query(), budget))
         choice = TextChoice(text=a.prediction.output, finish_reason=finish(a, budget))
         return Completion(model=body.model, choices=[choice], **usage_and_extra(a, budget))
 
     return app
+
+
+class Chunks:
+    """The server-sent events of one streamed answer: chat (``chat.completion.chunk``) or text completion chunks,
+    all with one id and creation time; ``usage: null`` in each when the usage comes at the end."""
+
+    def __init__(self, chat: bool, model: str, include_usage: bool):
+        self.chat, self.model, self.include_usage = chat, model, include_usage
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def opening(self) -> str | None:
+        """The first event: the role, for chat; none for text completions."""
+        return self._event([ChatChunkChoice(delta={"role": "assistant", "content": ""})]) if self.chat else None
+
+    def piece(self, text: str) -> str:
+        return self._event([ChatChunkChoice(delta={"content": text}) if self.chat else TextChunkChoice(text=text)])
+
+    def finish(self, reason: str, extra: Extra) -> str:
+        """The last chunk with a choice: no text, the finish reason, and this server's extras."""
+        choice = (ChatChunkChoice(delta={}, finish_reason=reason) if self.chat
+                  else TextChunkChoice(text="", finish_reason=reason))
+        return self._event([choice], extra=extra)
+
+    def usage(self, usage: Usage) -> str:
+        return self._event([], usage=usage)
+
+    def _event(self, choices: list, usage: Usage | None = None, extra: Extra | None = None) -> str:
+        kind = ChatCompletionChunk if self.chat else CompletionChunk
+        body = kind(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage,
+                    metatuner=extra).model_dump(mode="json")
+        if not self.include_usage:
+            del body["usage"]
+        if extra is None:
+            del body["metatuner"]
+        return _event(body)
+
+
+def _event(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def _post(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item: Any) -> None:
+    """Puts ``item`` on an asyncio queue from another thread; nothing when the loop has closed (no listener)."""
+    try:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+    except RuntimeError:
+        pass
 
 
 def bind(host: str, port: int) -> socket.socket:
