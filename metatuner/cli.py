@@ -72,7 +72,7 @@ def _answering_flags(p: argparse.ArgumentParser, several: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from metatuner.bench.grid import shipped_protocols
+    from metatuner.bench.protocol import shipped_protocols
 
     parser = Parser(
         prog="metatuner",
@@ -372,7 +372,8 @@ def cmd_rescore(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from metatuner.bench.grid import Protocol, run_grid
+    from metatuner.bench.grid import run_grid
+    from metatuner.bench.protocol import Protocol
     from metatuner.bench.report import report
 
     if args.workers < 1:

@@ -7,8 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metatuner.bench import grid
-from metatuner.bench.grid import Protocol, run_grid
+from metatuner.bench import tuning
+from metatuner.bench.cells import cell_dir
+from metatuner.bench.collect import collect
+from metatuner.bench.grid import run_grid
+from metatuner.bench.protocol import Protocol
 from metatuner.bench.report import aggregate, cost_table, report, table
 from metatuner.errors import MetatunerError
 
@@ -48,9 +51,9 @@ def test_results_ignore_a_cell_folder_another_worker_is_still_writing(protocol_f
     rows = run_grid(Protocol.load(protocol_file), out, only=["zero-shot"])
     import shutil
 
-    done = grid.cell_dir(out, "arithmetic", "zero-shot", 0)
+    done = cell_dir(out, "arithmetic", "zero-shot", 0)
     shutil.copytree(done, done.with_name(f".{done.name}.tmp-{os.getpid()}"))  # complete files, not yet renamed
-    assert grid.collect(out) == rows
+    assert collect(out) == rows
 
 
 def test_an_unfinished_cell_is_the_only_one_rerun(protocol_file, tmp_path):
@@ -58,12 +61,12 @@ def test_an_unfinished_cell_is_the_only_one_rerun(protocol_file, tmp_path):
 
     out = tmp_path / "grid"
     run_grid(Protocol.load(protocol_file), out)
-    shutil.rmtree(grid.cell_dir(out, "arithmetic", "cot", 1))
+    shutil.rmtree(cell_dir(out, "arithmetic", "cot", 1))
     before = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*/summary.json")}
     run_grid(Protocol.load(protocol_file), out)
     after = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*/summary.json")}
     assert before == {k: v for k, v in after.items() if k in before}
-    assert (grid.cell_dir(out, "arithmetic", "cot", 1) / "summary.json").is_file()
+    assert (cell_dir(out, "arithmetic", "cot", 1) / "summary.json").is_file()
 
 
 def test_report_rebuilds_the_same_table_from_results_json(protocol_file, tmp_path):
@@ -263,7 +266,7 @@ def test_bench_help_lists_every_shipped_protocol(capsys):
 CLAIMER = """
 import sys, time
 from pathlib import Path
-from metatuner.bench.grid import claim
+from metatuner.bench.cells import claim
 out, start_at, hold_until, folders = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4:]
 held = []  # kept until exit
 for k, f in enumerate(folders):  # one race per folder, 0.1 s apart, all processes in step
@@ -297,7 +300,7 @@ def test_a_cell_held_by_a_live_process_is_skipped_and_a_dead_ones_claim_is_taken
     import time
 
     out = tmp_path / "grid"
-    held, stale = grid.cell_dir(out, "arithmetic", "cot", 0), grid.cell_dir(out, "arithmetic", "sft", 1)
+    held, stale = cell_dir(out, "arithmetic", "cot", 0), cell_dir(out, "arithmetic", "sft", 1)
     (out / "claims").mkdir(parents=True)
     holder = claimer(out, [held], 0, time.time() + 600)
     assert holder.stdout.readline().strip() == "won"
@@ -505,7 +508,7 @@ def test_a_cell_is_fitted_once_and_scored_on_every_test_split(tmp_path, tiny_mod
     # a cell that stopped after writing its other split but before its own folder runs again in full
     import shutil
 
-    shutil.rmtree(grid.cell_dir(out, "arithmetic", "sft", 0))
+    shutil.rmtree(cell_dir(out, "arithmetic", "sft", 0))
     run_grid(Protocol.load(path), out)
     assert fits == [1, 1] and len(json.loads((out / "results.json").read_text())) == 4
     monkeypatch.setattr(recipes, "eval_method", lambda cfg, out_dir: pytest.fail("re-ran"))
@@ -624,7 +627,7 @@ def test_a_tuning_job_held_by_another_process_is_awaited_and_taken_over_when_its
     # may reach before or after that
     holder = claimer(out, [Path("tuning--arithmetic--sft")], 0, time.time() + 600)
     assert holder.stdout.readline().strip() == "won"
-    real_tune, awaited = grid.tune, []
+    real_tune, awaited = tuning.tune, []
 
     def tune(*args, quiet=False, **kwargs):
         records = real_tune(*args, quiet=quiet, **kwargs)
@@ -634,7 +637,7 @@ def test_a_tuning_job_held_by_another_process_is_awaited_and_taken_over_when_its
             holder.wait()
         return records
 
-    monkeypatch.setattr(grid, "tune", tune)
+    monkeypatch.setattr(tuning, "tune", tune)
     try:
         rows = run_grid(Protocol.load(path), out)
     finally:
@@ -646,7 +649,7 @@ def test_a_tuning_job_held_by_another_process_is_awaited_and_taken_over_when_its
     choice = json.loads(record.read_text())
     assert len(choice["tried"]) == 2  # tuned here, once its tuner was gone
     # the cell that needs no choice ran first instead of waiting; the sft cell ran with the choice
-    assert (grid.cell_dir(out, "arithmetic", "zero-shot", 0) / "summary.json").stat().st_mtime < record.stat().st_mtime
+    assert (cell_dir(out, "arithmetic", "zero-shot", 0) / "summary.json").stat().st_mtime < record.stat().st_mtime
     assert {r["method"]: r["tuned"] for r in rows} == {"zero-shot": {}, "sft": {"train.lr_scale": choice["chosen"]}}
     assert not list((out / "claims").iterdir())
 

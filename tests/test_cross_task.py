@@ -58,7 +58,7 @@ def test_metatuner_trains_on_a_mix(shared_data, tiny_tokenizer, tmp_path):
 
 
 def test_a_cross_task_cell_folder_is_a_portable_path(tmp_path):
-    from metatuner.bench.grid import cell_dir
+    from metatuner.bench.cells import cell_dir
 
     folder = cell_dir(tmp_path, "math+hotpotqa+cosmosqa>gsm8k", "sft", 0)
     assert folder.name == "math+hotpotqa+cosmosqa-to-gsm8k--sft--seed0"

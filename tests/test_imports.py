@@ -170,3 +170,24 @@ def test_import_metatuner_loads_no_torch_and_the_api_on_first_use():
         assert "no attribute 'no_such_name'" in str(e)
     else:
         raise AssertionError("an unknown name is an AttributeError")
+
+
+BENCH_LAYERS = ["protocol", "cells", "tuning", "collect", "workers", "grid"]  # each imports only those before it
+BENCH_REPORT = ["stats", "logs", "curves", "plots", "report"]  # rebuilt from the folder's files alone
+
+
+def test_the_bench_package_is_layered_by_job():
+    """``bench/``: protocol, cells and claims, tuning, collection, the per-cell job and its workers, the grid's
+    entry point, each importing only the layers below it; the report reads a finished folder and never imports
+    what runs cells."""
+    graph = import_graph(package_sources())
+    bench = {m.removeprefix("metatuner.bench."): {d.removeprefix("metatuner.bench.") for d in deps
+                                                   if d.startswith("metatuner.bench.")}
+             for m, deps in graph.items() if m.startswith("metatuner.bench.")}
+    assert set(bench) == set(BENCH_LAYERS) | set(BENCH_REPORT)  # a new module takes its place in a list above
+    for i, name in enumerate(BENCH_LAYERS):
+        assert bench[name] <= set(BENCH_LAYERS[:i]), f"bench.{name} imports {sorted(bench[name] - set(BENCH_LAYERS[:i]))}"
+    for name in BENCH_REPORT:
+        assert bench[name] <= {"cells", "tuning"} | set(BENCH_REPORT), f"bench.{name} imports {sorted(bench[name])}"
+    users = sorted(m for m, deps in graph.items() if not m.startswith("metatuner.bench") and "metatuner.bench.workers" in deps)
+    assert users == []  # outside bench/, a grid runs through grid.run_grid only

@@ -159,7 +159,7 @@ def test_g_warm_up_also_trains_m_unless_the_warm_ups_run_one_after_the_other(tin
 
 
 def test_every_shipped_config_and_protocol_warms_up(tiny_tokenizer):
-    from metatuner.bench.grid import Protocol, shipped_protocols
+    from metatuner.bench.protocol import Protocol, shipped_protocols
     from metatuner.config import SHIPPED
 
     configs = [load_config(name) for name in sorted(f.stem for f in SHIPPED.glob("*.yaml"))]

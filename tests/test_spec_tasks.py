@@ -170,7 +170,9 @@ def test_cli_commands_take_a_spec(capsys, tmp_path, tiny_model_dir):
 def test_bench_runs_a_spec_task_in_a_plainly_named_cell(tmp_path, tiny_model_dir):
     import yaml
 
-    from metatuner.bench.grid import Protocol, cell_dir, run_grid
+    from metatuner.bench.cells import cell_dir
+    from metatuner.bench.grid import run_grid
+    from metatuner.bench.protocol import Protocol
 
     protocol = tmp_path / "p.yaml"
     protocol.write_text(yaml.safe_dump({

@@ -1,7 +1,7 @@
 """Learning curves: each method's score at several training budgets, from the grid's ``curves.json``.
 
 A protocol with ``common.eval.budgets`` trains each (method, seed) once and scores it at those optimizer
-steps (warm-ups counted) and at its end (``metatuner/recipes.py`` ``eval_method``); :func:`grid.collect`
+steps (warm-ups counted) and at its end (``metatuner/recipes.py`` ``eval_method``); :func:`collect.collect`
 gathers the points into ``curves.json``. Per task, every point gets the bootstrap mean and interval
 over seeds and items (:mod:`metatuner.bench.stats`). Methods that do not train (zero-shot) have one
 point at step 0, drawn as a flat line across the budgets.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from metatuner.bench import stats
 from metatuner import files
-from metatuner.bench.grid import file_name
+from metatuner.bench.cells import file_name
 from metatuner.bench.plots import finish
 
 

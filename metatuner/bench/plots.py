@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from metatuner import files
-from metatuner.bench.grid import file_name
+from metatuner.bench.cells import file_name
 from metatuner.bench.logs import number, read_log, train_evals
 
 

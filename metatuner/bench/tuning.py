@@ -17,57 +17,26 @@ the value the method's own config already has, else to the first listed) and the
 method run with it. Each choice is written, with every value's validation score and fit seconds, to
 ``tuning/<task>--<method>.json`` in the grid folder, once: a rerun reuses it, and the report shows it.
 The tuning runs' seconds are part of what the method cost: the report's cost table shows them.
+
+Each (task, method) is a job claimed like a cell (:mod:`metatuner.bench.cells`), so grid workers and Ray
+tasks share the jobs out: a job another live process holds is skipped, and a cell that needs its choice
+waits for it, or runs it itself when its tuner died.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
 from pathlib import Path
 from typing import Any
 
-from metatuner import files
+from metatuner import files, interrupts
+from metatuner.bench.cells import claim, file_name
+from metatuner.bench.protocol import Protocol
 from metatuner.errors import MetatunerError
 
 
-@dataclass
-class Tuning:
-    methods: dict[str, tuple[str, list[Any]]]  # method -> (config key, values)
-    overrides: dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
-
-    @classmethod
-    def parse(cls, data: Any, where: Path) -> "Tuning | None":
-        if data is None:
-            return None
-        if not isinstance(data, dict) or not set(data) <= {"seed", "overrides", "methods"}:
-            raise MetatunerError(f"{where}: protocol key 'tune' must be a mapping with 'methods' and optionally "
-                                 f"'overrides' and 'seed', got {data!r:.120}")
-        methods = {}
-        for method, spec in (data.get("methods") or {}).items():
-            if not isinstance(spec, dict) or len(spec) != 1:
-                raise MetatunerError(f"{where}: tune.methods.{method} must name one config key and its values, "
-                                     f"e.g. {{train.lr_scale: [0.3, 1.0, 3.0]}}, got {spec!r:.120}")
-            (key, values), = spec.items()
-            if not isinstance(values, list) or len(values) < 2:
-                raise MetatunerError(f"{where}: tune.methods.{method}.{key} needs a list of at least 2 values to "
-                                     f"choose from, got {values!r:.80}")
-            methods[str(method)] = (str(key), list(values))
-        if not methods:
-            raise MetatunerError(f"{where}: protocol key 'tune' names no method under 'methods'")
-        overrides = data.get("overrides") or {}
-        if not isinstance(overrides, dict):
-            raise MetatunerError(f"{where}: tune.overrides must be a mapping of config keys, got {overrides!r:.80}")
-        seed = data.get("seed", 0)
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise MetatunerError(f"{where}: tune.seed must be an integer, got {seed!r}")
-        return cls(methods, dict(overrides), seed)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "overrides": self.overrides,
-                "methods": {m: {k: v} for m, (k, v) in self.methods.items()}}
-
-
 def choice_path(out: Path, task_file: str, method: str) -> Path:
+    """Where the tuning choice of (task, method) is written in grid folder ``out``."""
     return out / "tuning" / f"{task_file}--{method}.json"
 
 
@@ -123,3 +92,95 @@ def tuning_table(out: Path) -> str:
         lines.append(f"| {r['task']} | {r['method']} | {r['key']} | {tried} (n={r['tried'][0]['n']}) | "
                      f"{r['chosen']} | {r['seconds']:.0f} |")
     return "\n".join(lines)
+
+
+def choice_file(out: Path, task: str, method: str) -> Path:
+    """The choice record of (task, method) in grid folder ``out``, by task name."""
+    return choice_path(out, file_name(task), method)
+
+
+def tuning_jobs(protocol: Protocol, only: list[str] | None = None) -> list[tuple[str, str]]:
+    """The (task, method) pairs ``protocol.tune`` tunes (the methods in ``only``, if given), in order."""
+    spec = protocol.tune
+    if spec is None:
+        return []
+    return [(t, m) for t in protocol.tasks for m in protocol.methods if m in spec.methods and (not only or m in only)]
+
+
+def tuning_pending(protocol: Protocol, out: Path, only: list[str] | None = None) -> list[tuple[str, str]]:
+    """The tuning jobs with no choice on file yet."""
+    return [(t, m) for t, m in tuning_jobs(protocol, only) if not choice_file(out, t, m).is_file()]
+
+
+def tune(protocol: Protocol, out: Path, data_dir: str | None = None, only: list[str] | None = None,
+         quiet: bool = False) -> list[dict]:
+    """Runs the tuning of every (task, method) of ``protocol.tune`` (the methods in ``only``, if given) that
+    has no choice on file yet; returns the choice records on file. Before any cell. A job another live
+    process holds is skipped here (the caller waits for its choice before the cells that need it)."""
+    records = []
+    for task, method in tuning_jobs(protocol, only):
+        record = tune_job(protocol, out, data_dir, task, method, quiet)
+        if record is not None:
+            records.append(record)
+    return records
+
+
+def tune_job(protocol: Protocol, out: Path, data_dir: str | None, task: str, method: str,
+             quiet: bool = False) -> dict | None:
+    """The choice record of one tuning job: read from file, or run here under a claim; None when another
+    live process holds the job."""
+    path = choice_file(out, task, method)
+    if path.is_file():
+        return files.read_json(path)
+    held = claim(out, f"tuning--{file_name(task)}--{method}")
+    if held is None:
+        if not quiet:
+            print(f"    tuning {method} on {task}: running in another process, skipped", flush=True)
+        return None
+    try:
+        if path.is_file():  # chosen by another process just before the claim
+            return files.read_json(path)
+        return _tune_one(protocol, out, data_dir, task, method)
+    finally:
+        held.release()
+
+
+def await_tuning(protocol: Protocol, out: Path, data_dir: str | None, task: str, method: str) -> None:
+    """Blocks until the tuning choice of (task, method) is on file; runs it here if nobody holds it."""
+    while not choice_file(out, task, method).is_file():
+        interrupts.check(f"waiting for the tuning of {method} on {task}; finished cells are kept in {out}; rerun "
+                         "the same command to continue")
+        tune(protocol, out, data_dir, [method], quiet=True)  # claims and runs it when its tuner has died
+        time.sleep(5)
+
+
+def _tune_one(protocol: Protocol, out: Path, data_dir: str | None, task: str, method: str) -> dict:
+    """Fits (task, method) once per value of its tuned key, scores each fit on the validation items carved
+    from train, and writes the choice record (returned)."""
+    from tqdm.auto import tqdm
+
+    from metatuner.evaluation.harness import evaluate
+    from metatuner.recipes import fit_method, train_val_split
+
+    spec = protocol.tune
+    key, values = spec.methods[method]
+    tried = []
+    for value in tqdm(values, desc=f"tuning {method} {key} on {task}", unit="value"):
+        cfg = protocol.tuning_config(task, method, value, data_dir)
+        start = time.perf_counter()
+        predictor, task_obj = fit_method(cfg)
+        seconds = time.perf_counter() - start
+        _, val = train_val_split(task_obj.load("train"), cfg.data.train_limit, cfg.data.val_size, cfg.data.seed)
+        if not val:
+            raise MetatunerError(f"tuning {method} on {task} needs validation items: set data.val_size > 0")
+        result = evaluate(predictor, task_obj, val, batch_size=cfg.eval.batch_size,
+                          max_new_tokens=cfg.eval.max_new_tokens, likelihood=cfg.eval.likelihood,
+                          progress=False, split="val")
+        score = result.metrics[task_obj.primary_metric]["mean"]
+        tried.append({"value": value, "val_score": score, "n": len(val), "fit_seconds": seconds})
+        print(f"    tuning {method} on {task}: {key}={value} -> val {100 * score:.1f}% ({seconds:.0f} s)", flush=True)
+    best = pick([t["val_score"] for t in tried], values, current(protocol.config(task, method, spec.seed), key))
+    record = {"task": task, "method": method, "key": key, "chosen": values[best], "seed": spec.seed,
+              "overrides": spec.overrides, "tried": tried, "seconds": sum(t["fit_seconds"] for t in tried)}
+    files.write_json(choice_file(out, task, method), record)
+    return record

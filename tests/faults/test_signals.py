@@ -108,7 +108,8 @@ def test_sigterm_to_bench_with_workers_is_forwarded_once_and_each_worker_stops_a
     import pytest
 
     from metatuner import interrupts
-    from metatuner.bench.grid import Protocol, run_grid
+    from metatuner.bench.grid import run_grid
+    from metatuner.bench.protocol import Protocol
 
     spec, reference, _ = reference_grid
     out = tmp_path / "grid"
