@@ -197,3 +197,16 @@ def test_a_shift_split_is_recorded_and_rescored_from_its_own_items(tmp_path):
     assert result.split == "test_shift" and "(test_shift)" in result.line()
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["split"] == "test_shift"
     assert rescore(tmp_path / "r", task).metrics["exact_match_strict"]["mean"] == 1.0
+
+
+def test_no_grad_scoring_in_logit_chunks_equals_one_pass(tiny_model, tiny_tokenizer, monkeypatch):
+    from metatuner.evaluation import generation
+
+    batch = generation.encode_pairs(tiny_tokenizer, ["a question", "another, longer question here"],
+                                    [" the answer is 4", " 12"], "cpu")
+    whole, count = generation.token_logprobs(tiny_model, batch)  # grad enabled: one pass over every position
+    monkeypatch.setattr(generation, "LOGIT_CHUNK", 3)  # fewer positions than one row's target: chunks cross rows
+    with torch.no_grad():
+        chunked, count2 = generation.token_logprobs(tiny_model, batch)
+    assert count.tolist() == count2.tolist() and count.sum() > 3
+    assert torch.allclose(whole.detach(), chunked, atol=1e-5)

@@ -259,18 +259,28 @@ def encode_pairs(
     return {"input_ids": input_ids, "attention_mask": attention, "labels": label_t}
 
 
+#: label positions whose logits a no-grad :func:`token_logprobs` computes at a time
+LOGIT_CHUNK = 256
+
+
 def token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row sum of label log-probabilities and label-token counts (differentiable).
 
     The output head runs only on the positions that predict a label: a full ``[bs, T, vocab]`` logits
-    tensor (hundreds of MB for a 49k vocabulary) is never built.
+    tensor (hundreds of MB for a 49k vocabulary) is never built. Without grad (rollout scoring, evaluation)
+    it runs on ``LOGIT_CHUNK`` positions at a time, so scoring two dozen candidates holds no more logits
+    than a training step does.
     """
     hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
     labels = batch["labels"][:, 1:]  # [bs, T-1]: position t predicts token t + 1
     mask = labels != -100
     rows = mask.nonzero()[:, 0]  # [N]
-    logits = model.get_output_embeddings()(hidden[:, :-1][mask]).float()  # [N, vocab]
-    lp = -nn.functional.cross_entropy(logits, labels[mask], reduction="none")  # [N]
+    head, states, targets = model.get_output_embeddings(), hidden[:, :-1][mask], labels[mask]  # [N, d], [N]
+    chunk = len(targets) if torch.is_grad_enabled() else LOGIT_CHUNK
+    lp = torch.cat([
+        -nn.functional.cross_entropy(head(states[i : i + chunk]).float(), targets[i : i + chunk], reduction="none")
+        for i in range(0, len(targets), max(1, chunk))
+    ]) if len(targets) else states.new_zeros(0, dtype=torch.float32)  # [N]
     total = torch.zeros(labels.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
     return total, mask.sum(-1)
 
