@@ -151,6 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="overrides of protocol keys, e.g. seeds=[0] common.eval.limit=4 tasks=[gsm8k]")
 
+    p = sub.add_parser("plan", help="parameters, memory per device, the cards it fits and step time of a MetaTuner "
+                       "run on GPUs, from a model's config alone (no weights, no GPU)")
+    p.add_argument("--config", metavar="FILE", help="YAML file of config overrides")
+    p.add_argument("overrides", nargs="*", metavar="[MODEL] KEY=VALUE",
+                   help="the model first (config.json, model folder, built-in alias or Hugging Face id: only its config "
+                   "is read; default: model.name), then config overrides, e.g. model.dtype=bfloat16 train.batch_size=16")
+    p.add_argument("--devices", type=int, default=1, metavar="N", help="data-parallel GPUs (default 1)")
+    p.add_argument("--tflops", type=float, metavar="X", help="sustained TFLOP/s per GPU, for step times")
+    p.add_argument("--target-tokens", type=int, metavar="N",
+                   help="answer tokens per query (default: a quarter of train.max_length)")
+    p.add_argument("--protocol", metavar="FILE",
+                   help=f"plan a bench protocol's cell instead of --config: a file or {', '.join(shipped_protocols())}")
+    p.add_argument("--method", help="with --protocol: the protocol's method whose cell is planned (default metatuner-j)")
+
     p = sub.add_parser("report", help="rebuild the table (results.md) and plots of a grid from its results.json")
     p.add_argument("run_dir", metavar="RUN_DIR", help="grid folder written by `metatuner bench`")
 
@@ -388,6 +402,30 @@ def cmd_bench(args) -> None:
     print(f"results: {out / 'results.json'}\ntable: {md}\nplots: {', '.join(str(p) for p in plots)}")
 
 
+def cmd_plan(args) -> None:
+    from metatuner.models.plan import format_plan, load_model_config, plan
+
+    model = args.overrides.pop(0) if args.overrides and "=" not in args.overrides[0] else None
+    if args.protocol:
+        from metatuner.bench.protocol import Protocol
+
+        if args.config:
+            raise MetatunerError("give --protocol or --config, not both")
+        protocol = Protocol.load(args.protocol, args.overrides)
+        method = args.method or "metatuner-j"
+        if method not in protocol.methods:
+            raise MetatunerError(f"--method {method!r} is not in protocol {protocol.name!r}; its methods: "
+                                 f"{', '.join(protocol.methods)}")
+        cfg = protocol.config(protocol.tasks[0], method, protocol.seeds[0])
+        if cfg.method != "metatuner":
+            raise MetatunerError(f"--method {method!r} runs {cfg.method!r}; plan sizes MetaTuner's cells only")
+    else:
+        cfg = _config(args)
+    name = model or cfg.model.name
+    print(format_plan(plan(cfg, load_model_config(name), devices=args.devices, tflops=args.tflops,
+                           target_tokens=args.target_tokens, model_name=name)))
+
+
 def cmd_report(args) -> None:
     from metatuner.bench.report import report
 
@@ -399,7 +437,7 @@ def cmd_report(args) -> None:
 COMMANDS = {
     "tasks": cmd_tasks, "methods": cmd_methods, "config": cmd_config, "eval": cmd_eval, "train": cmd_train,
     "run": cmd_run, "generate": cmd_generate, "export": cmd_export, "bench": cmd_bench, "report": cmd_report,
-    "rescore": cmd_rescore, "predict": cmd_predict, "serve": cmd_serve,
+    "rescore": cmd_rescore, "predict": cmd_predict, "serve": cmd_serve, "plan": cmd_plan,
 }
 
 

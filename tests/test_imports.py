@@ -191,3 +191,12 @@ def test_the_bench_package_is_layered_by_job():
         assert bench[name] <= {"cells", "tuning"} | set(BENCH_REPORT), f"bench.{name} imports {sorted(bench[name])}"
     users = sorted(m for m, deps in graph.items() if not m.startswith("metatuner.bench") and "metatuner.bench.workers" in deps)
     assert users == []  # outside bench/, a grid runs through grid.run_grid only
+
+
+def test_the_planner_stays_in_the_models_layer():
+    """``metatuner plan``'s library module builds models and reads configs; it never reaches up."""
+    deps = import_graph(package_sources())["metatuner.models.plan"]
+    assert "metatuner.models.metatuner" in deps
+    above = ("metatuner.training", "metatuner.methods", "metatuner.recipes", "metatuner.bench", "metatuner.serving",
+             "metatuner.cli")
+    assert not [d for d in deps if d.startswith(above)]

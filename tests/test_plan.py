@@ -1,0 +1,206 @@
+"""`metatuner plan`: exact parameter counts from a meta build, the activation formula against what autograd
+really saves, the fit and FLOP arithmetic, the bench protocol for one GPU, and the command itself.
+
+The Qwen2.5 configs under tests/data/ are the published config.json files (Qwen/Qwen2.5-*-Instruct); the
+SmolLM2 one is the default model's (the built-in alias converted). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from metatuner.cli import main
+from metatuner.config import load_config
+from metatuner.errors import MetatunerError
+from metatuner.models.lora import LoRAModel
+from metatuner.models.plan import CARDS, FIT_SHARE, GIB, _Shape, load_model_config, plan
+
+DATA = Path(__file__).parent / "data"
+# published sizes (the model cards' "Number of Parameters") and the exact counts they round
+QWEN = {"0.5b": (0.49e9, 494_032_768), "1.5b": (1.54e9, 1_543_714_304), "3b": (3.09e9, 3_085_938_688),
+        "7b": (7.62e9, 7_615_616_512)}
+
+
+@pytest.fixture(scope="module")
+def qwen_configs():
+    return {size: load_model_config(str(DATA / f"qwen2.5-{size}" / "config.json")) for size in QWEN}
+
+
+@pytest.fixture(scope="module")
+def qwen_plans(qwen_configs):
+    """The default run config in bf16 on each Qwen2.5 size, one device."""
+    return {size: plan(load_config(None, ["model.dtype=bfloat16"]), c) for size, c in qwen_configs.items()}
+
+
+@pytest.mark.parametrize("size", list(QWEN))
+def test_qwen25_parameter_counts_match_the_published_sizes(qwen_plans, size):
+    published, exact = QWEN[size]
+    p = qwen_plans[size]
+    assert abs(p.params.m - published) / published < 0.01
+    assert p.params.m == exact  # the sum of the checkpoint's tensors (tied embeddings once)
+    assert p.params.g == p.params.m and p.params.g_shared
+    assert p.memory.weights == 2 * exact  # bf16, one copy for G and M
+
+
+def _real_counts(mt) -> dict[str, int]:
+    """Counts read off a real build by other means than the planner's: names and the trainer's groups."""
+    groups = {k: sum(p.numel() for p in ps) for k, ps in mt.parameter_groups().items()}
+    base = sum(p.numel() for n, p in mt.actor.named_parameters() if ".lora_" not in n)
+    return {"m": base, "f": groups["hypernet"], "encoder": groups["encoder"], "decoder": groups["decoder"],
+            "static": groups.get("static", 0), "trainable": sum(groups.values())}
+
+
+@pytest.mark.parametrize("shape", ["tiny-llama", "smollm2-135m-2-layers"])
+def test_meta_counts_equal_a_real_build(tiny_tokenizer, shape):
+    """The default run config on a real (random) build and on the planner's meta build: the same counts."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_model
+    from metatuner.training.build import build_metatuner
+
+    if shape == "tiny-llama":
+        model = make_model(tiny_tokenizer)
+    else:  # the default model's widths (F's shapes are the real ones), fewer layers and a small vocabulary
+        config = load_model_config(str(DATA / "smollm2-135m" / "config.json"))
+        config.num_hidden_layers, config.vocab_size = 2, 512
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+    cfg = load_config(None, [])
+    mt = build_metatuner(cfg, model, tiny_tokenizer)
+    mt.add_static_adapter(cfg.train.static_rank, cfg.train.static_alpha)  # the trainer adds it (actor warm-up)
+    real = _real_counts(mt)
+    p = plan(cfg, model.config)
+    got = {"m": p.params.m, "f": p.params.f, "encoder": p.params.encoder, "decoder": p.params.decoder,
+           "static": p.params.static, "trainable": p.params.trainable}
+    assert got == real
+    assert p.params.decoder_frozen == p.params.decoder
+    assert p.memory.weights == 4 * real["m"] and p.memory.optimizer == 8 * real["trainable"]
+
+
+# ---- activations: the formula against autograd's saved tensors ------------------------------------
+def _saved_bytes(dtype: torch.dtype, layers: int, kinds: list[str], rows: bool, bs: int = 2, T: int = 16) -> int:
+    """Bytes autograd saves in one forward of a tiny Qwen2's decoder with static LoRA (and per-row factors)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=64, intermediate_size=176, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=97, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval().requires_grad_(False)
+    lora = LoRAModel(model)
+    sites = lora.add_adapter("s", kinds, range(layers), 8, 16.0)
+    factors = None
+    if rows:
+        factors = {s.key: (torch.randn(bs, 4, lora.module(s).in_features, requires_grad=True),
+                           torch.randn(bs, lora.module(s).out_features, 4, requires_grad=True)) for s in sites}
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *lora.model.parameters()]
+            + [t for ab in (factors or {}).values() for t in ab]}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    ids = torch.randint(0, 97, (bs, T))
+    with lora.use(("s",), factors, 2.0), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.get_decoder()(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kinds,rows", [(["q_proj", "v_proj"], True),
+                                        (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                          "down_proj"], False)])
+def test_layer_activation_formula_equals_what_autograd_saves(dtype, kinds, rows):
+    bs, T = 2, 16
+    per_layer = (_saved_bytes(dtype, 3, kinds, rows) - _saved_bytes(dtype, 2, kinds, rows)) / (bs * T)
+    widths = {"q_proj": 64, "k_proj": 64, "v_proj": 64, "o_proj": 64, "gate_proj": 64, "up_proj": 64,
+              "down_proj": 176}
+    shape = _Shape(h=64, q=64, kv=32, i=176, heads=4, vocab=97, layers=2, layer_mm=0, head_mm=0,
+                   b=torch.tensor([], dtype=dtype).element_size())
+    assert shape.layer_bytes({k: (widths[k], 8 + (4 if rows else 0)) for k in kinds}) == per_layer
+
+
+# ---- memory, fits, FLOPs ------------------------------------------------------------------------------
+def test_fits_checkpointing_and_data_parallel(qwen_configs, qwen_plans):
+    cfg = load_config(None, ["model.dtype=bfloat16"])
+    one, two = qwen_plans["7b"], plan(cfg, qwen_configs["7b"], devices=2)
+    for p in (one, two):
+        assert p.memory.activations_checkpointed < p.memory.activations
+        for ckpt in (False, True):
+            assert p.fits(ckpt) == {n: p.memory.total(ckpt) <= FIT_SHARE * g * GIB for n, g in CARDS.items()}
+    # data parallel: each device holds all weights and optimizer state, and half the batch
+    assert (two.batch, one.batch) == (2, 4)
+    assert two.memory.weights == one.memory.weights and two.memory.optimizer == one.memory.optimizer
+    assert two.memory.activations < one.memory.activations
+    assert two.joint_flops() == pytest.approx(one.joint_flops() / 2, rel=0.02)
+    with pytest.raises(MetatunerError, match="devices"):
+        plan(cfg, qwen_configs["7b"], devices=0)
+
+
+def test_task_flops_are_four_times_the_matmul_parameters_per_token(qwen_configs):
+    """w/o P: no decoding, scoring or regularizer; the task pass is 4 x matmul params x tokens (frozen base:
+    forward and backward to the inputs), plus the small LoRA terms, and checkpointing adds one forward."""
+    cfg = load_config(None, ["model.dtype=bfloat16", "train.ablation=no_prompt"])
+    p = plan(cfg, qwen_configs["0.5b"], tflops=100)
+    assert set(p.step_flops) == {"encode", "hypernet", "task"}
+    c = qwen_configs["0.5b"]
+    h, i, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    layer = h * h * 2 + 2 * h * kv + 3 * h * i  # q, o; k, v; gate, up, down
+    forward = 2 * (c.num_hidden_layers * layer * 4 * 512 + c.vocab_size * h * 4 * 128)  # 4 rows, 512 tokens, 128 answer
+    assert p.step_flops["task"] == pytest.approx(2 * forward, rel=0.01)
+    encoder = 2 * p.k * layer * 4 * 384
+    assert p.recompute_flops == pytest.approx(forward + encoder, rel=1e-6)
+    assert p.step_seconds() == pytest.approx(p.joint_flops() / 100e12)
+
+
+def test_the_gpu_protocol_fits_one_h200():
+    """configs/bench/gpu.yaml's MetaTuner-J cell (SmolLM2-135M in bf16, batch 16) on one 141 GB card."""
+    from metatuner.bench.protocol import Protocol
+
+    cfg = Protocol.load("gpu").config("gsm8k", "metatuner-j", 0)
+    p = plan(cfg, load_model_config(str(DATA / "smollm2-135m" / "config.json")), tflops=400)
+    assert (p.batch, p.dtype, p.phases["joint"][0] + p.phases["warm-up of M"][0] + p.phases["warm-up of G"][0]) == (
+        16, "bfloat16", 60)
+    assert p.fits()["141 GB"] and p.memory.total() < 10 * GIB
+    # the protocol's header runs it with --workers 8 on one GPU: eight such cells still fit the card
+    assert 8 * p.memory.total() <= FIT_SHARE * CARDS["141 GB"] * GIB
+    assert p.params.m == 134_515_008 and abs(p.params.m - 135e6) / 135e6 < 0.01  # the default model, 135M
+
+
+def test_the_meta_build_allocates_nothing(qwen_configs):
+    from metatuner.models.plan import build_meta
+
+    mt = build_meta(load_config(None, ["model.dtype=bfloat16"]), qwen_configs["7b"])
+    assert all(p.is_meta for p in mt.parameters()) and all(b.is_meta for b in mt.buffers())
+
+
+# ---- the command -----------------------------------------------------------------------------------
+def test_plan_command_prints_the_plan_offline(capsys):
+    code = main(["plan", str(DATA / "qwen2.5-0.5b" / "config.json"), "model.dtype=bfloat16", "--tflops", "100"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "494,032,768" in out and "(shares M's weights)" in out and "at 100 TFLOP/s" in out
+    for card in CARDS:
+        assert card in out
+
+
+@pytest.mark.parametrize("model,message", [
+    ("Qwen/Qwen2.5-7B-Instruct", "no model config for 'Qwen/Qwen2.5-7B-Instruct'"),  # the hub is off in tests
+    ("missing/config.json", "no model config file missing/config.json"),
+])
+def test_an_unreachable_config_is_one_line(capsys, model, message):
+    assert main(["plan", model]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_config_json_without_model_type_is_refused(tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(MetatunerError, match="model_type"):
+        load_model_config(str(bad))
