@@ -5,6 +5,14 @@ the command line only override what they name; unknown keys and values of the wr
 the allowed choices are rejected with a message naming what is allowed. The resolved config is
 saved with every run (``config.yaml`` in the run folder).
 
+Each method owns its section (``dpo.*``, ``ppo.*``, ...): the method's module declares the section's
+dataclass and registers both (:meth:`metatuner.methods.base.MethodRegistry.register` calls
+:func:`register_section`), and :class:`RunConfig` finds the sections through that registry, so the
+overrides, ``metatuner config`` and ``config.yaml`` know a method's keys as soon as its module is
+imported (the built-in methods, and those ``$METATUNER_PLUGINS`` names: :mod:`metatuner.plugins`). The
+method modules are imported only when a section is needed (named in a file or an override, read, or
+written out), so a config of the core sections alone loads without torch.
+
 >>> cfg = load_config(None, ["eval.limit=20", "data.task=gsm8k"])
 >>> cfg.eval.limit, cfg.data.task
 (20, 'gsm8k')
@@ -12,6 +20,7 @@ saved with every run (``config.yaml`` in the run folder).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -23,12 +32,8 @@ from typing import Any
 
 import yaml
 
-from metatuner import files
+from metatuner import files, plugins
 from metatuner.errors import MetatunerError
-from metatuner.method_configs import (  # noqa: F401 - the baselines' sections, part of RunConfig
-    STEPS, BetterTogetherConfig, BPOConfig, DPOMethodConfig, GRPOMethodConfig, OPROConfig, PPOMethodConfig,
-    RLPromptConfig, parse_strategy,
-)
 from metatuner.options import ConfigKeyError, _at_least, non_negative, option, positive  # noqa: F401 - re-exported
 
 SHIPPED = Path(__file__).parent / "configs"
@@ -306,9 +311,68 @@ class ServeConfig:
                                  f"{self.max_wait_ms} and {self.timeout_s}")
 
 
-@dataclass
+@dataclass(frozen=True)
+class Section:
+    """A method's config section: the dataclass of its keys, found in a run config under ``name``."""
+
+    name: str
+    config_class: type
+    help: str
+
+
+_SECTIONS: dict[str, Section] = {}  # in the order registered: the order config.yaml lists them
+
+
+def register_section(name: str, config_class: type, help: str = "") -> Section:
+    """Adds ``config_class`` to every run config as the section ``name`` (keys ``<name>.<field>``).
+
+    Methods call this through :meth:`metatuner.methods.base.MethodRegistry.register`; registering the same
+    class under the same name again changes nothing.
+
+    Args:
+        name: the section's key in the config (``dpo`` for ``dpo.steps=3``).
+        config_class: a dataclass whose fields all have defaults and help strings (:func:`metatuner.options.option`).
+        help: one line on what the section configures.
+
+    Returns:
+        The registered :class:`Section`.
+
+    Raises:
+        ValueError: ``name`` is a key of the core config, or holds another class already; ``config_class`` is
+            not a dataclass.
+    """
+    if not dataclasses.is_dataclass(config_class):
+        raise ValueError(f"config section {name!r}: {config_class!r} is not a dataclass")
+    if name in {f.name for f in dataclasses.fields(RunConfig)}:
+        raise ValueError(f"config section {name!r} would shadow the run config's own key {name!r}")
+    old = _SECTIONS.get(name)
+    if old is not None and old.config_class is not config_class:
+        raise ValueError(f"config section {name!r} is registered twice ({old.config_class.__qualname__} and "
+                         f"{config_class.__qualname__})")
+    _SECTIONS.setdefault(name, Section(name, config_class, help))
+    return _SECTIONS[name]
+
+
+def method_sections() -> dict[str, Section]:
+    """The registered method sections by name, in the order registered, after importing the built-in methods
+    and the modules ``$METATUNER_PLUGINS`` names (:func:`metatuner.plugins.load`)."""
+    plugins.load()
+    return dict(_SECTIONS)
+
+
+def _section(name: str) -> Section | None:
+    """The registered section ``name``, importing the method modules first if it is not registered yet."""
+    if name not in _SECTIONS and not name.startswith("_"):
+        plugins.load()
+    return _SECTIONS.get(name)
+
+
+@dataclass(eq=False)
 class RunConfig:
-    """The root config. Sections are added here as the system grows (see configs/ for examples)."""
+    """The root config: the core sections are its fields; each method's own section (``dpo``, ``ppo``, ... and
+    those of plug-in methods) comes from the registry (:func:`register_section`), is read and set as an
+    attribute (``cfg.dpo.steps``; one not set holds its defaults) and is written where the ``sections`` field
+    stands."""
 
     method: str = option("zero-shot", "method to fit and evaluate (see `metatuner methods`)")
     model: ModelConfig = option(None, "the downstream model", factory=ModelConfig)
@@ -317,13 +381,10 @@ class RunConfig:
     generator: GeneratorConfig = option(None, "MetaTuner's prompt generator G", factory=GeneratorConfig)
     hypernet: HypernetConfig = option(None, "MetaTuner's parameter generator F", factory=HypernetConfig)
     train: TrainConfig = option(None, "MetaTuner training", factory=TrainConfig)
-    dpo: DPOMethodConfig = option(None, "the DPO baseline", factory=DPOMethodConfig)
-    bpo: BPOConfig = option(None, "the BPO baseline (bpo-selfpairs)", factory=BPOConfig)
-    ppo: PPOMethodConfig = option(None, "the PPO baseline", factory=PPOMethodConfig)
-    grpo: GRPOMethodConfig = option(None, "the GRPO baseline", factory=GRPOMethodConfig)
-    rlprompt: RLPromptConfig = option(None, "the RLPrompt baseline", factory=RLPromptConfig)
-    opro: OPROConfig = option(None, "the OPRO baseline (and bettertogether's p step when prompt_optimizer=opro)", factory=OPROConfig)
-    bettertogether: BetterTogetherConfig = option(None, "the BetterTogether baseline", factory=BetterTogetherConfig)
+    sections: dict[str, Any] = dataclasses.field(default_factory=dict, metadata={
+        "help": "the methods' own sections by name, each a key of the config (see `metatuner methods`)",
+        "sections": True,
+    })
     serve: ServeConfig = option(None, "the OpenAI-compatible server (metatuner serve)", factory=ServeConfig)
     out_dir: str = option("runs", "parent folder of run folders")
     seed: int = option(0, "global seed (torch, python, numpy)")
@@ -331,29 +392,71 @@ class RunConfig:
     def __post_init__(self):
         if not 0 <= self.seed < 2**32:
             raise ConfigKeyError("seed", f"seed must be in 0..{2**32 - 1} (numpy's seeds), got {self.seed}")
+        given, self.sections = self.sections, {}  # a copy: a config made by dataclasses.replace does not share it
+        for name, value in given.items():
+            setattr(self, name, value)
+
+    def __getattr__(self, name: str) -> Any:  # only for names not found the usual way: a method's section
+        sections = self.__dict__.get("sections")
+        if sections is not None and (section := _section(name)) is not None:
+            return sections.setdefault(name, section.config_class())  # a section not set holds its defaults
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_") or name in {f.name for f in dataclasses.fields(self)}:
+            object.__setattr__(self, name, value)
+        elif (section := _section(name)) is None:
+            raise ConfigKeyError(name, f"unknown config section {name!r}; registered: {', '.join(_SECTIONS)}")
+        elif not isinstance(value, section.config_class):
+            raise ConfigKeyError(name, f"{name} must be a {section.config_class.__name__}, got {value!r}")
+        else:
+            self.sections[name] = value
+
+    def __eq__(self, other: Any) -> bool:  # sections not set equal their defaults
+        return type(other) is type(self) and to_dict(self) == to_dict(other)
 
 
 # ---- building configs from dicts ---------------------------------------------------------------
+def config_fields(cls: type, sections: bool = True) -> list[tuple[dataclasses.Field, Any]]:
+    """``(field, type)`` of every key of dataclass ``cls``, in order. :class:`RunConfig`'s ``sections`` field
+    stands for one key per registered method section (:func:`method_sections`), in the order registered, or
+    for none when ``sections`` is false (then no method module is imported)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("sections"):
+            out.append((f, hints[f.name]))
+            continue
+        for s in method_sections().values() if sections else ():
+            g = dataclasses.field(default_factory=s.config_class, metadata={"help": s.help, "choices": None})
+            g.name, g.type = s.name, s.config_class
+            out.append((g, s.config_class))
+    return out
+
+
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Builds dataclass ``cls`` from a (possibly partial) nested dict, checking names, types and choices."""
     if not isinstance(data, dict):
         raise ConfigKeyError(prefix.rstrip("."), f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    own = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: (f, hint) for f, hint in config_fields(cls, sections=any(k not in own for k in data))}
     unknown = sorted((k for k in data if k not in fields), key=str)
     if unknown:
+        tip = (f"; a plug-in method's section is known once ${plugins.ENV} names its module"
+                if not prefix and "sections" in own else "")
         raise ConfigKeyError(
             prefix + unknown[0],
-            f"unknown config key '{prefix}{unknown[0]}'; allowed: {', '.join(prefix + n for n in fields)}",
+            f"unknown config key '{prefix}{unknown[0]}'; allowed: {', '.join(prefix + n for n in fields)}{tip}",
         )
-    kwargs = {}
+    kwargs, sections = {}, {}
     for name, value in data.items():
-        f, hint, key = fields[name], hints[name], prefix + name
+        (f, hint), key = fields[name], prefix + name
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = from_dict(hint, {} if value is None else value, key + ".")  # empty: the defaults
+            value = from_dict(hint, {} if value is None else value, key + ".")  # empty: the defaults
         else:
-            kwargs[name] = _coerce(key, value, hint, f.metadata.get("choices"))
-    return cls(**kwargs)
+            value = _coerce(key, value, hint, f.metadata.get("choices"))
+        (kwargs if name in own else sections)[name] = value
+    return cls(**kwargs, **({"sections": sections} if sections else {}))
 
 
 def _coerce(key: str, value: Any, hint: Any, choices: tuple | None) -> Any:
@@ -465,7 +568,12 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = 
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as nested plain dicts (copies), keys in the order ``metatuner config`` lists them."""
+    out = {}
+    for f, _ in config_fields(type(cfg)):
+        value = getattr(cfg, f.name)
+        out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return out
 
 
 def config_text(cfg: Any) -> str:
@@ -480,8 +588,7 @@ def save_config(cfg: Any, path: Path) -> None:
 def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
     """(key, default, help) for every leaf field, for ``metatuner config``."""
     rows = []
-    for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
+    for f, hint in config_fields(cls):
         if dataclasses.is_dataclass(hint):
             rows += describe(hint, prefix + f.name + ".")
             continue

@@ -9,7 +9,8 @@ import types
 import pytest
 import torch
 
-from metatuner.config import BPOConfig, load_config
+from metatuner.config import load_config
+from metatuner.methods.bpo import BPOConfig
 from metatuner.errors import MetatunerError
 from metatuner.evaluation import evaluate
 from metatuner.evaluation.generation import Generation, render_chat

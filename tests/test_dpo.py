@@ -157,9 +157,9 @@ def test_fit_saves_pairs_and_the_adapter_into_the_run_folder(tmp_path, tiny_mode
 
 
 def test_pairs_longer_than_max_length_are_dropped_with_a_clear_error_when_none_fit(tiny_model, tiny_tokenizer):
-    from metatuner.config import DPOMethodConfig, RunConfig
+    from metatuner.config import RunConfig
     from metatuner.errors import MetatunerError
-    from metatuner.methods.dpo import DPO
+    from metatuner.methods.dpo import DPO, DPOMethodConfig
     from metatuner.tasks import get_task
 
     cfg = RunConfig()

@@ -200,3 +200,14 @@ def test_the_planner_stays_in_the_models_layer():
     above = ("metatuner.training", "metatuner.methods", "metatuner.recipes", "metatuner.bench", "metatuner.serving",
              "metatuner.cli")
     assert not [d for d in deps if d.startswith(above)]
+
+
+def test_the_config_finds_method_sections_through_the_registry_not_by_import():
+    """Each method's section lives in the method's module: the config and the plugin loader import no method
+    module (the sections arrive when ``metatuner.plugins`` imports the modules by name), and nothing is left of
+    the old list of every method's config in one module."""
+    graph = import_graph(package_sources())
+    assert not [d for d in graph["metatuner.config"] if d.startswith("metatuner.methods")]
+    assert graph["metatuner.plugins"] == {"metatuner.errors"}
+    assert "metatuner.plugins" in graph["metatuner.config"] and "metatuner.config" in graph["metatuner.methods.base"]
+    assert "metatuner.method_configs" not in graph

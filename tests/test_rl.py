@@ -7,12 +7,13 @@ import types
 import pytest
 import torch
 
-from metatuner.config import GRPOMethodConfig, PPOMethodConfig, RunConfig, TrainConfig, load_config
+from metatuner.config import RunConfig, TrainConfig, load_config
 from metatuner.errors import MetatunerError
 from metatuner.evaluation import evaluate
 from metatuner.evaluation.generation import render_chat, tokens_generated
 from metatuner.methods import METHODS
 from metatuner.methods import rl
+from metatuner.methods.rl import GRPOMethodConfig, PPOMethodConfig
 from metatuner.tasks import get_task
 from metatuner.tasks.base import Example
 

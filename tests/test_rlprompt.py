@@ -9,7 +9,8 @@ import types
 import pytest
 import torch
 
-from metatuner.config import RLPromptConfig, load_config
+from metatuner.config import load_config
+from metatuner.methods.rlprompt import RLPromptConfig
 from metatuner.errors import MetatunerError
 from metatuner.evaluation import evaluate
 from metatuner.methods import METHODS

@@ -54,14 +54,83 @@ import torch
 from tqdm import tqdm
 
 from metatuner import files
-from metatuner.config import BetterTogetherConfig, RunConfig, parse_strategy
+from metatuner.config import RunConfig
 from metatuner.errors import MetatunerError
 from metatuner.evaluation.generation import render_chat
 from metatuner.evaluation.harness import evaluate, select
 from metatuner.evaluation.predictors import LMPredictor
 from metatuner.methods.base import METHODS, Method
 from metatuner.methods.opro import best_of, default_proposer, opro_config, optimize_instruction, score_predictor
+from metatuner.options import _at_least, non_negative, option
 from metatuner.tasks.base import Example, Task
+
+STEPS = {"p": "prompt optimization", "w": "fine-tuning on own correct traces"}
+
+
+def parse_strategy(strategy: str) -> list[str]:
+    """``"p -> w -> p"`` -> ``["p", "w", "p"]``; anything but p and w joined by ``->`` is an error."""
+    steps = [s.strip() for s in strategy.split("->")]
+    bad = [s for s in steps if s not in STEPS]
+    if bad:
+        allowed = ", ".join(f"{k} ({v})" for k, v in STEPS.items())
+        raise MetatunerError(
+            f"bettertogether.strategy {strategy!r} has unknown step {bad[0]!r}; allowed steps: {allowed}, "
+            f"joined by '->' (e.g. 'p -> w -> p')"
+        )
+    return steps
+
+
+@dataclass
+class BetterTogetherConfig:
+    """BetterTogether as DSPy runs it (``BootstrapFewShotWithRandomSearch`` for p, ``BootstrapFinetune`` for w);
+    the defaults are DSPy's, ``traces`` and ``val_size`` scale it to the machine."""
+
+    strategy: str = option("p -> w -> p", "steps in order, joined by '->': p = prompt optimization, w = fine-tuning")
+    prompt_optimizer: str = option(
+        "demos", "p step: DSPy's BootstrapFewShotWithRandomSearch (demos), or OPRO's instruction search (opro.*)",
+        ("demos", "opro"),
+    )
+    backend: str = option(
+        "own", "own: this package's implementation of DSPy's optimizers; dspy: DSPy itself runs the demos p step "
+        "(pip install 'metatuner[dspy]'), our SFT runs the w step", ("own", "dspy"),
+    )
+    max_bootstrapped_demos: int = option(4, "p step: most bootstrapped (own correct output) demos per candidate "
+                                            "(DSPy's max_bootstrapped_demos, default 4)")
+    max_labeled_demos: int = option(16, "p step: demos per candidate filled up to this with gold-labeled ones; the "
+                                        "labeled-only candidate has this many (DSPy's max_labeled_demos, default 16; "
+                                        "0: none)")
+    candidates: int = option(16, "p step: random-seed candidates besides zero-shot, labeled-only and unshuffled "
+                                 "(DSPy's num_candidate_programs, default 16; 0: those three only)")
+    traces: int = option(64, "training items each step works on, reshuffled per step: the p step bootstraps and "
+                             "labels demos from them, the w step fine-tunes on the program's correct answers to "
+                             "them (DSPy: the whole trainset)")
+    min_score: float = option(1.0, "a trace counts as correct when its primary-metric score is at least this")
+    exclude_demos: bool = option(False, "w step: fine-tune without the program's demos in the inputs and drop them "
+                                        "afterwards (DSPy's BootstrapFinetune exclude_demos, default False)")
+    gold_fallback: bool = option(False, "w step: when no trace is correct, fine-tune on gold targets (not in DSPy); "
+                                        "false: the w step is skipped and recorded")
+    returns: str = option("final", "final: the program after the last step (DSPy's final program); best: the best "
+                                   "step on validation (earlier wins ties); both are recorded", ("final", "best"))
+    w_steps: int | None = option(None, "SFT steps per w step (unset: train.steps, as the sft baseline)")
+    val_size: int = option(32, "validation items every candidate and step is scored on; carved from train when val "
+                               "is empty")
+    score_size: int = option(32, "prompt_optimizer=opro only: training queries each instruction is scored on")
+    demos: int | None = option(None, "deprecated: old name of max_bootstrapped_demos (still read)")
+    trials: int | None = option(None, "deprecated: old name of candidates (still read)")
+
+    def __post_init__(self):
+        parse_strategy(self.strategy)
+        for old, new, low in (("demos", "max_bootstrapped_demos", 1), ("trials", "candidates", 0)):
+            if getattr(self, old) is not None:  # old configs and saved runs keep loading
+                _at_least(f"bettertogether.{old}", getattr(self, old), low)
+                setattr(self, new, getattr(self, old))
+                setattr(self, old, None)
+        for name in ("max_bootstrapped_demos", "traces", "val_size", "score_size", "w_steps"):
+            _at_least(f"bettertogether.{name}", getattr(self, name), 1)
+        for name in ("max_labeled_demos", "candidates"):
+            _at_least(f"bettertogether.{name}", getattr(self, name), 0)
+        non_negative("bettertogether", self, "min_score")
+
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +189,7 @@ class BetterTogether(Method):
     """Runs the strategy's steps on (instruction, demos, LoRA); returns the final or the best program on validation."""
 
     needs_training = True
+    config_class = BetterTogetherConfig
 
     def __init__(self, model, tokenizer, config: Any = None, run_dir=None, proposer=None):
         super().__init__(model, tokenizer, config, run_dir)
@@ -132,7 +202,7 @@ class BetterTogether(Method):
 
     @property
     def cfg(self) -> BetterTogetherConfig:
-        return getattr(self.config, "bettertogether", None) or BetterTogetherConfig()
+        return self.method_config
 
     @property
     def w_steps(self) -> int:

@@ -41,22 +41,62 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from metatuner import files
-from metatuner.config import BPOConfig, GeneratorConfig, HypernetConfig, RunConfig
+from metatuner.config import GeneratorConfig, HypernetConfig, RunConfig
 from metatuner.errors import MetatunerError
 from metatuner.evaluation.generation import generate, render_chat
 from metatuner.evaluation.predictors import LMPredictor
 from metatuner.methods.base import METHODS, Method, count_trainable
 from metatuner.models.metatuner import MetaTuner
+from metatuner.options import ConfigKeyError, _at_least, non_negative, option, positive
 from metatuner.prompts import BPO, bpo_messages
 from metatuner.tasks.base import Example, Task
 from metatuner.training.schedule import hf_schedule
 from metatuner.training.stream import DataStream
+
+@dataclass
+class BPOConfig:
+    """The BPO baseline (bpo-selfpairs): a per-query prompt rewriter trained by SFT on pairs M's own reward picked."""
+
+    model: str | None = option(
+        None, "a released BPO rewriter (alias, hub id such as THUDM/BPO, or folder) used as it is, with BPO's "
+        "prompt template and no training; unset: build pairs from M's own reward and train a LoRA rewriter"
+    )
+    queries: int = option(64, "training queries whose prompts are rewritten to build (original, improved) pairs")
+    samples: int = option(4, "rewrites sampled per query; the best one is kept if it beats the original by margin")
+    temperature: float = option(1.0, "sampling temperature of the rewrites")
+    margin: float = option(
+        0.05, "a rewrite becomes a pair only if it lowers M's mean gold-answer NLL by more than this (nats) "
+        "against the original prompt of the same query"
+    )
+    max_new_tokens: int = option(64, "cap on the new tokens of a rewritten prompt (a cut one ends at its last sentence)")
+    steps: int = option(12, "SFT optimizer steps of the rewriter on the kept pairs")
+    batch_size: int = option(4, "pairs per optimizer step (and queries per rollout batch)")
+    lr: float = option(1e-3, "learning rate of the rewriter's LoRA (schedule and warm-up: train.lr_schedule, train.warmup_ratio)")
+    rank: int = option(8, "rank of the rewriter's LoRA")
+    alpha: float = option(16.0, "LoRA alpha of the rewriter (scale alpha / rank)")
+    targets: list[str] = option(None, "the rewriter's LoRA target modules", factory=lambda: ["q_proj", "v_proj"])
+    gate: bool = option(True, "serve the rewritten prompts only if they score higher than the original ones on validation")
+    gate_margin: float = option(
+        0.0, "rewritten prompts are served only if they score more than this (primary metric, 0-1) above the originals on validation"
+    )
+    max_length: int = option(512, "truncate M's scoring inputs to this many tokens")
+
+    def __post_init__(self):
+        for name in ("queries", "samples", "max_new_tokens", "steps", "batch_size", "rank", "max_length"):
+            _at_least(f"bpo.{name}", getattr(self, name), 1)
+        positive("bpo", self, "temperature", "lr")
+        non_negative("bpo", self, "alpha")
+        if self.margin < 0 or self.gate_margin < 0:
+            raise ConfigKeyError("bpo.margin", f"bpo.margin and bpo.gate_margin must be >= 0, got {self.margin} "
+                                 f"and {self.gate_margin}")
+
 
 logger = logging.getLogger(__name__)
 
@@ -151,10 +191,12 @@ class BPOSelfPairs(Method):
     """BPO with pairs from M's own reward (config: ``bpo.*``, else :class:`BPOConfig` defaults)."""
 
     needs_training = True
+    config_class = BPOConfig
+    config_section = "bpo"
 
     @property
     def cfg(self) -> BPOConfig:
-        return getattr(self.config, "bpo", None) or BPOConfig()
+        return self.method_config
 
     def fit(self, task: Task, train: list[Example], val: list[Example]) -> BPOPredictor:
         if self.cfg.model is not None:

@@ -33,13 +33,43 @@ from pathlib import Path
 from typing import Any
 
 from metatuner import files
-from metatuner.config import DPOMethodConfig, TrainConfig
+from metatuner.config import TrainConfig
 from metatuner.errors import MetatunerError
 from metatuner.evaluation.generation import generate, render_chat
 from metatuner.evaluation.predictors import LMPredictor
 from metatuner.methods.base import METHODS, Method, count_trainable
+from metatuner.options import ConfigKeyError, _at_least, non_negative, option, positive
 from metatuner.tasks.base import Example, Task
 from metatuner.training.schedule import hf_schedule
+
+
+@dataclass
+class DPOMethodConfig:
+    """The DPO baseline: self-sampled preference pairs, then LoRA DPO with TRL."""
+
+    queries: int = option(64, "training queries to sample answers for (the first ones of the train split)")
+    samples_per_query: int = option(4, "answers sampled per query (k)")
+    temperature: float = option(1.0, "sampling temperature of the answers")
+    max_new_tokens: int | None = option(None, "new-token budget of a sampled answer (unset: the task's)")
+    sample_batch_size: int = option(32, "rows per sampling batch")
+    max_pairs: int = option(128, "cap on preference pairs, taken round-robin over queries")
+    gold_fallback: bool = option(True, "when no sample of a query is correct, the gold target is the chosen answer")
+    steps: int = option(30, "DPO optimizer steps")
+    batch_size: int = option(4, "pairs per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(2e-4, "learning rate of the LoRA (schedule and warm-up: train.lr_schedule, train.warmup_ratio)")
+    beta: float = option(0.1, "DPO beta: how strongly the policy is held to the reference (adapter-off) model")
+    rank: int = option(8, "LoRA rank")
+    alpha: float = option(16.0, "LoRA alpha (scale alpha / rank)")
+    targets: list[str] = option(None, "LoRA target modules", factory=lambda: ["q_proj", "v_proj"])
+    max_length: int = option(512, "truncate prompt + answer to this many tokens")
+
+    def __post_init__(self):
+        for name in ("queries", "samples_per_query", "max_new_tokens", "sample_batch_size", "max_pairs", "steps",
+                     "batch_size", "grad_accum", "rank", "max_length"):
+            _at_least(f"dpo.{name}", getattr(self, name), 1)
+        positive("dpo", self, "temperature", "lr", "beta")
+        non_negative("dpo", self, "alpha")
 
 
 @dataclass
@@ -169,9 +199,10 @@ class DPO(Method):
     """LoRA DPO on pairs of M's own answers (config: ``dpo.*``, else :class:`DPOMethodConfig` defaults)."""
 
     needs_training = True
+    config_class = DPOMethodConfig
 
     def fit(self, task: Task, train: list[Example], val: list[Example]) -> DPOPredictor:
-        cfg = getattr(self.config, "dpo", None) or DPOMethodConfig()
+        cfg = self.method_config
         queries = train[: cfg.queries]
         if not queries:
             raise MetatunerError("dpo needs training queries to sample answers for, but the train split is empty")
@@ -207,4 +238,4 @@ class DPO(Method):
         return DPOPredictor(model, self.tokenizer, task.instruction, training)
 
     def budget(self) -> int:
-        return (getattr(self.config, "dpo", None) or DPOMethodConfig()).steps
+        return self.method_config.steps

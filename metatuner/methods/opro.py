@@ -21,14 +21,36 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from metatuner import files
-from metatuner.config import OPROConfig
 from metatuner.errors import MetatunerError
 from metatuner.evaluation.generation import generate, render_chat
 from metatuner.evaluation.harness import evaluate
 from metatuner.evaluation.predictors import LMPredictor, Predictor
 from metatuner.methods.base import METHODS, Method
+from metatuner.options import ConfigKeyError, _at_least, option
 from metatuner.prompts import opro_meta_prompt
 from metatuner.tasks.base import Example, Task
+
+
+@dataclass
+class OPROConfig:
+    """OPRO's search budget and its optimizer LM."""
+
+    rounds: int = option(5, "optimization rounds; each samples proposals_per_round instructions (0: p~ alone)")
+    proposals_per_round: int = option(4, "instructions sampled from the optimizer LM per round")
+    score_size: int = option(32, "training queries every instruction is scored on (seeded subset)")
+    temperature: float = option(1.0, "sampling temperature of the optimizer LM")
+    max_new_tokens: int = option(64, "cap on the length of a proposed instruction")
+    history: int = option(20, "best earlier instructions (with scores) shown in the meta-prompt")
+    shown_examples: int = option(3, "training queries with gold answers shown in the meta-prompt (0: none)")
+    optimizer: str | None = option(None, "optimizer LM (alias, hub id or folder); unset: the task model itself")
+
+    def __post_init__(self):
+        for name in ("proposals_per_round", "score_size", "max_new_tokens", "history"):
+            _at_least(f"opro.{name}", getattr(self, name), 1)
+        for name in ("rounds", "shown_examples"):
+            _at_least(f"opro.{name}", getattr(self, name), 0)
+        if self.temperature <= 0:
+            raise ConfigKeyError("opro.temperature", f"opro.temperature must be > 0, got {self.temperature}")
 
 
 class Proposer(Protocol):
@@ -133,6 +155,7 @@ class OPRO(Method):
     """OPRO instruction search on a training subset; the predictor answers with the best instruction."""
 
     needs_training = True
+    config_class = OPROConfig
 
     def __init__(self, model, tokenizer, config: Any = None, run_dir=None, proposer: Proposer | None = None):
         super().__init__(model, tokenizer, config, run_dir)
@@ -142,7 +165,7 @@ class OPRO(Method):
     def fit(self, task: Task, train: list[Example], val: list[Example]) -> OPROPredictor:
         if not train:
             raise MetatunerError(f"opro needs training items of task {task.name!r} to score instructions on")
-        cfg = opro_config(self.config)
+        cfg = self.method_config
         seed = getattr(self.config, "seed", 0)
         subset = random.Random(seed).sample(list(train), min(cfg.score_size, len(train)))
         proposer = self.proposer or default_proposer(self.config, self.model, self.tokenizer)

@@ -47,23 +47,88 @@ import contextlib
 import copy
 import random
 import tempfile
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from metatuner.config import GRPOMethodConfig, PPOMethodConfig, TrainConfig
+from metatuner.config import TrainConfig
 from metatuner.errors import MetatunerError
 from metatuner.evaluation.generation import count_generated, cut_at_stop, render_chat
 from metatuner.evaluation.predictors import LMPredictor
 from metatuner.methods.base import METHODS, Method, count_trainable
+from metatuner.options import ConfigKeyError, _at_least, non_negative, option, positive
 from metatuner.tasks.base import Example, Task
 from metatuner.training.schedule import hf_schedule, make_scheduler
 
 
 # ---- the reward shared by both methods -------------------------------------------------------------
+@dataclass
+class PPOMethodConfig:
+    """The PPO baseline: rollouts of M + LoRA scored by the task, clipped PPO with a value head and a KL penalty."""
+
+    steps: int = option(12, "PPO optimizer steps in all (each rollout batch gives epochs x minibatches of them)")
+    batch_size: int = option(8, "queries per rollout batch (one sampled answer each)")
+    epochs: int = option(4, "PPO epochs over each rollout batch")
+    minibatches: int = option(1, "minibatches per epoch (batch_size must be divisible by it)")
+    lr: float = option(1e-4, "learning rate of the LoRA and the value head (schedule: train.lr_schedule, train.warmup_ratio)")
+    temperature: float = option(0.7, "sampling temperature of the rollouts (log-probabilities are taken at it too)")
+    max_new_tokens: int | None = option(None, "new-token budget of a rollout answer (unset: the task's)")
+    kl_coef: float = option(0.05, "per-token KL penalty to the reference (adapter-off) model, in the reward")
+    cliprange: float = option(0.2, "PPO ratio clip epsilon: the ratio is held to [1 - eps, 1 + eps]")
+    cliprange_value: float = option(0.2, "value clip: new values are held within this of the rollout's values")
+    vf_coef: float = option(0.1, "weight of the value loss")
+    gamma: float = option(1.0, "discount of GAE")
+    lam: float = option(0.95, "lambda of GAE")
+    format_bonus: float = option(0.0, "reward added when the answer is stated in the asked format (strict extraction)")
+    rank: int = option(8, "LoRA rank")
+    alpha: float = option(16.0, "LoRA alpha (scale alpha / rank)")
+    targets: list[str] = option(None, "LoRA target modules", factory=lambda: ["q_proj", "v_proj"])
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "epochs", "minibatches", "max_new_tokens", "rank"):
+            _at_least(f"ppo.{name}", getattr(self, name), 1)
+        positive("ppo", self, "lr", "temperature", "cliprange")
+        non_negative("ppo", self, "kl_coef", "cliprange_value", "vf_coef", "format_bonus", "alpha")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigKeyError(f"ppo.{name}", f"ppo.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.batch_size % self.minibatches:
+            raise ConfigKeyError("ppo.minibatches", f"ppo.batch_size={self.batch_size} must be divisible by "
+                                 f"ppo.minibatches={self.minibatches}")
+
+
+@dataclass
+class GRPOMethodConfig:
+    """The GRPO baseline: TRL's GRPOTrainer on a LoRA of M, rewarded by the task's scorer."""
+
+    steps: int = option(12, "GRPO optimizer steps (one group of sampled answers per query per step)")
+    batch_size: int = option(4, "queries per optimizer step")
+    group_size: int = option(4, "answers sampled per query (TRL's num_generations); rewards are normalized in a group")
+    lr: float = option(1e-4, "learning rate of the LoRA (schedule: train.lr_schedule, train.warmup_ratio)")
+    temperature: float = option(1.0, "sampling temperature of the answers")
+    max_new_tokens: int | None = option(None, "new-token budget of a sampled answer (unset: the task's)")
+    beta: float = option(0.0, "KL coefficient to the reference (adapter-off) model; 0 (TRL's default) skips that pass")
+    epsilon: float = option(0.2, "ratio clip epsilon")
+    loss_type: str = option("dapo", "TRL loss aggregation over tokens (grpo: per-sequence mean, as in the paper)",
+                            ("grpo", "dapo", "dr_grpo", "bnpo"))
+    scale_rewards: str = option("group", "advantage = reward - group mean, divided by the std of: group, batch or none",
+                                ("group", "batch", "none"))
+    format_bonus: float = option(0.0, "reward added when the answer is stated in the asked format (strict extraction)")
+    rank: int = option(8, "LoRA rank")
+    alpha: float = option(16.0, "LoRA alpha (scale alpha / rank)")
+    targets: list[str] = option(None, "LoRA target modules", factory=lambda: ["q_proj", "v_proj"])
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "max_new_tokens", "rank"):
+            _at_least(f"grpo.{name}", getattr(self, name), 1)
+        _at_least("grpo.group_size", self.group_size, 2)
+        positive("grpo", self, "lr", "temperature", "epsilon")
+        non_negative("grpo", self, "beta", "format_bonus", "alpha")
+
+
 def graded(task: Task, output: str, example: Example) -> tuple[float, bool]:
     """The task's primary score of ``output`` (cut at the task's stop strings, as the harness cuts answers)
     and whether the answer was stated in the asked format (the task's strict extraction found one)."""
@@ -270,11 +335,12 @@ class PPO(Method):
     """LoRA PPO on the task's reward, written on PEFT + torch (config: ``ppo.*``, see the module docstring)."""
 
     needs_training = True
+    config_class = PPOMethodConfig
 
     def fit(self, task: Task, train: list[Example], val: list[Example]) -> RLPredictor:
         from peft import get_peft_model
 
-        cfg = getattr(self.config, "ppo", None) or PPOMethodConfig()
+        cfg = self.method_config
         if not train:
             raise MetatunerError("ppo needs training queries to roll out, but the train split is empty")
         train_cfg = getattr(self.config, "train", None) or TrainConfig()
@@ -293,7 +359,7 @@ class PPO(Method):
         return RLPredictor(merged, self.tokenizer, task.instruction, training, "ppo")
 
     def budget(self) -> int:
-        return (getattr(self.config, "ppo", None) or PPOMethodConfig()).steps
+        return self.method_config.steps
 
 
 # ---- GRPO: TRL's trainer with the task as the reward function ---------------------------------------
@@ -395,9 +461,10 @@ class GRPO(Method):
     """LoRA GRPO on the task's reward with TRL's GRPOTrainer (config: ``grpo.*``, see the module docstring)."""
 
     needs_training = True
+    config_class = GRPOMethodConfig
 
     def fit(self, task: Task, train: list[Example], val: list[Example]) -> RLPredictor:
-        cfg = getattr(self.config, "grpo", None) or GRPOMethodConfig()
+        cfg = self.method_config
         if not train:
             raise MetatunerError("grpo needs training queries to sample answers for, but the train split is empty")
         schedule, warmup = hf_schedule(getattr(self.config, "train", None) or TrainConfig(), cfg.steps)
@@ -413,4 +480,4 @@ class GRPO(Method):
         return RLPredictor(model, self.tokenizer, task.instruction, training, "grpo")
 
     def budget(self) -> int:
-        return (getattr(self.config, "grpo", None) or GRPOMethodConfig()).steps
+        return self.method_config.steps

@@ -50,6 +50,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -58,13 +59,70 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from metatuner import files
-from metatuner.config import RLPromptConfig, TrainConfig
+from metatuner.config import TrainConfig
 from metatuner.errors import MetatunerError
 from metatuner.evaluation.generation import continuation_logprobs, count_generated, generate, render_chat
 from metatuner.evaluation.predictors import LMPredictor
 from metatuner.methods.base import METHODS, Method, count_trainable
+from metatuner.options import ConfigKeyError, _at_least, option, positive
 from metatuner.tasks.base import Example, Task
 from metatuner.training.schedule import make_scheduler
+
+# the original RLPrompt's Polyak rate times its steps (0.001 x 12,000): the unset rlprompt.target_rate keeps it
+RLPROMPT_TARGET_MOVES = 12.0
+
+
+@dataclass
+class RLPromptConfig:
+    """The RLPrompt baseline: a frozen policy LM (M itself) with a trainable MLP writes a short discrete prompt,
+    trained by soft Q-learning on the task reward."""
+
+    steps: int = option(12, "soft Q-learning optimizer steps")
+    prompt_length: int = option(5, "tokens of the learned prompt")
+    prompts_per_step: int = option(4, "prompts sampled from the policy per step (>= 2: rewards are z-scored "
+                                   "across them)")
+    queries_per_step: int = option(4, "training queries every sampled prompt is rewarded on per step")
+    use: str = option("append", "where the prompt goes: after the task instruction p~, or in its place",
+                      ("append", "replace"))
+    reward: str = option("likelihood", "per-query reward: mean log-probability of the gold target (smooth), or the "
+                         "task's primary metric of M's greedy answer", ("likelihood", "score"))
+    reward_scale: float = option(5.0, "z-scored rewards are multiplied by this (the original's reward shaping)")
+    hidden_size: int = option(2048, "hidden width of the policy's MLP adapter")
+    lr: float = option(1e-3, "Adam learning rate of the MLP (schedule and warm-up: train.lr_schedule, "
+                       "train.warmup_ratio)")
+    grad_clip: float = option(5.0, "clip the MLP's gradient to this norm (0: off), as the original")
+    target_rate: float | None = option(None, "Polyak rate of the target MLP (target <- (1 - rate) target + rate "
+                                       "policy, before every step); unset: scaled to the budget, min(1, 12 / steps), "
+                                       "so the target trails the policy by 1/12 of the run as in the original (0.001 "
+                                       "over 12,000 steps)")
+    fluent_top_k: int = option(20, "sample only among M's own top-k next tokens (the original's 'fluent' mode; 0: "
+                               "the whole vocabulary)")
+    top_k: int = option(256, "sample among the policy's top-k tokens while training (0: all)")
+    candidates: int = option(4, "prompts scored on validation at the end: the greedy one, then samples")
+    val_size: int = option(32, "validation items each candidate prompt is scored on")
+
+    def __post_init__(self):
+        for name in ("steps", "prompt_length", "prompts_per_step", "queries_per_step", "hidden_size", "candidates",
+                     "val_size"):
+            _at_least(f"rlprompt.{name}", getattr(self, name), 1)
+        _at_least("rlprompt.prompts_per_step", self.prompts_per_step, 2)  # z-scores compare prompts
+        for name in ("fluent_top_k", "top_k"):
+            _at_least(f"rlprompt.{name}", getattr(self, name), 0)
+        if self.grad_clip < 0:
+            raise ConfigKeyError("rlprompt.grad_clip", f"rlprompt.grad_clip must be >= 0, got {self.grad_clip}")
+        positive("rlprompt", self, "reward_scale", "lr")
+        if self.target_rate is not None and not 0 <= self.target_rate <= 1:
+            raise ConfigKeyError("rlprompt.target_rate",
+                                 f"rlprompt.target_rate must be in [0, 1], got {self.target_rate}")
+
+    def polyak_rate(self) -> float:
+        """``target_rate``, or when unset the rate that moves the target as far over ``steps`` as the original's
+        0.001 does over its 12,000 steps (``1 - (1 - rate) ** steps``: all but e^-12 of the way, after a
+        lag of 1/12 of the run); at most 1 (then the target is the policy as it stood before each step)."""
+        if self.target_rate is not None:
+            return self.target_rate
+        return min(1.0, RLPROMPT_TARGET_MOVES / self.steps)
+
 
 _MARK = "\x00RLPROMPT\x00"
 
@@ -241,6 +299,7 @@ class RLPrompt(Method):
     """RLPrompt by soft Q-learning (config: ``rlprompt.*``, else :class:`RLPromptConfig` defaults)."""
 
     needs_training = True
+    config_class = RLPromptConfig
 
     def __init__(self, model, tokenizer, config: Any = None, run_dir=None,
                  scorer: Callable[[str, list[Example]], float] | None = None):
@@ -250,7 +309,7 @@ class RLPrompt(Method):
         self.progress = True  # the training progress bar (stderr)
 
     def cfg(self) -> RLPromptConfig:
-        return getattr(self.config, "rlprompt", None) or RLPromptConfig()
+        return self.method_config
 
     def budget(self) -> int:
         return self.cfg().steps

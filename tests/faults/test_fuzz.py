@@ -1,11 +1,12 @@
 """Fuzzing of configs, data rows and command lines: every bad input ends in exactly one error line on stderr
 and exit code 2, with no traceback, and nothing is written.
 
-The bad config values are derived from the config dataclasses themselves (``metatuner/config.py``,
-``metatuner/method_configs.py``): for every option, the values that its type, its choices or its documented
-range forbid (:func:`forbidden`), each checked against the command line on its own, and not filtered by what
-``load_config`` happens to reject (issue 20); hypothesis (fixed seeds) mixes them with good overrides, writes
-them into config files, and fuzzes the syntax of overrides, data rows and command lines."""
+The bad config values are derived from the config dataclasses themselves (``metatuner/config.py``, and each
+method's section in its module, found through the registry by ``config_fields``): for every option, the values
+that its type, its choices or its documented range forbid (:func:`forbidden`), each checked against the command
+line on its own, and not filtered by what ``load_config`` happens to reject (issue 20); hypothesis (fixed seeds)
+mixes them with good overrides, writes them into config files, and fuzzes the syntax of overrides, data rows and
+command lines."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from hypothesis import strategies as st
 
 from faults.conftest import inject, record, snapshot
 from metatuner.cli import main
-from metatuner.config import RunConfig, load_config
+from metatuner.config import RunConfig, config_fields, load_config
 from metatuner.errors import MetatunerError
 
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
@@ -71,11 +72,10 @@ def assert_handled(argv: list[str], root: Path, expect: str | None = None, names
 # ---- bad config values, derived from the config dataclasses ------------------------------------------
 def options(cls: type = RunConfig, prefix: str = ""):
     """(key, type, field, section class) of every section and every option of the config, depth first."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        yield prefix + f.name, hints[f.name], f, cls
-        if dataclasses.is_dataclass(hints[f.name]):
-            yield from options(hints[f.name], prefix + f.name + ".")
+    for f, hint in config_fields(cls):
+        yield prefix + f.name, hint, f, cls
+        if dataclasses.is_dataclass(hint):
+            yield from options(hint, prefix + f.name + ".")
 
 
 def unwrap(hint) -> tuple[typing.Any, bool]:
@@ -204,7 +204,7 @@ def test_the_derived_values_cover_every_option_and_its_range():
 
 
 # ---- config overrides and config files ------------------------------------------------------------
-TOP = {f.name for f in dataclasses.fields(RunConfig)}
+TOP = {f.name for f, _ in config_fields(RunConfig)}
 SECTIONS = sorted(k for k, hint, *_ in options() if dataclasses.is_dataclass(hint))
 BAD_OVERRIDES = st.one_of(
     TEXT.filter(lambda t: "=" not in t),  # no key=value

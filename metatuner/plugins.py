@@ -1,0 +1,81 @@
+"""Where methods come from: the built-in ones, and user modules named in ``METATUNER_PLUGINS``.
+
+A method registers itself, with its config section, when its module is imported
+(:meth:`metatuner.methods.base.MethodRegistry.register`). The built-in methods live in
+:mod:`metatuner.methods`; a method of your own lives in a module of your own, named in the environment
+variable ``METATUNER_PLUGINS`` (several joined by commas), each entry a module name importable from
+``sys.path`` or the path of a ``.py`` file::
+
+    METATUNER_PLUGINS=my_methods.py metatuner eval --method toy toy.scale=2
+    METATUNER_PLUGINS=mypackage.methods metatuner bench --config protocol.yaml
+
+The variable is read whenever the methods or the config sections are looked up, so the commands, their
+``key=value`` overrides, ``metatuner config``, ``--resume`` and a benchmark's worker processes (which inherit
+the environment) all see the same methods. A Python program can import its module itself instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from metatuner.errors import MetatunerError
+
+ENV = "METATUNER_PLUGINS"
+#: the modules whose import registers the built-in methods
+BUILTIN = ("metatuner.methods",)
+
+_loaded: set[str] = set()  # entries of ENV imported already
+
+
+def named() -> list[str]:
+    """The entries of ``$METATUNER_PLUGINS``, in order (empty ones skipped)."""
+    return [e.strip() for e in os.environ.get(ENV, "").split(",") if e.strip()]
+
+
+def load() -> None:
+    """Imports the built-in method modules and every module ``$METATUNER_PLUGINS`` names that is not imported yet.
+
+    Raises:
+        MetatunerError: an entry that is neither an importable module nor a readable ``.py`` file, or whose
+            import fails (the message names the entry and the error).
+    """
+    for name in BUILTIN:
+        importlib.import_module(name)
+    for entry in named():
+        if entry not in _loaded:
+            _import(entry)
+            _loaded.add(entry)
+
+
+def _import(entry: str) -> None:
+    """Imports one entry: a ``.py`` file under its stem as the module name, else a module by name."""
+    try:
+        if entry.endswith(".py"):
+            path = Path(entry).expanduser().resolve()
+            if not path.is_file():
+                raise MetatunerError(f"{ENV}: plugin file {entry!r} not found")
+            if sys.modules.get(path.stem) is not None and getattr(sys.modules[path.stem], "__file__", None) == str(path):
+                return  # imported already (e.g. by the program itself)
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[path.stem] = module  # so its classes pickle and its own imports of it resolve
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[path.stem]
+                raise
+        else:
+            importlib.import_module(entry)
+    except MetatunerError:
+        raise
+    except ModuleNotFoundError as e:
+        if e.name and entry.startswith(e.name):
+            raise MetatunerError(f"{ENV}: no module named {entry!r} (a module on sys.path or a path to a .py "
+                                 "file)") from None
+        raise MetatunerError(f"{ENV}: importing plugin {entry!r} failed: {type(e).__name__}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - a broken plugin is the user's to fix: say which one and why
+        raise MetatunerError(f"{ENV}: importing plugin {entry!r} failed: {type(e).__name__}: {e}") from e
