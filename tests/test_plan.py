@@ -172,6 +172,13 @@ def test_the_gpu_protocol_fits_one_h200():
     assert p.params.m == 134_515_008 and abs(p.params.m - 135e6) / 135e6 < 0.01  # the default model, 135M
 
 
+def test_a_separate_generator_is_counted_and_held_on_its_own(qwen_configs):
+    g_config = str(DATA / "qwen2.5-0.5b" / "config.json")
+    p = plan(load_config(None, ["model.dtype=bfloat16", f"generator.model={g_config}"]), qwen_configs["1.5b"])
+    assert (p.params.m, p.params.g, p.params.g_shared) == (QWEN["1.5b"][1], QWEN["0.5b"][1], False)
+    assert p.memory.weights == 2 * (QWEN["1.5b"][1] + QWEN["0.5b"][1])
+
+
 def test_the_meta_build_allocates_nothing(qwen_configs):
     from metatuner.models.plan import build_meta
 
@@ -187,6 +194,14 @@ def test_plan_command_prints_the_plan_offline(capsys):
     assert "494,032,768" in out and "(shares M's weights)" in out and "at 100 TFLOP/s" in out
     for card in CARDS:
         assert card in out
+
+
+def test_plan_command_plans_a_protocol_cell(capsys):
+    code = main(["plan", str(DATA / "qwen2.5-7b" / "config.json"), "--protocol", "gpu", "--tflops", "400"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "7,615,616,512" in out and "16 queries per device" in out and "(bfloat16)" in out
+    assert "the run's 60 steps" in out
 
 
 @pytest.mark.parametrize("model,message", [
