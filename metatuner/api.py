@@ -129,10 +129,15 @@ def load_task(name: str | Path, data_dir: str | Path | None = None) -> Task:
         >>> load_task("examples/capitals.yaml").name
         'capitals'
     """
+    return get_task(_task_name(name), None if data_dir is None else str(data_dir))
+
+
+def _task_name(name: str | Path) -> str:
+    """A task's name as ``data.task`` holds it: a path to a ``.yaml`` file as ``file:<absolute path>``."""
     text = str(name)
     if text.endswith((".yaml", ".yml")) and not text.startswith("file:"):
         text = "file:" + text
-    return get_task(absolute_task_files(text), None if data_dir is None else str(data_dir))
+    return absolute_task_files(text)
 
 
 def _rows(data: Any, split: str) -> list[dict[str, Any]]:
@@ -231,12 +236,13 @@ def _task_ref(task: Task) -> str:
 
 
 def _resolve_task(task: Task | str | Path | None, cfg: RunConfig) -> tuple[Task | None, RunConfig]:
-    """The task object to use (None: the config's ``data.task``) and the config recording it."""
+    """The task object to use (None: the config's ``data.task``, which a name given here replaces) and the
+    config recording it."""
     if task is None:
         return None, cfg
-    if not isinstance(task, Task):
-        task = load_task(task, cfg.data.data_dir)
-    return task, dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, task=_task_ref(task)))
+    if isinstance(task, Task):
+        return task, dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, task=_task_ref(task)))
+    return None, dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, task=_task_name(task)))
 
 
 def _task_of(cfg: RunConfig, where: Path) -> Task:
@@ -319,8 +325,8 @@ class Run:
 
         Example::
 
-            >>> [a.answer for a in run.answer(["What is the capital of Italy?"])]
-            ['Rome']
+            for a in run.answer(["What is the capital of Italy?", {"country": "Peru"}]):
+                print(a.prompt, a.output, a.answer)
         """
         from metatuner.serving.predict import prediction_record
 
@@ -365,8 +371,8 @@ class Run:
 
         Example::
 
-            >>> run.evaluate(limit=20).score
-            0.65
+            result = run.evaluate(limit=20, out_dir="runs/capitals/eval-first-20")
+            print(result.line(), result.metrics[result.primary_metric])
         """
         from metatuner import files
         from metatuner.recipes import eval_predictor
@@ -391,8 +397,8 @@ class Run:
 
         Example::
 
-            >>> run.export_adapter("What is the capital of Italy?", "adapters/italy")
-            'Name the capital city of the country; answer with the city only.'
+            prompt = run.export_adapter("What is the capital of Italy?", "adapters/italy")
+            model = PeftModel.from_pretrained(base_model, "adapters/italy")  # M with Italy's LoRA
         """
         from metatuner.models.export import export_peft_adapter
 
@@ -461,9 +467,9 @@ def train(
 
     Example::
 
-        >>> run = train("quick", task=task, run_dir="runs/capitals", train={"steps": 20})
-        >>> run.results[0].line()
-        'capitals score = 62.5% (95% CI 30.6-86.3, n=8, 4s)'
+        run = train("quick", task=task, run_dir="runs/capitals", train={"steps": 20})
+        print(run.results[0].line())  # capitals score = ...% (95% CI ..., n=...)
+        run = train(task=task, run_dir="runs/capitals", resume=True)  # after a stop: continues it
     """
     from accelerate.utils import broadcast_object_list
 
@@ -551,9 +557,9 @@ def fit(
 
     Example::
 
-        >>> run = fit("zero-shot", task=task, evaluate=True)
-        >>> run.results[0].score
-        0.25
+        baseline = fit("zero-shot", task=task, evaluate=True)
+        sft = fit("sft", task=task, run_dir="runs/capitals-sft", evaluate=True, train={"steps": 20})
+        print(baseline.results[0].score, sft.results[0].score)
     """
     from metatuner.methods import get_method
 
@@ -597,9 +603,9 @@ def load_run(run_dir: str | Path, overrides: Overrides = None, /, *, task: Task 
 
     Example::
 
-        >>> run = load_run("runs/capitals", task=task)
-        >>> run.answer(["What is the capital of Italy?"])[0].answer
-        'Rome'
+        run = load_run("runs/gsm8k-j", eval={"limit": 200})
+        print(run.evaluate().line())
+        run = load_run("runs/capitals", task=task)  # trained on a task built in Python
     """
     from metatuner.recipes import load_run as restore
     from metatuner.training.predictor import MetaTunerPredictor
@@ -629,8 +635,7 @@ def export_adapter(run: Run | str | Path, query: str, out_dir: str | Path) -> st
 
     Example::
 
-        >>> export_adapter("runs/capitals", "What is the capital of Italy?", "adapters/italy")
-        'Name the capital city of the country; answer with the city only.'
+        prompt = export_adapter("runs/gsm8k-j", "Tom has 3 apples ...", "adapters/tom")
     """
     from metatuner import files
 

@@ -100,6 +100,17 @@ def test_bad_task_input_is_one_clear_error(kwargs, message):
     assert "--" not in str(e.value)
 
 
+def test_the_api_docstring_examples_hold(monkeypatch):
+    """The examples that need no model (configs, tasks) run as doctests; the others are code to read."""
+    import doctest
+
+    import metatuner.api
+
+    monkeypatch.chdir(ROOT)
+    failed, tried = doctest.testmod(metatuner.api, optionflags=doctest.ELLIPSIS)
+    assert failed == 0 and tried >= 5
+
+
 def test_load_task_by_name_or_spec_file():
     assert metatuner.load_task("arithmetic").name == "arithmetic"
     spec = metatuner.load_task(ROOT / "examples" / "capitals.yaml")
@@ -199,6 +210,8 @@ def test_fit_any_method_on_a_python_task(tmp_path, model_dir):
     assert (tmp_path / "zs" / "config.yaml").is_file() and (tmp_path / "zs" / "eval-test" / "summary.json").is_file()
     with pytest.raises(MetatunerError, match="has no MetaTuner"):
         run.metatuner
+    spec = metatuner.fit("zero-shot", task=ROOT / "examples" / "capitals.yaml", **{"model.name": str(model_dir)})
+    assert spec.task.name == "capitals" and spec.config.data.task == f"file:{ROOT / 'examples' / 'capitals.yaml'}"
     with pytest.raises(MetatunerError, match="only metatuner resumes"):
         metatuner.fit("sft", task=task, resume=True)
     with pytest.raises(MetatunerError, match="unknown method 'magic'"):

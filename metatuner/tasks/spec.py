@@ -16,6 +16,10 @@ a built-in task. ``examples/capitals.yaml`` is a complete one::
 
 Errors name the file, the line and the field: a spec's ``spec.yaml:7: metric.name ...``, a data row's
 ``train.jsonl:12: row lacks field(s) country ...`` (for Parquet files the line is the row number).
+
+The same fields given in Python, with the rows as lists of dicts and the metric possibly a Python function,
+make the same kind of task (``metatuner.make_task``: ``SpecTask(spec=..., rows=..., grader=...)``); its errors
+name the split and the row (``capitals[train]:3: ...``).
 """
 
 from __future__ import annotations
