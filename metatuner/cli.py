@@ -147,6 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="run N cells at once, one process each, sharing the CPU threads (default 1); a grid "
                    "folder may also be worked on by several bench commands at once: cells are claimed")
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="local: this machine's processes (default); ray: each cell and tuning job a task on a Ray "
+                   "cluster (pip install 'metatuner[ray]'), with the same claims and folder layout, so either "
+                   "backend resumes the other's grid")
+    p.add_argument("--address", metavar="ADDR",
+                   help="with --backend ray: the cluster to join (auto: the one `ray start` runs on this node; "
+                   "host:port); default: start one on this machine")
+    p.add_argument("--cpus-per-cell", type=float, metavar="N",
+                   help="with --backend ray: CPUs each cell and tuning job reserves (default 1)")
+    p.add_argument("--gpus-per-cell", type=float, metavar="N",
+                   help="with --backend ray: GPUs each cell and tuning job reserves (default 0; 0.5 shares one GPU)")
     p.add_argument("--no-report", action="store_true", help="skip writing the table and plots at the end")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="overrides of protocol keys, e.g. seeds=[0] common.eval.limit=4 tasks=[gsm8k]")
@@ -392,9 +403,18 @@ def cmd_bench(args) -> None:
 
     if args.workers < 1:
         raise MetatunerError(f"--workers must be at least 1, got {args.workers}")
+    ray_flags = [f for f, v in (("--address", args.address), ("--cpus-per-cell", args.cpus_per_cell),
+                                ("--gpus-per-cell", args.gpus_per_cell)) if v is not None]
+    if args.backend != "ray" and ray_flags:
+        raise MetatunerError(f"{ray_flags[0]} is for --backend ray")
+    if args.backend == "ray" and args.workers != 1:
+        raise MetatunerError("--workers is for --backend local; on Ray as many cells run at once as the cluster "
+                             "has room for (see --cpus-per-cell, --gpus-per-cell)")
     protocol = Protocol.load(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / f"bench-{protocol.name}"
-    run_grid(protocol, out, args.data_dir, args.only, args.workers)
+    run_grid(protocol, out, args.data_dir, args.only, args.workers, args.backend, args.address,
+             1 if args.cpus_per_cell is None else args.cpus_per_cell,
+             0 if args.gpus_per_cell is None else args.gpus_per_cell)
     if args.no_report:
         return
     md, plots = report(out)

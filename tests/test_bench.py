@@ -670,3 +670,22 @@ def test_workers_share_the_tuning_jobs_out_and_each_runs_once(tmp_path, tiny_mod
         choice = json.loads((out / "tuning" / f"{task}--sft.json").read_text())
         assert {r["tuned"]["train.lr_scale"] for r in rows if r["task"] == task} == {choice["chosen"]}
     assert len(rows) == 2 and not list((out / "claims").iterdir())
+
+
+def test_bench_backend_flags_are_checked_before_any_work(protocol_file, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from metatuner.cli import main
+
+    out = tmp_path / "grid"
+    base = ["bench", "--config", str(protocol_file), "--out", str(out), "--no-report"]
+    for extra, message in ((["--address", "auto"], "--address is for --backend ray"),
+                           (["--gpus-per-cell", "1"], "--gpus-per-cell is for --backend ray"),
+                           (["--backend", "ray", "--workers", "2"], "--workers is for --backend local"),
+                           (["--backend", "ray", "--cpus-per-cell", "0"], "more than 0 CPUs")):
+        assert main(base + extra) == 2
+        assert message in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed
+    assert main(base + ["--backend", "ray"]) == 2
+    assert "needs Ray: pip install 'metatuner[ray]'" in capsys.readouterr().err
+    assert not (out / "cells").exists()

@@ -174,7 +174,7 @@ def test_import_metatuner_loads_no_torch_and_the_api_on_first_use():
         raise AssertionError("an unknown name is an AttributeError")
 
 
-BENCH_LAYERS = ["protocol", "cells", "tuning", "collect", "workers", "grid"]  # each imports only those before it
+BENCH_LAYERS = ["protocol", "cells", "tuning", "collect", "workers", "ray_backend", "grid"]  # each imports those before it
 BENCH_REPORT = ["stats", "logs", "curves", "plots", "report"]  # rebuilt from the folder's files alone
 
 
@@ -191,8 +191,21 @@ def test_the_bench_package_is_layered_by_job():
         assert bench[name] <= set(BENCH_LAYERS[:i]), f"bench.{name} imports {sorted(bench[name] - set(BENCH_LAYERS[:i]))}"
     for name in BENCH_REPORT:
         assert bench[name] <= {"cells", "tuning"} | set(BENCH_REPORT), f"bench.{name} imports {sorted(bench[name])}"
-    users = sorted(m for m, deps in graph.items() if not m.startswith("metatuner.bench") and "metatuner.bench.workers" in deps)
+    users = sorted(m for m, deps in graph.items() if not m.startswith("metatuner.bench")
+                   and deps & {"metatuner.bench.workers", "metatuner.bench.ray_backend"})
     assert users == []  # outside bench/, a grid runs through grid.run_grid only
+    assert third_party_users("ray") == ["metatuner.bench.ray_backend"]  # an optional extra: imported in one place
+
+
+def third_party_users(package: str) -> list[str]:
+    """The ``metatuner`` modules that import ``package`` (absolute imports, also inside functions)."""
+    def names(node: ast.AST) -> list[str]:
+        if isinstance(node, ast.Import):
+            return [a.name for a in node.names]
+        return [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+
+    return sorted(name.removesuffix(".__init__") for name, text in package_sources().items()
+                  if any(n.split(".")[0] == package for node in ast.walk(ast.parse(text)) for n in names(node)))
 
 
 def test_the_planner_stays_in_the_models_layer():
