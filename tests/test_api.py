@@ -186,6 +186,8 @@ def test_resume_and_load_run_give_back_the_same_model(trained):
     run, task = trained
     resumed = metatuner.train(task=task, run_dir=run.run_dir, resume=True, progress=False)
     assert resumed.results_reused and resumed.results[0].score == run.results[0].score
+    again = metatuner.fit("metatuner", task=task, run_dir=run.run_dir, resume=True, evaluate=True, progress=False)
+    assert again.results_reused and again.method == "metatuner" and again.config.method == "metatuner"
     assert (run.run_dir / "checkpoints" / "latest").read_text().strip() == "step-000002"  # no steps added
     with pytest.raises(MetatunerError, match="built in Python: its rows are in no file; pass the task again") as e:
         metatuner.load_run(run.run_dir)
@@ -212,6 +214,9 @@ def test_fit_any_method_on_a_python_task(tmp_path, model_dir):
         run.metatuner
     spec = metatuner.fit("zero-shot", task=ROOT / "examples" / "capitals.yaml", **{"model.name": str(model_dir)})
     assert spec.task.name == "capitals" and spec.config.data.task == f"file:{ROOT / 'examples' / 'capitals.yaml'}"
+    sft = metatuner.fit("sft", task=task, run_dir=tmp_path / "sft", evaluate=True, progress=False, **tiny(model_dir))
+    assert sft.predictor.name == "sft" and sft.results[0].n == 3 and sft.results[0].out_dir == tmp_path / "sft" / "eval-test"
+    assert (tmp_path / "sft" / "log.jsonl").is_file() and not (tmp_path / "sft" / "run.lock").exists()
     with pytest.raises(MetatunerError, match="only metatuner resumes"):
         metatuner.fit("sft", task=task, resume=True)
     with pytest.raises(MetatunerError, match="unknown method 'magic'"):
