@@ -3,6 +3,7 @@ retired: time per step, where it goes, and memory above the loaded model.
 
     .venv/bin/python benchmarks/train_step.py [--model smollm2-135m] [--batch-size 4] [--rollouts 4]
                                               [--rollout-queries N] [--repeats 5] [--window 4]
+                                              [--gradient-checkpointing]
                                               [--out results/bench/train_step.json]
 
 Variants, each run by the trainer's own code on the built-in task with the shipped defaults
@@ -27,7 +28,8 @@ regularizer, forward and backward), and ``other`` (optimizer step, clipping, boo
 variant runs again in a fresh subprocess while a thread samples the resident set size every 5 ms; what
 counts is the peak *above* the RSS with the model loaded and the trainer built (so the base weights are
 not in the ratio). Targets (issue 21): J active <= 2.5x SFT, J retired <= 1.1x w/o P, w/o P <= 1.4x SFT,
-memory above the model <= 1.3x SFT's. Timing is never a pass/fail test.
+memory above the model <= 1.3x SFT's. Timing is never a pass/fail test. ``--gradient-checkpointing`` runs
+every variant with ``train.gradient_checkpointing=true`` (compare its memory and time with a run without).
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ def build(args, only: str | None = None):
             f"train.batch_size={args.batch_size}", f"train.rollouts={args.rollouts}", "train.steps=1000000",
             "train.actor_warmup_steps=0", "train.generator_warmup_steps=0", "data.val_size=0",
             f"train.sync_every={args.window}",
-            *([f"train.rollout_queries={args.rollout_queries}"] if args.rollout_queries else []), *overrides,
+            *([f"train.rollout_queries={args.rollout_queries}"] if args.rollout_queries else []),
+            *(["train.gradient_checkpointing=true"] if args.gradient_checkpointing else []), *overrides,
         ])
         torch.manual_seed(0)
         model, tok = load_model(args.model, device="cpu")
@@ -142,6 +145,8 @@ def main() -> None:
     p.add_argument("--window", type=int, default=4, help="J steps from one sync to the next (train.sync_every)")
     p.add_argument("--rollout-queries", type=int, default=None,
                    help="train.rollout_queries: queries of each batch rolled out (default: all)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="train.gradient_checkpointing=true in every variant (G's and M's blocks recomputed in backward)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--out", help="write the results as JSON here")
@@ -184,6 +189,8 @@ def main() -> None:
                 cmd += ["--rollout-queries", str(args.rollout_queries)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
+            if args.gradient_checkpointing:
+                cmd += ["--gradient-checkpointing"]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             mem[name] = json.loads(out)
     ratios = {"joint_active/sft": med["joint_active"] / med["sft"], "joint_retired/wop": med["joint_retired"] / med["wop"],
@@ -195,7 +202,7 @@ def main() -> None:
             targets[f"memory {name}/sft"] = 1.3
     result = {
         "model": args.model, "batch_size": args.batch_size, "rollouts": args.rollouts, "window": args.window,
-        "rollout_queries": args.rollout_queries,
+        "rollout_queries": args.rollout_queries, "gradient_checkpointing": args.gradient_checkpointing,
         "repeats": args.repeats, "threads": torch.get_num_threads(), "seconds": times, "stats": stats,
         "parts": parts, "median_parts": median_parts, "ratios": ratios, "targets": targets, "memory": mem,
     }

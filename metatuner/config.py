@@ -247,6 +247,16 @@ class TrainConfig:
     )
     retire_window: int = option(32, "queries of joint-phase rollouts that prompt_branch=auto judges at a time")
     max_length: int = option(512, "truncate M's training inputs to this many tokens")
+    autocast: str = option(
+        "auto", "mixed precision: forward passes of G and M (training, rollouts, generation) run under torch.autocast "
+        "in this dtype; auto = on when model.dtype is bfloat16/float16 (in that dtype), none for float32; trainable "
+        "weights, their optimizer state and the LoRA terms stay float32 (fp16 has no loss scaling: prefer bf16)",
+        ("auto", "none", "bf16", "fp16"),
+    )
+    gradient_checkpointing: bool = option(
+        False, "recompute G's and M's decoder blocks in the backward pass instead of keeping their activations: "
+        "less memory for about one more forward pass per step (passes without gradients are unaffected)"
+    )
     log_every: int = option(1, "log losses every this many steps")
     eval_every: int = option(0, "evaluate on the validation split every this many steps (0 = only at the end)")
     save_every: int = option(10, "checkpoint every this many steps (and at the end)")

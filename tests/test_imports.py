@@ -226,3 +226,12 @@ def test_the_config_finds_method_sections_through_the_registry_not_by_import():
     assert graph["metatuner.plugins"] == {"metatuner.errors"}
     assert "metatuner.plugins" in graph["metatuner.config"] and "metatuner.config" in graph["metatuner.methods.base"]
     assert "metatuner.method_configs" not in graph
+
+
+def test_precision_and_recompute_sit_low_in_the_models_layer():
+    """Autocast and gradient checkpointing wrap a base model and its LoRA layers: they import only the errors and
+    ``models.lora``, and the MetaTuner (not the trainer) applies them, so every caller of a model gets them."""
+    graph = import_graph(package_sources())
+    assert graph["metatuner.models.precision"] == {"metatuner.errors"}
+    assert graph["metatuner.models.recompute"] == {"metatuner.errors", "metatuner.models.lora"}
+    assert {"metatuner.models.precision", "metatuner.models.recompute"} <= graph["metatuner.models.metatuner"]

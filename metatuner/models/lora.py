@@ -68,8 +68,16 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if not self.active and self.rows is None:
             return y
-        # the adapters are float32: a bf16 / fp16 base adds its LoRA terms up in float32, then into y
-        acc, x = (y, x) if x.dtype == torch.float32 else (torch.zeros_like(y, dtype=torch.float32), x.float())
+        if x.dtype == torch.float32 and y.dtype == torch.float32:  # a float32 base, no autocast
+            return self._add_terms(y, x)
+        # the adapters are float32: a bf16 / fp16 base, or one under autocast, adds its LoRA terms up in float32
+        # (autocast off: it would run them in half precision), then into y
+        with torch.autocast(x.device.type, enabled=False):
+            acc = self._add_terms(torch.zeros_like(y, dtype=torch.float32), x.float())
+        return y.add_(acc.to(y.dtype))
+
+    def _add_terms(self, acc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``acc`` (float32, ``[bs, T, out]``) plus every active LoRA term of ``x`` (float32), in place."""
         for name in self.active:
             delta = nn.functional.linear(nn.functional.linear(x, self.lora_A[name]), self.lora_B[name])
             if name in self.masks:
@@ -79,7 +87,7 @@ class LoRALinear(nn.Module):
             a, b, scale = self.rows  # a [bs, r, in], b [bs, out, r], float32
             h = torch.bmm(x, a.transpose(1, 2))  # [bs, T, r]
             acc = acc.baddbmm_(h, b.transpose(1, 2), alpha=scale)  # [bs, T, out]
-        return acc if acc is y else y.add_(acc.to(y.dtype))
+        return acc
 
 
 @dataclass(frozen=True)
@@ -193,7 +201,7 @@ class LoRAModel:
             raise MetatunerError(f"per-row factors for unknown site {unknown[0]!r}")
         for key in rows or {}:
             self.module(self.sites[key][0])
-        saved = {key: (m.active, m.rows, m.masks) for key, m in self.wrapped.items()}
+        saved = self._state()
         for key, m in self.wrapped.items():
             m.active = tuple(a for a in active if a in m.lora_A)
             m.masks = {a: w.to(torch.float32) for a, w in (masks or {}).items() if a in m.active}
@@ -204,8 +212,34 @@ class LoRAModel:
         try:
             yield
         finally:
-            for key, m in self.wrapped.items():
-                m.active, m.rows, m.masks = saved.get(key, ((), None, {}))
+            self._set_state(saved)
+
+    def _state(self) -> dict[str, tuple]:
+        """What ``use`` sets, per wrapped layer: its active adapters, per-row factors and row masks."""
+        return {key: (m.active, m.rows, m.masks) for key, m in self.wrapped.items()}
+
+    def _set_state(self, state: dict[str, tuple]) -> None:
+        for key, m in self.wrapped.items():
+            m.active, m.rows, m.masks = state.get(key, ((), None, {}))
+
+    def recompute_context(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """``context_fn`` for :func:`torch.utils.checkpoint.checkpoint` (non-reentrant): the contexts of a
+        checkpointed block's forward and of its recomputation in the backward pass.
+
+        The backward pass runs after ``use`` has been left, so the adapters set then would be gone; the
+        recomputation runs with those the forward saw (its active adapters, per-row factors and masks),
+        recorded here when the forward starts. Returns ``(nothing, those adapters)``.
+        """
+        return contextlib.nullcontext(), self._restored(self._state())
+
+    @contextlib.contextmanager
+    def _restored(self, state: dict[str, tuple]) -> Iterator[None]:
+        now = self._state()
+        self._set_state(state)
+        try:
+            yield
+        finally:
+            self._set_state(now)
 
 
 def peft_state_dict(

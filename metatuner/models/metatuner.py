@@ -37,6 +37,8 @@ from metatuner.evaluation.generation import (
 )
 from metatuner.models.hypernet import LoRAHypernet
 from metatuner.models.lora import LoRAModel
+from metatuner.models.precision import autocast_dtype, enable_autocast
+from metatuner.models.recompute import set_gradient_checkpointing
 from metatuner.prompts import generator_messages
 from metatuner.tasks.base import Example, Task
 from metatuner.tasks.leaks import states_answer
@@ -163,6 +165,22 @@ class MetaTuner(nn.Module):
         self.use_prompt = False
         self.serve_generated = False
         self.prompt_branch_note = note
+
+    def set_precision(self, autocast: str = "auto", gradient_checkpointing: bool = False) -> None:
+        """Mixed precision and gradient checkpointing for the base model(s) of G and M.
+
+        Args:
+            autocast: ``train.autocast``: forward passes run under ``torch.autocast`` in the dtype
+                :func:`~metatuner.models.precision.autocast_dtype` picks (``auto``: on for a bf16 / fp16 base).
+            gradient_checkpointing: ``train.gradient_checkpointing``: decoder blocks are recomputed in the
+                backward pass (:mod:`metatuner.models.recompute`).
+
+        A float32 base with the defaults is left exactly as it is. Calling it again replaces the setting.
+        """
+        bases = {id(self.actor): (self.actor, self.m_lora), id(self.generator): (self.generator, self.g_lora)}
+        for model, lora in bases.values():
+            enable_autocast(model, autocast_dtype(autocast, next(model.parameters()).dtype))
+            set_gradient_checkpointing(model, lora, gradient_checkpointing)
 
     def sync_frozen_decoder(self) -> None:
         self.g_lora.copy_adapter("dec", "dec_frozen")

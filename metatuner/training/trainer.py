@@ -76,6 +76,8 @@ class Trainer:
         self.by_id = {ex.id: ex for ex in train}
         self.run_dir = run_dir
         self.progress = progress
+        # autocast and checkpointing as the config says, also for a MetaTuner built without build_metatuner (SFT)
+        mt.set_precision(self.tc.autocast, self.tc.gradient_checkpointing)
         self.acc = Accelerator(cpu=mt.actor.device.type == "cpu")
         if self.tc.batch_size < self.acc.num_processes:
             raise MetatunerError(
