@@ -50,13 +50,15 @@ def run_grid(protocol: Protocol, out: Path, data_dir: str | None = None, only: l
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown grid backend {backend!r}; available: {', '.join(BACKENDS)}")
+    if backend == "ray":  # before anything is written
+        from metatuner.bench.ray_backend import require, run_ray
+
+        require(cpus_per_cell, gpus_per_cell)
     files.make_dirs(out)
     spec = yaml.safe_dump(to_protocol_dict(protocol), sort_keys=False)
     if not (out / "protocol.yaml").is_file() or (out / "protocol.yaml").read_text() != spec:  # workers rewrite it
         files.write_text(out / "protocol.yaml", spec)
     if backend == "ray":
-        from metatuner.bench.ray_backend import run_ray
-
         return run_ray(protocol, out, data_dir, only, address, cpus_per_cell, gpus_per_cell)
     if workers > 1:  # the workers share the tuning runs out between them, then the cells
         return run_workers(protocol, out, data_dir, only, workers)

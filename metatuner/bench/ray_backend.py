@@ -52,13 +52,7 @@ def run_ray(protocol: Protocol, out: Path, data_dir: str | None = None, only: li
     Returns:
         The rows of ``results.json``.
     """
-    if cpus_per_cell <= 0 or gpus_per_cell < 0:
-        raise MetatunerError(f"a Ray cell needs more than 0 CPUs and at least 0 GPUs, got {cpus_per_cell} CPUs "
-                             f"and {gpus_per_cell} GPUs")
-    try:
-        import ray
-    except ImportError:
-        raise MetatunerError("the Ray backend needs Ray: pip install 'metatuner[ray]'") from None
+    ray = require(cpus_per_cell, gpus_per_cell)
     out = out.resolve()  # the tasks may run on other nodes, in other working folders
     data_dir = str(Path(data_dir).resolve()) if data_dir else None
     connect = not ray.is_initialized()
@@ -69,6 +63,18 @@ def run_ray(protocol: Protocol, out: Path, data_dir: str | None = None, only: li
     finally:
         if connect:
             ray.shutdown()
+
+
+def require(cpus_per_cell: float, gpus_per_cell: float):
+    """The ``ray`` module, once the resources per cell are checked; a one-line error when Ray is not installed."""
+    if cpus_per_cell <= 0 or gpus_per_cell < 0:
+        raise MetatunerError(f"a Ray cell needs more than 0 CPUs and at least 0 GPUs, got {cpus_per_cell} CPUs "
+                             f"and {gpus_per_cell} GPUs")
+    try:
+        import ray
+    except ImportError:
+        raise MetatunerError("the Ray backend needs Ray: pip install 'metatuner[ray]'") from None
+    return ray
 
 
 def _run(ray, protocol: Protocol, out: Path, data_dir: str | None, only: list[str] | None, cpus: float,
