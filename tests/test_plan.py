@@ -125,6 +125,59 @@ def test_layer_activation_formula_equals_what_autograd_saves(dtype, kinds, rows)
     assert shape.layer_bytes({k: (widths[k], 8 + (4 if rows else 0)) for k in kinds}) == per_layer
 
 
+def _saved_during(fn, skip: set[int]) -> tuple[object, int]:
+    """``fn()``'s result and the bytes autograd saved for its backward (tensors in ``skip`` left out)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def test_the_passes_of_a_joint_step_hold_what_the_plan_says(tiny_tokenizer):
+    """A real MetaTuner (tiny Qwen2, static LoRA): the meta encoder with F, and M's task pass with the
+    generated rows, save what the plan's activation terms say for the same widths (within 5%)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from metatuner.evaluation.generation import encode_pairs
+    from metatuner.models.plan import Lengths
+    from metatuner.tasks import get_task
+    from metatuner.training.build import build_metatuner
+
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tiny_tokenizer), tie_word_embeddings=True,
+                         pad_token_id=tiny_tokenizer.pad_token_id)
+    model = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+    cfg = load_config(None, ["train.batch_size=4", "generator.share_layers=2"])
+    mt = build_metatuner(cfg, model, tiny_tokenizer)
+    mt.add_static_adapter(cfg.train.static_rank, cfg.train.static_alpha)
+    task = get_task("arithmetic")
+    batch = task.load("test")[:4]
+    skip = {p.untyped_storage().data_ptr() for p in mt.parameters()}
+
+    factors, enc_bytes = _saved_during(lambda: mt.factors(mt.encode(task, batch)), skip)
+    prompts = [task.instruction_for(ex) for ex in batch]
+    _, task_bytes = _saved_during(lambda: mt.answer_nll(task, batch, prompts, factors), skip)
+
+    g_width = mt.rewrite_batch(task, batch)[0]["input_ids"].shape[1]
+    pairs = encode_pairs(tiny_tokenizer, mt.actor_inputs(task, batch, prompts),
+                         [ex.target + tiny_tokenizer.eos_token for ex in batch], "cpu")
+    m_width, answers = pairs["input_ids"].shape[1], int((pairs["labels"] != -100).sum())
+    p = plan(cfg, config, lengths=Lengths(m=m_width, target=1, g=g_width, prompt=4))
+    a = p.activation_parts
+    log_softmax = 4 * config.vocab_size * answers  # what the output head keeps for the backward
+    # F's rows (A, B) are saved where M uses them: the two passes are compared together
+    assert enc_bytes + task_bytes - log_softmax == pytest.approx(a["encoder"] + a["hypernet"] + a["task"], rel=0.05)
+    assert enc_bytes == pytest.approx(a["encoder"], rel=0.05)
+
+
 # ---- memory, fits, FLOPs ------------------------------------------------------------------------------
 def test_fits_checkpointing_and_data_parallel(qwen_configs, qwen_plans):
     cfg = load_config(None, ["model.dtype=bfloat16"])

@@ -20,15 +20,16 @@ the MLP width; RMSNorm and SwiGLU blocks as Llama, Qwen2 and Mistral have, with 
 which keeps no ``[T, T]`` matrix)::
 
     2 * (4h + 4)                 the two RMSNorms: each saves its input upcast to float32
-    b * (2q + 2kv) + 4 * heads   attention: q, k, v, the output, and the softmax's log-sum-exp
+    b * 4q + 4 * heads + b * T   attention: q, k and v (repeated to every query head, since a padded batch
+                                 has a mask), the output, the softmax's log-sum-exp, and the mask's row
     3 * i * b                    the MLP: gate, SiLU(gate), up (frozen projections save no input)
     LoRA, per adapted module     4 * in (its float32 input: one copy per module on a bf16/fp16 base, one
                                  per distinct input on a float32 one) + 4 * r per adapter and for F's rows
 
-(measured exactly on a tiny Qwen2 in float32 and bfloat16 with autograd's saved-tensor hooks, see
-``tests/test_plan.py``). The output head runs on the answer tokens only and keeps ``(b + 8) * vocab``
+(measured exactly on a tiny Qwen2 in float32 and bfloat16 with autograd's saved-tensor hooks, and
+within 5% over a real MetaTuner's encoder, F and task passes on padded batches: ``tests/test_plan.py``). The output head runs on the answer tokens only and keeps ``(b + 8) * vocab``
 bytes per token (the logits, their float32 copy and the log-softmax). F keeps, per row and generated
-site, its input, its hidden layers and the row's factors, ``4 * (h + 2e + 4 * hidden + r * (in + out))``.
+site, its input, its two hidden layers and the row's factors, ``4 * (h + 2e + 2 * hidden + r * (in + out))``.
 With gradient checkpointing a pass keeps only each layer's input (``b * h`` per token) plus one layer's
 activations while that layer is recomputed. Passes without gradients hold their KV cache (generation)
 or one layer's live tensors, ``b * (2h + q + 2kv + 3i)`` per token, and their logits (rollout scoring:
@@ -156,6 +157,9 @@ class Plan:
     recompute_flops: float
     #: optimizer steps and FLOPs per device of each phase of the whole run (``train.steps``)
     phases: dict[str, tuple[int, float]] = field(default_factory=dict)
+    #: bytes per device of each activation term of the peak, without checkpointing: encoder (G's layers
+    #: below k), hypernet (F), task and task_logits (M), decode, score, reg (G) and reg_logits
+    activation_parts: dict[str, float] = field(default_factory=dict)
     tflops: float | None = None
 
     def fits(self, checkpointing: bool = False) -> dict[str, bool]:
@@ -291,12 +295,16 @@ class _Shape:
             head_mm=model.get_output_embeddings().weight.numel(), b=next(model.parameters()).element_size(),
         )
 
-    def layer_bytes(self, lora: dict[str, tuple[int, int]] | None = None) -> float:
+    def layer_bytes(self, lora: dict[str, tuple[int, int]] | None = None, padded: int = 0) -> float:
         """Bytes saved per token by one decoder layer in a pass with gradients (module docstring).
 
-        ``lora``: module kind -> (its input width, the summed ranks of its adapters and per-row factors)."""
+        ``lora``: module kind -> (its input width, the summed ranks of its adapters and per-row factors).
+        ``padded``: the width of a padded batch (0: no padding), whose attention mask each layer keeps
+        (``b * width`` per token) and which makes attention repeat k and v to every query head."""
         half = self.b < 4
-        out = 2 * (4 * self.h + 4) + self.b * (2 * self.q + 2 * self.kv) + 4 * self.heads + 3 * self.i * self.b
+        kv = self.q if padded else self.kv
+        out = 2 * (4 * self.h + 4) + self.b * (2 * self.q + 2 * kv) + 4 * self.heads + 3 * self.i * self.b
+        out += self.b * padded
         inputs = set()
         for kind, (width, ranks) in (lora or {}).items():
             out += 4 * ranks
@@ -332,9 +340,11 @@ def _lora_map(mt: MetaTuner, lora, adapters: tuple[str, ...], layer: int, rows_r
     return out
 
 
-def _pass_bytes(shape: _Shape, maps: list[dict], tokens: int, checkpointing: bool) -> float:
-    """Saved bytes of a pass with gradients through the layers described by ``maps`` (one per layer)."""
-    per_layer = [shape.layer_bytes(m) for m in maps]
+def _pass_bytes(shape: _Shape, maps: list[dict], rows: int, width: int, checkpointing: bool) -> float:
+    """Saved bytes of a pass with gradients of ``rows`` padded to ``width`` tokens through the layers
+    described by ``maps`` (one per layer)."""
+    tokens = rows * width
+    per_layer = [shape.layer_bytes(m, width) for m in maps]
     if not per_layer:
         return 0.0
     if checkpointing:
@@ -358,6 +368,7 @@ def plan(
     devices: int = 1,
     tflops: float | None = None,
     target_tokens: int | None = None,
+    lengths: Lengths | None = None,
     model_name: str | None = None,
 ) -> Plan:
     """Plans a MetaTuner run of ``cfg`` on ``devices`` GPUs (data parallel). See the module docstring.
@@ -369,6 +380,8 @@ def plan(
         devices: data-parallel processes; each takes ``ceil(batch / devices)`` queries of a batch.
         tflops: sustained throughput per device in TFLOP/s, for step times (None: FLOPs only).
         target_tokens: answer tokens per query (default: a quarter of ``train.max_length``).
+        lengths: every length at once (overrides ``target_tokens`` and ``train.max_length``), e.g. a
+            task's measured widths.
         model_name: the name printed (default: ``model.name``).
 
     Returns:
@@ -393,10 +406,12 @@ def plan(
     mt = build_meta(cfg, model_config, generator_config)
     counts = count_parameters(mt)
     ms, gs = _Shape.of(mt.actor), _Shape.of(mt.generator)
-    target = target_tokens if target_tokens is not None else max(1, tc.max_length // 4)
-    if not 0 < target < tc.max_length:
-        raise MetatunerError(f"target tokens must be in 1..{tc.max_length - 1} (train.max_length - 1), got {target}")
-    lengths = Lengths(m=tc.max_length, target=target, g=tc.max_length - target, prompt=gc.max_prompt_tokens)
+    if lengths is None:
+        target = target_tokens if target_tokens is not None else max(1, tc.max_length // 4)
+        if not 0 < target < tc.max_length:
+            raise MetatunerError(f"target tokens must be in 1..{tc.max_length - 1} (train.max_length - 1), got {target}")
+        lengths = Lengths(m=tc.max_length, target=target, g=tc.max_length - target, prompt=gc.max_prompt_tokens)
+    target = lengths.target
 
     bs = _per_device(tc.batch_size, devices)
     rq = min(tc.rollout_queries or bs, bs)
@@ -411,7 +426,7 @@ def plan(
     enc_maps = [_lora_map(mt, mt.g_lora, ("enc",), layer) for layer in range(k)] if use_f else []
     task_maps = [_lora_map(mt, mt.m_lora, m_adapters, layer, f_rank) for layer in range(K)]
     reg_maps = [_lora_map(mt, mt.g_lora, ("enc",) if layer < k else ("dec",), layer) for layer in range(gs.layers)]
-    f_row = sum(4 * (gs.h + 2 * cfg.hypernet.emb_dim + 4 * cfg.hypernet.hidden
+    f_row = sum(4 * (gs.h + 2 * cfg.hypernet.emb_dim + 2 * cfg.hypernet.hidden
                      + cfg.hypernet.rank * sum(mt.hypernet.shapes[s.kind])) for s in mt.sites)
     f_act = bs * f_row if use_f else 0.0
     task_logits = _logit_bytes(ms, bs * target)
@@ -424,13 +439,17 @@ def plan(
     else:
         score = rows_score * (lengths.m + target) * ms.kv_bytes() + rows_score * lengths.m * ms.live_bytes()
 
+    def parts_of(ckpt: bool) -> dict[str, float]:
+        return {"encoder": _pass_bytes(gs, enc_maps, bs, lengths.g, ckpt), "hypernet": f_act,
+                "task": _pass_bytes(ms, task_maps, bs, lengths.m, ckpt), "task_logits": task_logits,
+                "decode": decode if use_prompt else 0.0, "score": score if use_prompt else 0.0,
+                "reg": _pass_bytes(gs, reg_maps, reg_bs, lengths.g + lengths.prompt, ckpt) if use_prompt else 0.0,
+                "reg_logits": reg_logits if use_prompt else 0.0}
+
     def peak(ckpt: bool) -> int:
-        enc = _pass_bytes(gs, enc_maps, bs * lengths.g, ckpt) + f_act
-        task = _pass_bytes(ms, task_maps, bs * lengths.m, ckpt) + task_logits
-        reg = _pass_bytes(gs, reg_maps, reg_bs * (lengths.g + lengths.prompt), ckpt) + reg_logits
-        if not use_prompt:
-            return int(enc + task)
-        return int(max(enc + max(task, decode, score), reg))
+        a = parts_of(ckpt)
+        held = a["encoder"] + a["hypernet"]  # the meta encoder's and F's graphs, kept until the task's backward
+        return int(max(held + max(a["task"] + a["task_logits"], a["decode"], a["score"]), a["reg"] + a["reg_logits"]))
 
     weights = counts.m * ms.b + (0 if counts.g_shared else counts.g * gs.b)
     memory = Memory(
@@ -501,6 +520,7 @@ def plan(
         model=model_name or cfg.model.name, model_type=getattr(c, "model_type", "?"), dtype=cfg.model.dtype,
         devices=devices, batch=bs, grad_accum=accum, k=k, layers=K, lengths=lengths, params=counts, memory=memory,
         step_flops=step_flops, recompute_flops=recompute, phases=phases, tflops=tflops,
+        activation_parts=parts_of(False),
     )
 
 
