@@ -206,7 +206,7 @@ def test_a_held_out_family_never_reaches_train_or_validation(held_out):
     train, val = train_val_split(task.load("train"), 800, 32, seed=0)
     seen = {ex.meta["family"] for ex in train + val}
     assert seen == set(mixture.FAMILIES) - {held_out} and len(train) == 800 and len(val) == 32
-    for split in ("test", "test_shift"):
+    for split in ("test", "test_shift", "test_extra"):
         whole = [ex.id for ex in get_task("mixture").load(split) if ex.meta["family"] == held_out]
         tested = task.load(split)
         assert {ex.meta["family"] for ex in tested} == {held_out}
@@ -222,3 +222,13 @@ def test_mixture_names_that_cut_its_families_are_checked():
                       ("mixture-without-" + ",".join(mixture.FAMILIES), "leaves no family")]:
         with pytest.raises(MetatunerError, match=said):
             get_task(bad)
+
+
+def test_mixture_test_extra_holds_300_unseen_items_of_each_family():
+    task = get_task("mixture")
+    extra = task.load("test_extra")
+    assert Counter(ex.meta["family"] for ex in extra) == {f: 300 for f in mixture.FAMILIES}
+    seen = {ex.query for split in ("train", "test") for ex in task.load(split)}
+    assert len({ex.query for ex in extra}) == 1800 and not seen & {ex.query for ex in extra}
+    assert extra[0].id == "mixture-test_extra-0" and task.load("test_extra") == extra  # deterministic
+    assert len(get_task("mixture-without-sorting>mixture-only-sorting").load("test_extra")) == 300

@@ -22,7 +22,9 @@ Splits, generated from seeds, with families in turn (item ``i`` has family ``i m
 ``train`` (seed 0, 2000 items) and ``test`` (seed 1, 500 items, no question text of train) draw from the
 ordinary vocabulary; ``test_shift`` (seed 2, 500 items) is the template-shift test: the same families,
 number ranges and steps, written in sentence frames, with names and objects (words to spell, option
-items), none of which occurs in train.
+items), none of which occurs in train. ``test_extra`` (seed 3, 1800 items, ordinary vocabulary, no question
+text of train or test) gives 300 items of each family: enough to test one held-out family
+(``mixture-without-weekdays>mixture-only-weekdays`` with ``eval.splits: [test_extra]``) with power.
 
 The families are written here rather than taken from ``reasoning-gym``: its generators fix their own
 wording, so they cannot keep a split's frames, names and objects apart from train's, nor hold every
@@ -52,9 +54,9 @@ COT_INSTRUCTION = (
     "Let's think step by step. Work the question out, then end with 'The answer is X', where X is only "
     "the final answer: a number, a list of numbers, a weekday or an option letter."
 )
-SPLITS = ("train", "test", "test_shift")
-SEEDS = {"train": 0, "test": 1, "test_shift": 2}
-SIZES = {"train": 2000, "test": 500, "test_shift": 500}
+SPLITS = ("train", "test", "test_shift", "test_extra")
+SEEDS = {"train": 0, "test": 1, "test_shift": 2, "test_extra": 3}
+SIZES = {"train": 2000, "test": 500, "test_shift": 500, "test_extra": 1800}
 FORMATS = {"arithmetic": "number", "letters": "number", "sorting": "numbers", "units": "number",
            "weekdays": "weekday", "choice": "letter"}
 FAMILIES = tuple(FORMATS)
@@ -142,7 +144,7 @@ SHIFTED_MIX = Vocabulary(
            ("stool", "bench", "wardrobe", "dresser", "cabinet", "couch")),
 )
 
-VOCABULARY = {"train": ORDINARY_MIX, "test": ORDINARY_MIX, "test_shift": SHIFTED_MIX}
+VOCABULARY = {"train": ORDINARY_MIX, "test": ORDINARY_MIX, "test_shift": SHIFTED_MIX, "test_extra": ORDINARY_MIX}
 
 # a family draws one item: (question, target, answer, options)
 Item = tuple[str, str, str, tuple[str, ...]]
@@ -212,7 +214,9 @@ DRAW = {"arithmetic": _arithmetic, "letters": _letters, "sorting": _sorting, "un
 
 def generate(split: str) -> list[dict[str, Any]]:
     """The raw rows of a split: ``id``, ``family``, ``question``, ``answer``, ``solution``, ``options``."""
-    exclude = {row["question"] for row in generate("train")} if split == "test" else set()
+    exclude = {row["question"] for row in generate("train")} if split in ("test", "test_extra") else set()
+    if split == "test_extra":
+        exclude |= {row["question"] for row in generate("test")}
     r, vocab = random.Random(SEEDS[split]), VOCABULARY[split]
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
