@@ -252,7 +252,7 @@ def checkpointed(request, tiny_tokenizer):
 def test_gradient_checkpointing_keeps_less_for_backward_and_the_same_gradients(checkpointed):
     (plain, plain_bytes, plain_grads), (ckpt, ckpt_bytes, ckpt_grads) = checkpointed[False], checkpointed[True]
     assert gradient_checkpointing(ckpt.actor) and not gradient_checkpointing(plain.actor)
-    assert ckpt_bytes < 0.25 * plain_bytes, (ckpt_bytes, plain_bytes)  # measured: about 1/18
+    assert ckpt_bytes < 0.25 * plain_bytes, (ckpt_bytes, plain_bytes)  # measured: about 1/21
     assert plain_grads.keys() == ckpt_grads.keys() and len(plain_grads) > 8
     assert all(g is not None for g in ckpt_grads.values())  # every trainable parameter, the encoder's too
     for name, g in plain_grads.items():
