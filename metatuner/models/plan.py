@@ -556,7 +556,7 @@ def format_plan(p: Plan) -> str:
         f"  G  {c.g:>15,}  {_n(c.g)}" + ("  (shares M's weights)" if c.g_shared else ""),
         f"  F  {c.f:>15,}  {_n(c.f)}",
         f"  trainable (float32) {c.trainable:,}: static LoRA {c.static:,}, encoder {c.encoder:,} (k = {p.k} of "
-        f"{p.layers} layers), decoder {c.decoder:,}, F {c.f:,}; trained now: {', '.join(c.trained) or 'none'}",
+        f"{p.layers} layers), decoder {c.decoder:,}, F {c.f:,}; trained in joint steps: {', '.join(c.trained) or 'none'}",
         "",
         f"memory per device (GiB)             {'no checkpointing':>17} {'checkpointing':>14}",
         f"  weights ({p.dtype})".ljust(36) + f"{_gib(m.weights):>17}",
@@ -566,6 +566,9 @@ def format_plan(p: Plan) -> str:
         "  activations (peak of a joint step)".ljust(36) + f"{_gib(m.activations):>17} "
         f"{_gib(m.activations_checkpointed):>14}",
         "  total".ljust(36) + f"{_gib(m.total(False)):>17} {_gib(m.total(True)):>14}",
+        "  activations by pass (GiB, no checkpointing): "
+        + ", ".join(f"{k} {_gib(v)}" for k, v in p.activation_parts.items() if v),
+        "    peak = max(encoder + hypernet + max(task + task_logits, decode, score), reg + reg_logits)",
         "",
         f"fits (total at most {FIT_SHARE:.0%} of the card)",
     ]
