@@ -10,6 +10,8 @@ the backward pass and gives every trainable parameter the same gradient; generat
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -160,6 +162,10 @@ def test_autocast_is_on_for_a_half_precision_base_and_off_for_float32(tiny_token
     assert autocast_of(model) is torch.bfloat16 and cast.dtype == torch.bfloat16
     assert (cast.float() - plain).abs().max() < 0.02 * plain.abs().max()
     assert next(model.parameters()).dtype == torch.float32  # autocast casts copies, never the weights
+    twin = copy.deepcopy(model)  # a deep copy autocasts too, with its own weights
+    with torch.no_grad():
+        twin.get_output_embeddings().weight.mul_(2)
+        assert twin(ids).logits.dtype == torch.bfloat16 and not torch.equal(twin(ids).logits, cast)
     mt.set_precision("none")
     assert autocast_of(model) is None and "forward" not in model.__dict__ and torch.equal(model(ids).logits, plain)
 

@@ -25,6 +25,7 @@ as autocast asks. The device type is the model's (bf16 autocast runs on the CPU 
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 from torch import nn
@@ -67,15 +68,18 @@ def enable_autocast(model: nn.Module, dtype: torch.dtype | None) -> None:
             delattr(module, _MARK)
         if dtype is None:
             continue
-        module.forward = _autocast(module.forward, device_type, dtype)
+        module.forward = types.MethodType(_autocast(module.forward.__func__, device_type, dtype), module)
         setattr(module, _MARK, dtype)
 
 
 def _autocast(forward, device_type: str, dtype: torch.dtype):
+    """``forward(self, ...)`` under autocast. It is bound to the module as a method, not closed over a bound
+    method, so that a deep copy of the model runs its own weights."""
+
     @functools.wraps(forward)  # keeps the signature, which ``generate`` inspects for the arguments it passes
-    def wrapped(*args, **kwargs):
+    def wrapped(self, *args, **kwargs):
         with torch.autocast(device_type, dtype=dtype):
-            return forward(*args, **kwargs)
+            return forward(self, *args, **kwargs)
 
     return wrapped
 
