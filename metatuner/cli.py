@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-tokens", type=int, metavar="N",
                    help="answer tokens per query (default: a quarter of train.max_length)")
     p.add_argument("--protocol", metavar="FILE",
-                   help=f"plan a bench protocol's cell instead of --config: a file or {', '.join(shipped_protocols())}")
+                   help=f"plan a bench protocol's cell instead of --config: a file or {', '.join(shipped_protocols())}; "
+                   "the overrides are then the protocol's keys (common.train.batch_size=8)")
     p.add_argument("--method", help="with --protocol: the protocol's method whose cell is planned (default metatuner-j)")
 
     p = sub.add_parser("report", help="rebuild the table (results.md) and plots of a grid from its results.json")
