@@ -1,17 +1,18 @@
-"""Where methods come from: the built-in ones, and user modules named in ``METATUNER_PLUGINS``.
+"""Where methods and tasks come from: the built-in ones, and user modules named in ``METATUNER_PLUGINS``.
 
 A method registers itself, with its config section, when its module is imported
-(:meth:`metatuner.methods.base.MethodRegistry.register`). The built-in methods live in
-:mod:`metatuner.methods`; a method of your own lives in a module of your own, named in the environment
-variable ``METATUNER_PLUGINS`` (several joined by commas), each entry a module name importable from
-``sys.path`` or the path of a ``.py`` file::
+(:meth:`metatuner.methods.base.MethodRegistry.register`), and a task likewise (``@TASKS.register``). The
+built-in ones live in :mod:`metatuner.methods` and :mod:`metatuner.tasks`; one of your own lives in a module
+of your own, named in the environment variable ``METATUNER_PLUGINS`` (several joined by commas), each entry a
+module name importable from ``sys.path`` or the path of a ``.py`` file::
 
     METATUNER_PLUGINS=my_methods.py metatuner eval --method toy toy.scale=2
     METATUNER_PLUGINS=mypackage.methods metatuner bench --config protocol.yaml
 
-The variable is read whenever the methods or the config sections are looked up, so the commands, their
-``key=value`` overrides, ``metatuner config``, ``--resume`` and a benchmark's worker processes (which inherit
-the environment) all see the same methods. A Python program can import its module itself instead.
+The variable is read whenever a method, a task or a config section is looked up that is not registered yet
+(and when they are listed), so the commands, their ``key=value`` overrides, ``metatuner config``, ``--resume``
+and a benchmark's worker processes (which inherit the environment) all see the same methods and tasks. A
+Python program can import its module itself instead.
 """
 
 from __future__ import annotations
@@ -36,14 +37,15 @@ def named() -> list[str]:
     return [e.strip() for e in os.environ.get(ENV, "").split(",") if e.strip()]
 
 
-def load() -> None:
-    """Imports the built-in method modules and every module ``$METATUNER_PLUGINS`` names that is not imported yet.
+def load(builtin: bool = True) -> None:
+    """Imports the built-in method modules (unless ``builtin`` is false: the tasks' registry, below the methods,
+    asks only for the plug-ins) and every module ``$METATUNER_PLUGINS`` names that is not imported yet.
 
     Raises:
         MetatunerError: an entry that is neither an importable module nor a readable ``.py`` file, or whose
             import fails (the message names the entry and the error).
     """
-    for name in BUILTIN:
+    for name in BUILTIN if builtin else ():
         importlib.import_module(name)
     for entry in named():
         if entry not in _loaded:

@@ -1,5 +1,9 @@
 """A small name -> object registry, used for tasks and methods.
 
+``discover`` (optional) is called before a name is looked up that is not registered yet, and before the names
+are listed: the registries of tasks and methods import the modules ``$METATUNER_PLUGINS`` names there
+(:mod:`metatuner.plugins`), so a task or method defined in a user's module registers itself on first use.
+
 >>> TASKS = Registry("task")
 >>> @TASKS.register("toy")
 ... class Toy: ...
@@ -17,9 +21,10 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, discover: Callable[[], None] | None = None):
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._discover = discover
 
     def register(self, name: str) -> Callable[[T], T]:
         def add(obj: T) -> T:
@@ -31,6 +36,8 @@ class Registry(Generic[T]):
         return add
 
     def get(self, name: str) -> T:
+        if name not in self._items and self._discover is not None:
+            self._discover()
         try:
             return self._items[name]
         except KeyError:
@@ -39,7 +46,11 @@ class Registry(Generic[T]):
             ) from None
 
     def names(self) -> list[str]:
+        if self._discover is not None:
+            self._discover()
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
+        if name not in self._items and self._discover is not None:
+            self._discover()
         return name in self._items

@@ -1,6 +1,7 @@
 """A method is one file: a toy method written into a temporary module registers itself with its config section,
-and ``$METATUNER_PLUGINS`` brings it to ``metatuner config``, ``eval --method`` and a benchmark protocol, with no
-other file edited. The built-in sections keep their keys, order and copies (``dataclasses.replace``)."""
+and ``$METATUNER_PLUGINS`` brings it to ``metatuner config``, ``eval --method`` and a benchmark protocol (with a
+task the same module registers), with no other file edited. The built-in sections keep their keys, order and
+copies (``dataclasses.replace``)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from metatuner.cli import main
 from metatuner.config import RunConfig, load_config, register_section, to_dict
 from metatuner.errors import MetatunerError
 from metatuner.methods import METHODS, get_method
+from metatuner.tasks import TASKS
 
 TOY = '''
 """A toy method: zero-shot with its own suffix after the task's instruction."""
@@ -25,6 +27,8 @@ from dataclasses import dataclass
 from metatuner.evaluation.predictors import LMPredictor
 from metatuner.methods import METHODS, Method
 from metatuner.options import _at_least, option
+from metatuner.tasks import TASKS
+from metatuner.tasks.arithmetic import Arithmetic
 
 
 @dataclass
@@ -47,6 +51,13 @@ class Toy(Method):
     def fit(self, task, train, val):
         cfg = self.method_config
         return LMPredictor(self.model, self.tokenizer, task.instruction + cfg.suffix * cfg.repeat, name="toy")
+
+
+@TASKS.register("toy-arithmetic")
+class ToyArithmetic(Arithmetic):
+    """The arithmetic task under a name of its own."""
+
+    name = "toy-arithmetic"
 '''
 
 
@@ -54,6 +65,7 @@ class Toy(Method):
 def toy_file(tmp_path, monkeypatch):
     """The toy method's module as a file; the registries, the plugin list and sys.modules are restored after."""
     monkeypatch.setattr(METHODS, "_items", dict(METHODS._items))
+    monkeypatch.setattr(TASKS, "_items", dict(TASKS._items))
     monkeypatch.setattr(config_module, "_SECTIONS", dict(config_module._SECTIONS))
     monkeypatch.setattr(plugins, "_loaded", set(plugins._loaded))
     monkeypatch.delenv(plugins.ENV, raising=False)
@@ -93,14 +105,14 @@ def test_a_benchmark_protocol_runs_the_plugin_method(toy_file, tmp_path, tiny_mo
     monkeypatch.setenv(plugins.ENV, str(toy_file))
     protocol = tmp_path / "p.yaml"
     protocol.write_text(yaml.safe_dump({
-        "name": "toy", "tasks": ["arithmetic"], "seeds": [0],
+        "name": "toy", "tasks": ["toy-arithmetic"], "seeds": [0],
         "methods": {"toy": {"toy.suffix": " Answer now."}},
         "common": {"model": {"name": str(tiny_model_dir)}, "eval": {"limit": 2, "max_new_tokens": 2}},
     }))
     out = tmp_path / "grid"
     assert main(["bench", "--config", str(protocol), "--out", str(out), "--no-report"]) == 0, capsys.readouterr().err
     rows = json.loads((out / "results.json").read_text())
-    assert [(r["method"], r["n"]) for r in rows] == [("toy", 2)]
+    assert [(r["task"], r["method"], r["n"]) for r in rows] == [("toy-arithmetic", "toy", 2)]
     [summary] = [json.loads(p.read_text()) for p in out.rglob("summary.json")]
     assert summary["predictor"]["instruction"].endswith(" Answer now.") and summary["config"]["toy"]["repeat"] == 1
 
@@ -160,3 +172,13 @@ def test_a_section_may_not_shadow_a_core_key_or_take_another_class(monkeypatch):
     with pytest.raises(ValueError, match="'dpo' is registered twice"):
         register_section("dpo", Other)
     assert register_section("dpo", type(RunConfig().dpo)).config_class is type(RunConfig().dpo)  # again: no change
+
+
+def test_every_module_of_the_methods_package_is_imported_with_it():
+    """A new file in ``metatuner/methods/`` registers its method with no import list to edit."""
+    import pkgutil
+
+    import metatuner.methods
+
+    names = [m.name for m in pkgutil.iter_modules(metatuner.methods.__path__)]
+    assert "bettertogether_dspy" in names and all(f"metatuner.methods.{n}" in sys.modules for n in names)

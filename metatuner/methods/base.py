@@ -99,8 +99,8 @@ def count_trainable(*modules) -> int:
 
 
 class MethodRegistry(Registry[type[Method]]):
-    """The methods by name. Registering a method also registers its config section, and looking one up first
-    imports the modules that register methods (:func:`metatuner.plugins.load`)."""
+    """The methods by name. Registering a method also registers its config section; looking up one not
+    registered yet, or listing them, first imports the modules that register methods (:func:`metatuner.plugins.load`)."""
 
     def register(self, name: str) -> Callable[[type[Method]], type[Method]]:
         """Class decorator: registers the method under ``name`` (also setting its ``name``) and its
@@ -121,20 +121,8 @@ class MethodRegistry(Registry[type[Method]]):
 
         return register_method
 
-    def get(self, name: str) -> type[Method]:
-        plugins.load()
-        return super().get(name)
 
-    def names(self) -> list[str]:
-        plugins.load()
-        return super().names()
-
-    def __contains__(self, name: str) -> bool:
-        plugins.load()
-        return super().__contains__(name)
-
-
-METHODS = MethodRegistry("method")
+METHODS = MethodRegistry("method", discover=plugins.load)
 
 
 def get_method(name: str) -> type[Method]:

@@ -6,7 +6,9 @@ final answer is pulled out of a model's output (``extract``), and how that answe
 (``score``). Extraction and scoring are pure functions of strings, so they are tested on
 hand-written outputs without any model.
 
-New tasks subclass :class:`Task` in a module of their own and register with ``@TASKS.register``.
+New tasks subclass :class:`Task` in a module of their own and register with ``@TASKS.register``; the
+built-in modules are imported by ``metatuner/tasks/__init__.py``, one of yours by ``$METATUNER_PLUGINS``
+(:mod:`metatuner.plugins`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from metatuner import plugins
 from metatuner.errors import MetatunerError
 from metatuner.registry import Registry
 
@@ -253,4 +256,5 @@ def numbered_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return rows
 
 
-TASKS: Registry[type[Task]] = Registry("task")
+# a task not registered yet may be in a module $METATUNER_PLUGINS names (metatuner.plugins)
+TASKS: Registry[type[Task]] = Registry("task", discover=lambda: plugins.load(builtin=False))
