@@ -32,11 +32,17 @@ class Answer:
     extracted: dict[str, str | None]
     gold: str | None = None
     scores: dict[str, float] | None = None
+    #: the whole JSON record (``metatuner.serving.predict.prediction_record``) the fields were read from
+    record: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Answer:
+        return cls(record["id"], record["query"], record["prompt"], record["output"], record["answer"],
+                   record["extracted"], record.get("gold"), record.get("scores"), record)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON record ``metatuner generate --output`` and ``metatuner predict`` write."""
-        record = dataclasses.asdict(self)
-        return record if self.scores is not None else {k: v for k, v in record.items() if k not in ("gold", "scores")}
+        """The JSON record ``metatuner generate --output`` and ``metatuner predict`` write for this answer."""
+        return dict(self.record)
 
 
 @dataclass
@@ -105,7 +111,7 @@ class Run:
         for b in range(0, len(examples), batch_size):
             batch = examples[b : b + batch_size]
             for ex, p in zip(batch, self.predictor.predict(self.task, batch, budget), strict=True):
-                answers.append(Answer(**prediction_record(self.task, ex, p)))
+                answers.append(Answer.from_record(prediction_record(self.task, ex, p)))
         return answers
 
     def _example(self, question: str | Mapping[str, Any] | Example, i: int) -> Example:
