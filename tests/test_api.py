@@ -73,7 +73,9 @@ def test_a_callable_metric_scores_the_whole_output_against_the_gold_answer():
     example = task.load("test")[0]  # Norway
     assert task.grade("It is Oslo, of course", example)[1] == {"score": 1.0}
     assert task.grade("Bergen", example)[1] == {"score": 0.0}
-    assert task.primary_metric == "score" and task.metric == "in_output" and example.target == "Oslo"
+    assert task.primary_metric == "score" and example.target == "Oslo"
+    assert task.metric == f"{in_output.__module__}:in_output"  # importable by name: a run folder records it so
+    assert metatuner.make_task(train=ROWS, metric=lambda o, a: 1.0, instruction="x").metric == "python:<lambda>"
 
     def two(output: str, answer: str) -> dict:
         return {"hit": float(answer in output), "short": float(len(output) < 10)}
@@ -139,9 +141,13 @@ def trained(tmp_path_factory, model_dir):
 def test_train_returns_a_run_with_its_predictor_task_config_folder_and_results(trained):
     run, task = trained
     assert isinstance(run, metatuner.Run) and run.task is task and run.method == "metatuner"
-    assert run.config.data.task == "python:capitals" and run.config.train.steps == 2
+    spec = run.run_dir.resolve() / "task" / "task.yaml"  # the task, written as a spec file with its rows
+    assert run.config.data.task == f"file:{spec}" and run.config.train.steps == 2
+    assert f"file:{spec}" in (run.run_dir / "config.yaml").read_text()
+    saved = metatuner.load_task(spec)
+    assert saved.load("train") == task.load("train") and saved.load("test") == task.load("test")
+    assert saved.metric == task.metric and saved.instruction == task.instruction
     assert (run.run_dir / "checkpoints" / "latest").read_text().strip() == "step-000002"
-    assert "python:capitals" in (run.run_dir / "config.yaml").read_text()
     [result] = run.results
     assert result.out_dir == run.run_dir / "eval-test" and result.n == 3 and not run.results_reused
     # the callable metric scored every test row
@@ -189,12 +195,34 @@ def test_resume_and_load_run_give_back_the_same_model(trained):
     again = metatuner.fit("metatuner", task=task, run_dir=run.run_dir, resume=True, evaluate=True, progress=False)
     assert again.results_reused and again.method == "metatuner" and again.config.method == "metatuner"
     assert (run.run_dir / "checkpoints" / "latest").read_text().strip() == "step-000002"  # no steps added
-    with pytest.raises(MetatunerError, match="built in Python: its rows are in no file; pass the task again") as e:
-        metatuner.load_run(run.run_dir)
-    assert "--" not in str(e.value)
-    loaded = metatuner.load_run(run.run_dir, task=task)
+    loaded = metatuner.load_run(run.run_dir)  # its task from the spec file in the run folder
     question = ["What is the capital of Norway?"]
+    assert loaded.task.name == "capitals" and loaded.task.load("test") == task.load("test")
     assert [a.output for a in loaded.answer(question)] == [a.output for a in run.answer(question)]
+    assert [a.output for a in metatuner.load_run(run.run_dir, task=task).answer(question)] == [
+        a.output for a in run.answer(question)]
+
+
+def test_the_cli_answers_with_a_run_trained_in_python(trained, tmp_path, capsys):
+    from metatuner.cli import main
+
+    run, _ = trained
+    capsys.readouterr()
+    assert main(["generate", "--run", str(run.run_dir), "--question", "What is the capital of Peru?",
+                 "--output", str(tmp_path / "a.jsonl")]) == 0
+    [record] = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert record == {**run.answer(["What is the capital of Peru?"])[0].to_dict(), "id": "question"}
+
+
+def test_a_task_with_a_metric_not_importable_by_name_is_passed_again(tmp_path, model_dir):
+    task = metatuner.make_task(train=ROWS, test=ROWS[:2], template="{country}", answer="capital",
+                               metric=lambda output, answer: float(answer in output), instruction="City?", name="l")
+    run = metatuner.fit("zero-shot", task=task, run_dir=tmp_path / "zs", **{"model.name": str(model_dir)})
+    assert run.config.data.task == "python:l" and not (tmp_path / "zs" / "task").exists()
+    with pytest.raises(MetatunerError, match="built in Python with a metric that cannot be imported by name; "
+                                             "pass the task again") as e:
+        metatuner.train(run_dir=tmp_path / "zs", resume=True)
+    assert "--" not in str(e.value)
 
 
 def test_a_taken_run_folder_is_refused_without_naming_flags(trained):

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from metatuner.api.inputs import (
-    PYTHON_TASK_PREFIX, ConfigSource, Overrides, _nested, _resolve_task, _task_of, load_config,
+    PYTHON_TASK_PREFIX, TASK_FOLDER, ConfigSource, Overrides, _nested, _resolve_task, _task_of, load_config,
+    save_task, saved_task_name,
 )
 from metatuner.api.runs import Run
 from metatuner.config import RunConfig, merge
@@ -63,8 +65,9 @@ def train(
             ``RunConfig``); with ``resume``, leave it unset: the run folder's own ``config.yaml`` is used.
         overrides: config overrides, as :func:`load_config` takes them.
         task: the task (a :class:`~metatuner.tasks.Task` from :func:`make_task` or :func:`load_task`, or a
-            name or spec file); unset: the config's ``data.task``. A task built in Python is recorded in the
-            config as ``python:<name>``; :func:`load_run` and a resume then take it again.
+            name or spec file); unset: the config's ``data.task``. A task built in Python is written into the
+            run folder as a spec file with its rows, which the config names (a metric not importable by name
+            keeps it out: then :func:`load_run` and a resume take the task again).
         run_dir: the run folder (default: a new ``<out_dir>/metatuner-<task>-<time>``); required with ``resume``.
         resume: continue the run in ``run_dir`` from its newest checkpoint (from step 0 if it has none).
         evaluate: score on ``config.eval.splits`` after training (default: ``config.eval.after_training``); a
@@ -109,8 +112,11 @@ def train(
         label = task_obj.name if task_obj is not None else cfg.data.task
         run_dir = Path(broadcast_object_list([str(new_run_dir(cfg.out_dir, "metatuner", label))])[0])
     run_dir = Path(run_dir)
+    cfg, saved = _saving_task(cfg, task_obj, run_dir)
     evaluate = cfg.eval.after_training if evaluate is None else evaluate
     with run_folder(cfg, run_dir, resume=resume):
+        if saved and state.is_main_process:
+            save_task(task_obj, run_dir / TASK_FOLDER)
         # a run killed before its first checkpoint starts again from step 0
         from_checkpoint = resume and latest_checkpoint(run_dir) is not None
         try:
@@ -196,8 +202,20 @@ def fit(
 
     if folder is None:
         return fitted()
+    cfg, saved = _saving_task(cfg, task_obj, folder)
     with run_folder(cfg, folder):
+        if saved:
+            save_task(task_obj, folder / TASK_FOLDER)
         return fitted()
+
+
+def _saving_task(cfg: RunConfig, task: Task | None, run_dir: Path) -> tuple[RunConfig, bool]:
+    """The config naming the spec file a task built in Python gets in ``run_dir`` (see
+    :mod:`metatuner.api.inputs`), and whether there is one to write."""
+    saved = saved_task_name(task, run_dir / TASK_FOLDER)
+    if saved is None:
+        return cfg, False
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, task=saved)), True
 
 
 def load_run(run_dir: str | Path, overrides: Overrides = None, /, *, task: Task | None = None, **values: Any) -> Run:
@@ -206,8 +224,8 @@ def load_run(run_dir: str | Path, overrides: Overrides = None, /, *, task: Task 
     Args:
         run_dir: the run folder :func:`train` (or ``metatuner train``) wrote.
         overrides: config overrides, as :func:`load_config` takes them (``{"eval.limit": 20}``).
-        task: the task, when the run was trained on one built in Python (its rows are in no file);
-            otherwise the run's own task is loaded.
+        task: the task, when the run was trained on one built in Python whose metric cannot be imported by
+            name (its config names ``python:<name>``); otherwise the run's own task is loaded.
         **values: more config overrides as keyword arguments.
 
     Returns:

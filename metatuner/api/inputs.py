@@ -1,16 +1,25 @@
 """What a run is made from: its config (:func:`load_config`) and its task (:func:`load_task`, :func:`make_task`).
 
-A task built in Python is recorded in a run's config as ``python:<name>``: its rows live in no file, so
-loading such a run takes the task again.
+A task built in Python is written into the run folder it trains in, as a spec file with its rows
+(``<run>/task/task.yaml``, ``train.jsonl``, ``test.jsonl``), and the run's config names that file, so the run
+loads again anywhere (``load_run(dir)``, ``metatuner eval --run``). A metric that is a function is recorded
+as ``module:function``; one that cannot be imported by that name (a lambda, a local function, one defined in
+``__main__`` or a notebook) is recorded as ``python:<name>``, and so is the task (``data.task:
+python:<name>``): loading such a run takes the task again (``load_run(dir, task=task)``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from metatuner import files
 from metatuner.config import RunConfig, absolute_task_files, from_dict, load_config as _load_config, merge, to_dict
 from metatuner.errors import MetatunerError
 from metatuner.options import ConfigKeyError
@@ -18,8 +27,10 @@ from metatuner.tasks import SpecTask, Task, get_task
 from metatuner.tasks.metrics import function_metric
 from metatuner.tasks.spec import TaskSpec
 
-#: ``data.task`` of a run whose task was built in Python (its rows are not in any file)
+#: ``data.task`` of a run whose task was built in Python and not written as a spec (nor its metric's name)
 PYTHON_TASK_PREFIX = "python:"
+#: the folder of a run folder that holds a task built in Python, as a spec file with its rows
+TASK_FOLDER = "task"
 
 ConfigSource = RunConfig | str | Path | None
 Overrides = Mapping[str, Any] | Sequence[str] | None
@@ -180,8 +191,8 @@ def make_task(
     if callable(metric):
         if pattern:
             raise MetatunerError("pattern goes with metric='regex', not with a callable metric")
-        label = getattr(metric, "__name__", type(metric).__name__)
-        grader, metric_fields = function_metric(metric, label, primary), {"name": label}
+        label = _function_name(metric)
+        grader, metric_fields = function_metric(metric, label, primary), {"name": label, "primary": primary}
     elif isinstance(metric, str):
         metric_fields["name"] = metric
     else:
@@ -196,9 +207,36 @@ def make_task(
     return SpecTask(spec=spec, rows=rows, grader=grader)
 
 
+def _function_name(function: Callable) -> str:
+    """``module:qualname`` of a function its module holds by that name, else ``python:<name>``."""
+    module, qualname = getattr(function, "__module__", None), getattr(function, "__qualname__", "")
+    if module and module != "__main__" and "<" not in qualname and "." not in qualname:
+        if getattr(sys.modules.get(module), qualname, None) is function:
+            return f"{module}:{qualname}"
+    return PYTHON_TASK_PREFIX + getattr(function, "__name__", type(function).__name__)
+
+
+def saved_task_name(task: Task | None, folder: Path) -> str | None:
+    """The ``data.task`` of a task built in Python once :func:`save_task` writes it into ``folder``; None for
+    any other task, and for one whose metric is a function not importable by name (see the module docstring)."""
+    if not isinstance(task, SpecTask) or task.rows is None or task.spec.metric.name.startswith(PYTHON_TASK_PREFIX):
+        return None
+    return absolute_task_files(f"file:{folder / 'task.yaml'}")
+
+
+def save_task(task: SpecTask, folder: Path) -> None:
+    """Writes a task built in Python as a spec file (``task.yaml``) with a JSONL file of rows per split."""
+    spec = to_dict(task.spec)
+    spec["data"].update({split: f"{split}.jsonl" for split in task.rows})
+    for split, rows in task.rows.items():
+        files.write_text(folder / f"{split}.jsonl",
+                         "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+    files.write_text(folder / "task.yaml", yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
+
+
 def _task_ref(task: Task) -> str:
     """What a run's ``data.task`` records for a task object: its spec file or name; a task built in Python
-    is recorded as ``python:<name>`` (its rows live in no file: :func:`load_run` takes it again)."""
+    is ``python:<name>`` until a run folder holds it as a spec (:func:`saved_task_name`)."""
     if isinstance(task, SpecTask):
         return f"file:{task.path.resolve()}" if task.path is not None else PYTHON_TASK_PREFIX + task.name
     return task.name
@@ -217,6 +255,6 @@ def _resolve_task(task: Task | str | Path | None, cfg: RunConfig) -> tuple[Task 
 def _task_of(cfg: RunConfig, where: Path) -> Task:
     if cfg.data.task.startswith(PYTHON_TASK_PREFIX):
         name = cfg.data.task.removeprefix(PYTHON_TASK_PREFIX)
-        raise MetatunerError(f"{where} was trained on task {name!r}, built in Python: its rows are in no file; "
-                             f"pass the task again (task=make_task(...))")
+        raise MetatunerError(f"{where} was trained on task {name!r}, built in Python with a metric that cannot be "
+                             f"imported by name; pass the task again (task=make_task(...))")
     return get_task(cfg.data.task, cfg.data.data_dir)
