@@ -60,7 +60,7 @@ def _import(entry: str) -> None:
             path = Path(entry).expanduser().resolve()
             if not path.is_file():
                 raise MetatunerError(f"{ENV}: plugin file {entry!r} not found")
-            if sys.modules.get(path.stem) is not None and getattr(sys.modules[path.stem], "__file__", None) == str(path):
+            if getattr(sys.modules.get(path.stem), "__file__", None) == str(path):
                 return  # imported already (e.g. by the program itself)
             spec = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(spec)

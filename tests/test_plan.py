@@ -81,14 +81,18 @@ def test_meta_counts_equal_a_real_build(tiny_tokenizer, shape):
 
 
 # ---- activations: the formula against autograd's saved tensors ------------------------------------
-def _saved_bytes(dtype: torch.dtype, layers: int, kinds: list[str], rows: bool, bs: int = 2, T: int = 16) -> int:
+def _saved_bytes(dtype: torch.dtype, layers: int, kinds: list[str], rows: bool, bs: int = 2, T: int = 16,
+                 autocast: torch.dtype | None = None) -> int:
     """Bytes autograd saves in one forward of a tiny Qwen2's decoder with static LoRA (and per-row factors)."""
     from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from metatuner.models.precision import enable_autocast
 
     torch.manual_seed(0)
     config = Qwen2Config(hidden_size=64, intermediate_size=176, num_hidden_layers=layers, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=97, tie_word_embeddings=True)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval().requires_grad_(False)
+    enable_autocast(model, autocast)
     lora = LoRAModel(model)
     sites = lora.add_adapter("s", kinds, range(layers), 8, 16.0)
     factors = None
@@ -111,18 +115,24 @@ def _saved_bytes(dtype: torch.dtype, layers: int, kinds: list[str], rows: bool, 
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,autocast", [(torch.float32, None), (torch.bfloat16, torch.bfloat16),
+                                            (torch.float32, torch.bfloat16)])  # train.autocast: auto, auto, bf16
 @pytest.mark.parametrize("kinds,rows", [(["q_proj", "v_proj"], True),
                                         (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                           "down_proj"], False)])
-def test_layer_activation_formula_equals_what_autograd_saves(dtype, kinds, rows):
+def test_layer_activation_formula_equals_what_autograd_saves(dtype, autocast, kinds, rows):
     bs, T = 2, 16
-    per_layer = (_saved_bytes(dtype, 3, kinds, rows) - _saved_bytes(dtype, 2, kinds, rows)) / (bs * T)
+    saved = [_saved_bytes(dtype, n, kinds, rows, autocast=autocast) for n in (2, 3)]
+    per_layer = (saved[1] - saved[0]) / (bs * T)
     widths = {"q_proj": 64, "k_proj": 64, "v_proj": 64, "o_proj": 64, "gate_proj": 64, "up_proj": 64,
               "down_proj": 176}
-    shape = _Shape(h=64, q=64, kv=32, i=176, heads=4, vocab=97, layers=2, layer_mm=0, head_mm=0,
-                   b=torch.tensor([], dtype=dtype).element_size())
-    assert shape.layer_bytes({k: (widths[k], 8 + (4 if rows else 0)) for k in kinds}) == per_layer
+    weights = dtype.itemsize
+    layer_mm = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 176  # q, o; k, v; gate, up, down
+    shape = _Shape(h=64, q=64, kv=32, i=176, heads=4, vocab=97, layers=2, layer_mm=layer_mm, head_mm=0,
+                   b=(autocast or dtype).itemsize, wb=weights, half_base=weights < 4)
+    expected = shape.layer_bytes({k: (widths[k], 8 + (4 if rows else 0)) for k in kinds})
+    assert expected + shape.cast_bytes() / (bs * T) == per_layer
+    assert (shape.cast_bytes() > 0) == (autocast is not None and dtype == torch.float32)
 
 
 def _saved_during(fn, skip: set[int]) -> tuple[object, int]:
@@ -155,7 +165,9 @@ def test_the_passes_of_a_joint_step_hold_what_the_plan_says(tiny_tokenizer):
                          num_key_value_heads=2, vocab_size=len(tiny_tokenizer), tie_word_embeddings=True,
                          pad_token_id=tiny_tokenizer.pad_token_id)
     model = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
-    cfg = load_config(None, ["train.batch_size=4", "generator.share_layers=2"])
+    # features=all: the encoder runs every token of G's input, as the plan takes it (with features=query it
+    # may run less: a prefix every row shares once, nothing after the query)
+    cfg = load_config(None, ["train.batch_size=4", "generator.share_layers=2", "generator.features=all"])
     mt = build_metatuner(cfg, model, tiny_tokenizer)
     mt.add_static_adapter(cfg.train.static_rank, cfg.train.static_alpha)
     task = get_task("arithmetic")

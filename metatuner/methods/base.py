@@ -100,7 +100,8 @@ def count_trainable(*modules) -> int:
 
 class MethodRegistry(Registry[type[Method]]):
     """The methods by name. Registering a method also registers its config section; looking up one not
-    registered yet, or listing them, first imports the modules that register methods (:func:`metatuner.plugins.load`)."""
+    registered yet, or listing them, first imports the modules that register methods
+    (:func:`metatuner.plugins.load`)."""
 
     def register(self, name: str) -> Callable[[type[Method]], type[Method]]:
         """Class decorator: registers the method under ``name`` (also setting its ``name``) and its

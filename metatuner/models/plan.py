@@ -16,8 +16,9 @@ holds every weight and all optimizer state, and takes ``ceil(batch / N)`` querie
 
 **Activations.** Per decoder layer and token, a pass with gradients saves (bytes; ``b`` = bytes of
 ``model.dtype``, ``h`` hidden, ``q``/``kv`` the widths of the query and key/value projections, ``i``
-the MLP width; RMSNorm and SwiGLU blocks as Llama, Qwen2 and Mistral have, with fused SDPA attention,
-which keeps no ``[T, T]`` matrix)::
+the MLP width; ``b`` is the autocast dtype's under ``train.autocast``, else the weights'; RMSNorm and
+SwiGLU blocks as Llama, Qwen2 and Mistral have, with fused SDPA attention, which keeps no ``[T, T]``
+matrix besides a padded batch's mask)::
 
     2 * (4h + 4)                 the two RMSNorms: each saves its input upcast to float32
     b * 4q + 4 * heads + b * T   attention: q, k and v (repeated to every query head, since a padded batch
@@ -33,7 +34,8 @@ site, its input, its two hidden layers and the row's factors, ``4 * (h + 2e + 2 
 With gradient checkpointing a pass keeps only each layer's input (``b * h`` per token) plus one layer's
 activations while that layer is recomputed. Passes without gradients hold their KV cache (generation)
 or one layer's live tensors, ``b * (2h + q + 2kv + 3i)`` per token, and their logits (rollout scoring:
-``LOGIT_CHUNK`` answer positions at a time).
+``LOGIT_CHUNK`` answer positions at a time). Under ``train.autocast=bf16``/``fp16`` on float32 weights,
+each layer of a pass with gradients also keeps half-precision copies of its weights.
 
 One joint step (``schedule=joint``, the prompt branch active, a rollout step: the worst step) holds the
 meta encoder's graph (k layers of G on the rewrite input) and F's through G's decoding, the rollout
@@ -44,7 +46,8 @@ of G::
 
 Lengths: M reads ``train.max_length`` tokens per query (the cap, so an upper bound), of which the gold
 answer is ``target_tokens`` (default a quarter); G reads the rest (the rewrite input: template, p~ and
-the query) and writes up to ``generator.max_prompt_tokens``. The CUDA context, the allocator's slack
+the query) and writes up to ``generator.max_prompt_tokens``; the meta encoder's pass is taken over all of
+G's input (an upper bound: with ``generator.features=query`` it may run less). The CUDA context, the allocator's slack
 and backward's transient gradient buffers are not counted: a card "fits" when the total is under
 :data:`FIT_SHARE` of its memory.
 
@@ -278,10 +281,15 @@ class _Shape:
     layers: int
     layer_mm: float  # parameters of the matrix products of one decoder layer (mean over layers)
     head_mm: int  # parameters of the output head's product
-    b: int  # bytes per element of the base
+    b: int  # bytes per element of the activations: the autocast dtype's, else the weights'
+    wb: int  # bytes per element of the weights
+    half_base: bool  # bf16 / fp16 weights: every LoRA-wrapped module upcasts its own copy of its input
 
     @classmethod
-    def of(cls, model: nn.Module) -> "_Shape":
+    def of(cls, model: nn.Module, autocast: str = "none") -> "_Shape":
+        """The widths of ``model``; ``autocast`` is ``train.autocast`` (the activations' dtype)."""
+        from metatuner.models.precision import autocast_dtype
+
         c = model.config
         c = getattr(c, "text_config", None) or c
         heads = c.num_attention_heads
@@ -289,10 +297,13 @@ class _Shape:
         kv_heads = getattr(c, "num_key_value_heads", None) or heads
         blocks = model.get_decoder().layers
         mm = sum(m.weight.numel() for m in blocks.modules() if isinstance(m, nn.Linear))
+        weights = next(model.parameters()).dtype
+        acts = autocast_dtype(autocast, weights) or weights
         return cls(
             h=c.hidden_size, q=heads * head_dim, kv=kv_heads * head_dim, i=c.intermediate_size, heads=heads,
             vocab=model.get_output_embeddings().weight.shape[0], layers=len(blocks), layer_mm=mm / len(blocks),
-            head_mm=model.get_output_embeddings().weight.numel(), b=next(model.parameters()).element_size(),
+            head_mm=model.get_output_embeddings().weight.numel(), b=acts.itemsize, wb=weights.itemsize,
+            half_base=weights.itemsize < 4,
         )
 
     def layer_bytes(self, lora: dict[str, tuple[int, int]] | None = None, padded: int = 0) -> float:
@@ -301,7 +312,7 @@ class _Shape:
         ``lora``: module kind -> (its input width, the summed ranks of its adapters and per-row factors).
         ``padded``: the width of a padded batch (0: no padding), whose attention mask each layer keeps
         (``b * width`` per token) and which makes attention repeat k and v to every query head."""
-        half = self.b < 4
+        half = self.half_base
         kv = self.q if padded else self.kv
         out = 2 * (4 * self.h + 4) + self.b * (2 * self.q + 2 * kv) + 4 * self.heads + 3 * self.i * self.b
         out += self.b * padded
@@ -311,10 +322,16 @@ class _Shape:
             group = "attn" if kind in _ATTN_IN else "mlp" if kind in _MLP_IN else kind
             if half:
                 out += 4 * width  # each wrapped module upcasts its own copy of the input
-            elif group not in inputs and kind != "o_proj":  # o_proj's input is attention's saved output
+            elif group not in inputs and not (kind == "o_proj" and self.b == 4):  # o_proj: attention's saved output
                 inputs.add(group)
                 out += 4 * width
         return out
+
+    def cast_bytes(self) -> float:
+        """Bytes of the half-precision weight copies one layer's pass with gradients keeps when autocast
+        runs float32 weights in a half dtype (each product casts its weight, and keeps the copy for the
+        backward to the inputs); 0 otherwise."""
+        return self.layer_mm * self.b if self.b < self.wb else 0.0
 
     def live_bytes(self) -> float:
         """Bytes per token one layer holds at once in a pass without gradients."""
@@ -347,9 +364,9 @@ def _pass_bytes(shape: _Shape, maps: list[dict], rows: int, width: int, checkpoi
     per_layer = [shape.layer_bytes(m, width) for m in maps]
     if not per_layer:
         return 0.0
-    if checkpointing:
-        return tokens * (len(per_layer) * shape.b * shape.h + max(per_layer))
-    return tokens * sum(per_layer)
+    if checkpointing:  # each layer's input (the residual stream's dtype), and one layer recomputed at a time
+        return tokens * (len(per_layer) * shape.wb * shape.h + max(per_layer)) + shape.cast_bytes()
+    return tokens * sum(per_layer) + len(per_layer) * shape.cast_bytes()
 
 
 def _logit_bytes(shape: _Shape, tokens: int) -> float:
@@ -405,7 +422,7 @@ def plan(
         generator_config = load_model_config(gc.model)
     mt = build_meta(cfg, model_config, generator_config)
     counts = count_parameters(mt)
-    ms, gs = _Shape.of(mt.actor), _Shape.of(mt.generator)
+    ms, gs = _Shape.of(mt.actor, tc.autocast), _Shape.of(mt.generator, tc.autocast)
     if lengths is None:
         target = target_tokens if target_tokens is not None else max(1, tc.max_length // 4)
         if not 0 < target < tc.max_length:
@@ -451,7 +468,7 @@ def plan(
         held = a["encoder"] + a["hypernet"]  # the meta encoder's and F's graphs, kept until the task's backward
         return int(max(held + max(a["task"] + a["task_logits"], a["decode"], a["score"]), a["reg"] + a["reg_logits"]))
 
-    weights = counts.m * ms.b + (0 if counts.g_shared else counts.g * gs.b)
+    weights = counts.m * ms.wb + (0 if counts.g_shared else counts.g * gs.wb)
     memory = Memory(
         weights=weights, adapters=4 * counts.adapters, gradients=4 * counts.trainable,
         optimizer=8 * counts.trainable, activations=peak(False), activations_checkpointed=peak(True),
