@@ -29,13 +29,6 @@ TIMING = {"fit_seconds", "seconds"}  # a tuning record's wall-clock fields
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def spec(tiny_model_dir, tmp_path_factory):
     path = protocol(tmp_path_factory.mktemp("ray-protocol"), tiny_model_dir)
     data = yaml.safe_load(path.read_text())
@@ -44,16 +37,43 @@ def spec(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(spec, tmp_path_factory):
-    """The grid run by ``--workers 2``: its folder and state (the reference both tests compare with)."""
+def booted(spec, tmp_path_factory):
+    """The local cluster, started while ``--workers 2`` runs the reference grid (its worker processes wait on
+    nothing Ray does): the reference's folder and state."""
     from metatuner.bench.grid import run_grid
     from metatuner.bench.protocol import Protocol
 
     out = tmp_path_factory.mktemp("ray-reference") / "grid"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")  # one thread per cell, as each Ray task below has
-        run_grid(Protocol.load(spec), out, workers=2)
-    return out, state(out)
+        failed = []
+        grid = threading.Thread(target=lambda: _catch(failed, run_grid, Protocol.load(spec), out, workers=2))
+        grid.start()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        grid.join()
+    if failed:
+        ray.shutdown()
+        raise failed[0]
+    yield out, state(out)
+    ray.shutdown()
+
+
+def _catch(failed: list, fn, *args, **kwargs) -> None:
+    try:
+        fn(*args, **kwargs)
+    except BaseException as e:  # noqa: BLE001 - reported by the fixture, in the test's thread
+        failed.append(e)
+
+
+@pytest.fixture(scope="module")
+def cluster(booted):
+    return None
+
+
+@pytest.fixture(scope="module")
+def reference(booted):
+    """The grid run by ``--workers 2``: its folder and state (the reference every test compares with)."""
+    return booted
 
 
 def state(out) -> dict:
