@@ -194,6 +194,8 @@ def test_the_passes_of_a_joint_step_hold_what_the_plan_says(tiny_tokenizer):
 def test_fits_checkpointing_and_data_parallel(qwen_configs, qwen_plans):
     cfg = load_config(None, ["model.dtype=bfloat16"])
     one, two = qwen_plans["7b"], plan(cfg, qwen_configs["7b"], devices=2)
+    assert not one.checkpointing
+    assert plan(load_config(None, ["train.gradient_checkpointing=true"]), qwen_configs["0.5b"]).checkpointing
     for p in (one, two):
         assert p.memory.activations_checkpointed < p.memory.activations
         for ckpt in (False, True):
@@ -257,6 +259,7 @@ def test_plan_command_prints_the_plan_offline(capsys):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "494,032,768" in out and "(shares M's weights)" in out and "at 100 TFLOP/s" in out
+    assert "train.gradient_checkpointing=false" in out
     for card in CARDS:
         assert card in out
 

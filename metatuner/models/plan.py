@@ -164,6 +164,8 @@ class Plan:
     #: below k), hypernet (F), task and task_logits (M), decode, score, reg (G) and reg_logits
     activation_parts: dict[str, float] = field(default_factory=dict)
     tflops: float | None = None
+    #: ``train.gradient_checkpointing``: the column of the memory and time the run will have
+    checkpointing: bool = False
 
     def fits(self, checkpointing: bool = False) -> dict[str, bool]:
         """Card name -> whether the total is at most :data:`FIT_SHARE` of it."""
@@ -537,7 +539,7 @@ def plan(
         model=model_name or cfg.model.name, model_type=getattr(c, "model_type", "?"), dtype=cfg.model.dtype,
         devices=devices, batch=bs, grad_accum=accum, k=k, layers=K, lengths=lengths, params=counts, memory=memory,
         step_flops=step_flops, recompute_flops=recompute, phases=phases, tflops=tflops,
-        activation_parts=parts_of(False),
+        activation_parts=parts_of(False), checkpointing=tc.gradient_checkpointing,
     )
 
 
@@ -575,7 +577,9 @@ def format_plan(p: Plan) -> str:
         f"  trainable (float32) {c.trainable:,}: static LoRA {c.static:,}, encoder {c.encoder:,} (k = {p.k} of "
         f"{p.layers} layers), decoder {c.decoder:,}, F {c.f:,}; trained in joint steps: {', '.join(c.trained) or 'none'}",
         "",
-        f"memory per device (GiB)             {'no checkpointing':>17} {'checkpointing':>14}",
+        f"memory per device (GiB)             {'no checkpointing':>17} {'checkpointing':>14}"
+        f"   (train.gradient_checkpointing={str(p.checkpointing).lower()}: the "
+        f"{'right' if p.checkpointing else 'left'} column)",
         f"  weights ({p.dtype})".ljust(36) + f"{_gib(m.weights):>17}",
         "  adapters and F (float32)".ljust(36) + f"{_gib(m.adapters):>17}",
         "  gradients (float32)".ljust(36) + f"{_gib(m.gradients):>17}",
