@@ -274,6 +274,35 @@ def test_f_pools_over_the_query_tokens_only(tiny_tokenizer):
     assert torch.equal(mask, enc["attention_mask"])
 
 
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_encode_runs_the_shared_prefix_once_with_the_same_states_and_gradients(tiny_tokenizer, monkeypatch, pooling):
+    cfg, mt, task = setup(tiny_tokenizer, [f"generator.pooling={pooling}"])
+    batch = task.load("test")[:3]
+    with torch.no_grad():  # an encoder adapter that changes G's states, so its gradients are not trivially 0
+        for name, p in mt.g_lora.model.named_parameters():
+            if "lora_B" in name and name.endswith(".enc"):
+                p.normal_(0, 0.05)
+    enc_params = [p for n, p in mt.g_lora.model.named_parameters() if n.endswith(".enc")]
+    starts = []
+    run = type(mt)._run_to_feature_layer
+    monkeypatch.setattr(type(mt), "_run_to_feature_layer", lambda self, ids, att, start: starts.append(start) or run(self, ids, att, start))
+
+    def pooled_and_grads():
+        for p in enc_params:
+            p.grad = None
+        out = mt.encode(task, batch)
+        out.pow(2).sum().backward()
+        return out.detach(), [p.grad.clone() for p in enc_params]
+
+    shared, shared_grads = pooled_and_grads()
+    monkeypatch.setattr(type(mt), "MIN_SHARED_PREFIX", 10**9)  # every row runs from its first token
+    whole, whole_grads = pooled_and_grads()
+    assert starts[0] >= 8 and starts[1] == 0  # the template and p~ before the query ran once
+    assert torch.allclose(shared, whole, atol=1e-5, rtol=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-3) for a, b in zip(shared_grads, whole_grads))
+    assert any(g.abs().sum() > 0 for g in whole_grads)
+
 def test_f_is_a_zero_residual_until_trained_and_then_differs_between_queries(tiny_tokenizer, tmp_path):
     cfg, mt, task = setup(tiny_tokenizer, ["train.steps=4", "train.actor_warmup_steps=2", "train.lr_hypernet=0.02",
                                            "train.generator_warmup_queries=0"])

@@ -38,6 +38,7 @@ from metatuner.evaluation.generation import (
 from metatuner.models.hypernet import LoRAHypernet
 from metatuner.models.lora import LoRAModel
 from metatuner.models.precision import autocast_dtype, enable_autocast
+from metatuner.models.recompute import gradient_checkpointing as is_checkpointed
 from metatuner.models.recompute import set_gradient_checkpointing
 from metatuner.prompts import generator_messages
 from metatuner.tasks.base import Example, Task
@@ -220,6 +221,44 @@ class MetaTuner(nn.Module):
         base model instead, with no gradient, so F and G share no trainable parameter.
         """
         enc, pool_mask = self.rewrite_batch(task, examples)
+        ids, attention = enc["input_ids"], enc["attention_mask"]
+        # causal attention: a pooled state depends on no later token, so nothing after the last pooled one is run
+        positions = torch.arange(pool_mask.shape[1], device=pool_mask.device)
+        end = int((pool_mask * positions).amax()) + 1 if pool_mask.any() else pool_mask.shape[1]
+        ids, attention, pool_mask = ids[:, :end], attention[:, :end], pool_mask[:, :end]
+        grad = torch.enable_grad() if self.k > 0 and torch.is_grad_enabled() else torch.no_grad()
+        with grad, self.g_lora.use(("enc",) if self.k > 0 else ()):
+            start = self._shared_prefix(ids, attention, pool_mask)
+            states = self._run_to_feature_layer(ids, attention, start)  # [bs, T - start, d]
+        pool_mask = pool_mask[:, start:]
+        if self.gen_cfg.pooling == "last":
+            positions = torch.arange(pool_mask.shape[1], device=pool_mask.device)
+            last = (pool_mask * positions).argmax(1)  # the last pooled position of each row
+            return states[torch.arange(states.shape[0]), last].float()
+        mask = pool_mask.unsqueeze(-1).to(states.dtype)  # [bs, T, 1]
+        return ((states * mask).sum(1) / mask.sum(1).clamp(min=1)).float()
+
+    #: the fewest tokens that every rewrite input of a batch must share before :meth:`encode` runs them once
+    MIN_SHARED_PREFIX = 8
+
+    def _shared_prefix(self, ids: torch.Tensor, attention: torch.Tensor, pool_mask: torch.Tensor) -> int:
+        """How many leading tokens every row has alike, none of them pooled (the template and p~ before the
+        query): :meth:`encode` runs them for one row and hands their keys and values to all. 0 when that does
+        not apply: one row, a short prefix, or a model whose cache is not a plain full-attention one
+        (sliding windows) or whose blocks are recomputed in the backward pass (checkpointing drops caches)."""
+        if ids.shape[0] < 2 or (torch.is_grad_enabled() and is_checkpointed(self.generator)):
+            return 0
+        alike = ((ids == ids[:1]) & (attention == 1) & (pool_mask == 0)).all(0)  # [T]
+        start = int(alike.long().cumprod(0).sum())
+        return start if start >= self.MIN_SHARED_PREFIX and start < ids.shape[1] else 0
+
+    def _run_to_feature_layer(self, ids: torch.Tensor, attention: torch.Tensor, start: int) -> torch.Tensor:
+        """G's hidden states after layer ``feature_layer`` at positions ``start:`` of right-padded ``ids``
+        (in the caller's adapter and grad context). With ``start`` > 0 the first ``start`` tokens, alike in
+        every row, run once, as one row whose keys and values every row then attends to."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
         captured: list[torch.Tensor] = []
         layer = self.generator.get_decoder().layers[self.feature_layer - 1]  # the decoder's blocks, any family
 
@@ -227,22 +266,26 @@ class MetaTuner(nn.Module):
             captured.append(output[0] if isinstance(output, tuple) else output)
             raise _Stop
 
+        def run(**inputs) -> torch.Tensor:
+            captured.clear()
+            try:
+                self.generator(**inputs)
+            except _Stop:
+                pass
+            return captured[0]
+
         handle = layer.register_forward_hook(hook)
-        grad = torch.enable_grad() if self.k > 0 and torch.is_grad_enabled() else torch.no_grad()
         try:
-            with grad, self.g_lora.use(("enc",) if self.k > 0 else ()):
-                self.generator(**enc, use_cache=False)
-        except _Stop:
-            pass
+            cache = DynamicCache(config=self.generator.config) if start else None
+            if cache is None or not all(type(c) is DynamicLayer for c in cache.layers):
+                return run(input_ids=ids, attention_mask=attention, use_cache=False)[:, start:]
+            run(input_ids=ids[:1, :start], attention_mask=attention[:1, :start], cache=cache, use_cache=True)
+            cache.batch_repeat_interleave(ids.shape[0])  # layers past the feature layer were never run: left empty
+            positions = torch.arange(start, ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+            return run(input_ids=ids[:, start:], attention_mask=attention, position_ids=positions, cache=cache,
+                       use_cache=True)
         finally:
             handle.remove()
-        states = captured[0]  # [bs, T, d]
-        if self.gen_cfg.pooling == "last":
-            positions = torch.arange(pool_mask.shape[1], device=pool_mask.device)
-            last = (pool_mask * positions).argmax(1)  # the last pooled position of each row
-            return states[torch.arange(states.shape[0]), last].float()
-        mask = pool_mask.unsqueeze(-1).to(states.dtype)  # [bs, T, 1]
-        return ((states * mask).sum(1) / mask.sum(1).clamp(min=1)).float()
 
     @torch.no_grad()
     def generate_outputs(
