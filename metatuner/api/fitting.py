@@ -28,10 +28,9 @@ def _read_results(cfg: RunConfig, task: Task, done: Path) -> list[EvalResult]:
     from metatuner.evaluation.harness import EvalResult, read_results_folder
     from metatuner.recipes import split_dir
 
-    first, *others = cfg.eval.splits
     results = []
     for split in cfg.eval.splits:
-        folder = done if split == first else split_dir(done, split)
+        folder = done if split == cfg.eval.splits[0] else split_dir(done, split)
         summary, records = read_results_folder(folder)
         results.append(EvalResult(summary.get("task", task.name), summary["n"], summary["metrics"],
                                   summary["primary_metric"], summary["timing"]["seconds"], records, folder,
