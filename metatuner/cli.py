@@ -166,16 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "run on GPUs, from a model's config alone (no weights, no GPU)")
     p.add_argument("--config", metavar="FILE", help="YAML file of config overrides")
     p.add_argument("overrides", nargs="*", metavar="[MODEL] KEY=VALUE",
-                   help="the model first (config.json, model folder, built-in alias or Hugging Face id: only its config "
-                   "is read; default: model.name), then config overrides, e.g. model.dtype=bfloat16 train.batch_size=16")
+                   help="the model first (config.json, model folder, built-in alias or Hugging Face id: only its "
+                   "config is read; default: model.name), then config overrides, e.g. model.dtype=bfloat16 "
+                   "train.batch_size=16")
     p.add_argument("--devices", type=int, default=1, metavar="N", help="data-parallel GPUs (default 1)")
     p.add_argument("--tflops", type=float, metavar="X", help="sustained TFLOP/s per GPU, for step times")
     p.add_argument("--target-tokens", type=int, metavar="N",
                    help="answer tokens per query (default: a quarter of train.max_length)")
     p.add_argument("--protocol", metavar="FILE",
-                   help=f"plan a bench protocol's cell instead of --config: a file or {', '.join(shipped_protocols())}; "
-                   "the overrides are then the protocol's keys (common.train.batch_size=8)")
-    p.add_argument("--method", help="with --protocol: the protocol's method whose cell is planned (default metatuner-j)")
+                   help="plan a bench protocol's cell instead of --config: a file or "
+                   f"{', '.join(shipped_protocols())}; the overrides are then the protocol's keys "
+                   "(common.train.batch_size=8)")
+    p.add_argument("--method",
+                   help="with --protocol: the protocol's method whose cell is planned (default metatuner-j)")
 
     p = sub.add_parser("report", help="rebuild the table (results.md) and plots of a grid from its results.json")
     p.add_argument("run_dir", metavar="RUN_DIR", help="grid folder written by `metatuner bench`")

@@ -28,7 +28,8 @@ matrix besides a padded batch's mask)::
                                  per distinct input on a float32 one) + 4 * r per adapter and for F's rows
 
 (measured exactly on a tiny Qwen2 in float32 and bfloat16 with autograd's saved-tensor hooks, and
-within 5% over a real MetaTuner's encoder, F and task passes on padded batches: ``tests/test_plan.py``). The output head runs on the answer tokens only and keeps ``(b + 8) * vocab``
+within 5% over a real MetaTuner's encoder, F and task passes on padded batches: ``tests/test_plan.py``).
+The output head runs on the answer tokens only and keeps ``(b + 8) * vocab``
 bytes per token (the logits, their float32 copy and the log-softmax). F keeps, per row and generated
 site, its input, its two hidden layers and the row's factors, ``4 * (h + 2e + 2 * hidden + r * (in + out))``.
 With gradient checkpointing a pass keeps only each layer's input (``b * h`` per token) plus one layer's
@@ -428,7 +429,8 @@ def plan(
     if lengths is None:
         target = target_tokens if target_tokens is not None else max(1, tc.max_length // 4)
         if not 0 < target < tc.max_length:
-            raise MetatunerError(f"target tokens must be in 1..{tc.max_length - 1} (train.max_length - 1), got {target}")
+            raise MetatunerError(f"target tokens must be in 1..{tc.max_length - 1} (train.max_length - 1), "
+                                 f"got {target}")
         lengths = Lengths(m=tc.max_length, target=target, g=tc.max_length - target, prompt=gc.max_prompt_tokens)
     target = lengths.target
 
@@ -575,7 +577,8 @@ def format_plan(p: Plan) -> str:
         f"  G  {c.g:>15,}  {_n(c.g)}" + ("  (shares M's weights)" if c.g_shared else ""),
         f"  F  {c.f:>15,}  {_n(c.f)}",
         f"  trainable (float32) {c.trainable:,}: static LoRA {c.static:,}, encoder {c.encoder:,} (k = {p.k} of "
-        f"{p.layers} layers), decoder {c.decoder:,}, F {c.f:,}; trained in joint steps: {', '.join(c.trained) or 'none'}",
+        f"{p.layers} layers), decoder {c.decoder:,}, F {c.f:,}; trained in joint steps: "
+        f"{', '.join(c.trained) or 'none'}",
         "",
         f"memory per device (GiB)             {'no checkpointing':>17} {'checkpointing':>14}"
         f"   (train.gradient_checkpointing={str(p.checkpointing).lower()}: the "
@@ -601,7 +604,8 @@ def format_plan(p: Plan) -> str:
               f"{p.recompute_flops:.3g}"]
     if p.tflops:
         lines.append(f"at {p.tflops:g} TFLOP/s per device: {_secs(p.step_seconds())} per joint step "
-                     f"({_secs(p.step_seconds(True))} with checkpointing); the run's {sum(s for s, _ in p.phases.values())} "
+                     f"({_secs(p.step_seconds(True))} with checkpointing); the run's "
+                     f"{sum(s for s, _ in p.phases.values())} "
                      f"steps ({', '.join(f'{k} {s}' for k, (s, _) in p.phases.items())}): {_secs(p.run_seconds())}; "
                      "decoding is bound by memory bandwidth, so its real time is longer")
     else:
