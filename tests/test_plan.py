@@ -282,6 +282,11 @@ def test_an_unreachable_config_is_one_line(capsys, model, message):
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_model_folder_reads_its_config_json_offline():
+    c = load_model_config(str(DATA / "qwen2.5-7b"))
+    assert (c.model_type, c.num_hidden_layers, c.tie_word_embeddings) == ("qwen2", 28, False)
+
+
 def test_a_config_json_without_model_type_is_refused(tmp_path):
     bad = tmp_path / "config.json"
     bad.write_text(json.dumps({"hidden_size": 8}))
