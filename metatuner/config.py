@@ -250,7 +250,7 @@ class TrainConfig:
     autocast: str = option(
         "auto", "mixed precision: forward passes of G and M (training, rollouts, generation) run under torch.autocast "
         "in this dtype; auto = on when model.dtype is bfloat16/float16 (in that dtype), none for float32; trainable "
-        "weights, their optimizer state and the LoRA terms stay float32 (fp16 has no loss scaling: prefer bf16)",
+        "weights, their optimizer state and the LoRA terms stay float32 (fp16 activations: the loss is scaled)",
         ("auto", "none", "bf16", "fp16"),
     )
     gradient_checkpointing: bool = option(

@@ -13,7 +13,9 @@ What stays float32 whatever the setting:
   autocast off, in float32, and adds them into the half-precision base output;
 - the losses: token log-probabilities are taken from float32 logits.
 
-fp16 runs without loss scaling (no ``GradScaler``), so small gradients may underflow: prefer bf16.
+Where activations are fp16 (fp16 autocast, or an fp16 base without it) the trainer scales the loss
+(``torch.amp.GradScaler``, :func:`needs_loss_scaling`): fp16's range would flush small gradients to zero.
+bf16 has float32's range and needs no scaling.
 
 :func:`enable_autocast` wraps the ``forward`` of the causal LM, of its decoder (which the library also
 calls on its own: the prefill, teacher-forced scoring) and of its output head, the way ``accelerate``
@@ -87,3 +89,9 @@ def _autocast(forward, device_type: str, dtype: torch.dtype):
 def autocast_of(model: nn.Module) -> torch.dtype | None:
     """The dtype ``model``'s forward autocasts to (None: no autocast)."""
     return model.__dict__.get(_MARK)
+
+
+def needs_loss_scaling(model: nn.Module) -> bool:
+    """Whether ``model``'s activations are float16 (its autocast dtype, else its weights' dtype): then the loss is
+    scaled before backward so that small gradients survive fp16's range."""
+    return (autocast_of(model) or next(model.parameters()).dtype) is torch.float16

@@ -56,6 +56,7 @@ from metatuner import interrupts
 from metatuner.config import RunConfig
 from metatuner.errors import MetatunerError
 from metatuner.models.metatuner import MetaTuner
+from metatuner.models.precision import needs_loss_scaling
 from metatuner.tasks.base import Example, Task
 from metatuner.tasks.leaks import states_answer
 from metatuner.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -78,6 +79,10 @@ class Trainer:
         self.progress = progress
         # autocast and checkpointing as the config says, also for a MetaTuner built without build_metatuner (SFT)
         mt.set_precision(self.tc.autocast, self.tc.gradient_checkpointing)
+        # fp16 activations: the loss is scaled before backward and the gradients unscaled before clipping (a
+        # disabled scaler, for float32 and bf16, passes the loss through unchanged)
+        self.scaler = torch.amp.GradScaler(
+            mt.actor.device.type, enabled=needs_loss_scaling(mt.actor) or needs_loss_scaling(mt.generator))
         self.acc = Accelerator(cpu=mt.actor.device.type == "cpu")
         if self.tc.batch_size < self.acc.num_processes:
             raise MetatunerError(
@@ -187,7 +192,7 @@ class Trainer:
                 terms = loss_fn(self._share(stream.next(self.tc.batch_size)))
                 terms = terms if isinstance(terms, dict) else {name: terms}
                 self._check_finite(self.step + 1, terms)
-                sum(terms.values()).backward()
+                self.scaler.scale(sum(terms.values())).backward()
                 lrs = self._lrs()
                 self._optimizer_step(params)
                 self.log({"phase": phase, "step": self.step, **{f"{t}_loss": v.item() for t, v in terms.items()},
@@ -202,8 +207,15 @@ class Trainer:
 
     def _optimizer_step(self, params: list[torch.Tensor]) -> None:
         average_gradients(self.acc, params)
+        scaled = self.scaler.is_enabled() and any(p.grad is not None for p in params)
+        if scaled:
+            self.scaler.unscale_(self.optimizer)  # clipping sees the true gradients
         self._clip(params)
-        self.optimizer.step()
+        if scaled:
+            self.scaler.step(self.optimizer)  # skipped when a gradient overflowed fp16 (the scale then shrinks)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -367,7 +379,7 @@ class Trainer:
         def backward(name: str, weight: float = 1.0) -> None:
             self._check_finite(self.step + 1, {name: out[name]})
             if name in terms and out[name].requires_grad:
-                (weight * out[name] / tc.grad_accum).backward()
+                self.scaler.scale(weight * out[name] / tc.grad_accum).backward()
             out[name] = out[name].detach()
 
         do_rollout = mt.use_prompt and (self.step - self.joint_start) % tc.rollout_every == 0
@@ -536,6 +548,8 @@ class Trainer:
                  "serve_generated": self.mt.serve_generated, "finished": self.finished,
                  "prompt_branch": self.branch.state(),
                  "log_bytes": self._logbook.sync() if self._logbook is not None else 0}
+        if self.scaler.is_enabled():
+            extra["grad_scaler"] = self.scaler.state_dict()
         save_checkpoint(self.run_dir, self.step, self.mt.trainable_state(), self.optimizer, self.scheduler, extra)
 
     def restore(self, path: Path) -> None:
@@ -550,6 +564,8 @@ class Trainer:
         self.joint_start = extra["joint_start"]
         self.mt.serve_generated = extra["serve_generated"]
         self.finished = extra["finished"]
+        if "grad_scaler" in extra:
+            self.scaler.load_state_dict(extra["grad_scaler"])
         if "prompt_branch" in extra:
             self.branch.load_state(extra["prompt_branch"])
         if not self.branch.active:
