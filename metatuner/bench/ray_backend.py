@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -79,12 +81,15 @@ def require(cpus_per_cell: float, gpus_per_cell: float):
 
 def _run(ray, protocol: Protocol, out: Path, data_dir: str | None, only: list[str] | None, cpus: float,
          gpus: float) -> list[dict]:
+    # resources given to ray.remote itself, not .options(): then a task that reserves a GPU gets a worker process
+    # of its own that exits after it (Ray's max_calls=1), and the GPU memory torch cached goes with it
     options = {"num_cpus": cpus, "num_gpus": gpus, "max_retries": MAX_RETRIES}
+    tune_job, run_one = ray.remote(**options)(_tuning_task), ray.remote(**options)(_cell_task)
     logs = files.make_dirs(out / "logs")
     tuned, what = {}, {}  # (task, method) -> its tuning task; task -> what it does, for messages
     for task, method in tuning.tuning_pending(protocol, out, only):
         name = f"tuning--{file_name(task)}--{method}"
-        ref = ray.remote(_tuning_task).options(name=name, **options).remote(protocol, out, data_dir, task, method, cpus)
+        ref = tune_job.options(name=name).remote(protocol, out, data_dir, task, method, cpus)
         tuned[(task, method)], what[ref] = ref, name
     cells = protocol.cells(only)
     for i, (task, method, seed) in enumerate(cells, 1):
@@ -92,7 +97,7 @@ def _run(ray, protocol: Protocol, out: Path, data_dir: str | None, only: list[st
             continue
         name, label = cell_dir(out, task, method, seed).name, f"[{i}/{len(cells)}] {task} {method} seed {seed}"
         # a cell of a tuned method waits for its tuning task's result (the choice on file) before it starts
-        ref = ray.remote(_cell_task).options(name=name, **options).remote(
+        ref = run_one.options(name=name).remote(
             protocol, out, data_dir, task, method, seed, label, cpus, tuned.get((task, method)))
         what[ref] = name
     resources = ray.cluster_resources()
@@ -144,12 +149,17 @@ def _failure(ray, name: str, e: Exception, logs: Path) -> MetatunerError:
 
 @contextlib.contextmanager
 def _task(out: Path, name: str, cpus: float) -> Iterator[None]:
-    """A task's surroundings: its output appended to ``logs/<name>.log``, torch on its reserved CPUs."""
+    """A task's surroundings: its output appended to ``logs/<name>.log`` after a line saying where it runs,
+    torch on its reserved CPUs."""
+    import ray
     import torch
 
     torch.set_num_threads(max(1, math.floor(cpus)))
+    gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
     with (out / "logs" / f"{name}.log").open("a") as log, contextlib.redirect_stdout(log), \
             contextlib.redirect_stderr(log):
+        print(f"[ray] {name}: pid {os.getpid()} on {socket.gethostname()}, {torch.get_num_threads()} threads, "
+              f"GPUs {','.join(gpus) or 'none'}", flush=True)
         yield
 
 

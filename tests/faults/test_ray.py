@@ -49,7 +49,8 @@ def booted(spec, tmp_path_factory):
         failed = []
         grid = threading.Thread(target=lambda: _catch(failed, run_grid, Protocol.load(spec), out, workers=2))
         grid.start()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # one GPU declared (there is none): what a GPU cell gets from Ray is observable on a CPU
+        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
         grid.join()
     if failed:
         ray.shutdown()
@@ -172,7 +173,23 @@ def test_sigterm_to_a_ray_grid_ends_its_tasks_and_a_rerun_finishes_the_grid(clus
         run_grid(Protocol.load(spec), out, backend="ray")
     monkeypatch.undo()
     assert not (out / "cells" / "arithmetic--sft--seed0" / "summary.json").exists()
-    run_grid(Protocol.load(spec), out, backend="ray")
+    run_grid(Protocol.load(spec), out, backend="ray", gpus_per_cell=0.5)  # the rest as GPU cells
     tuned = (out / "logs" / "tuning--arithmetic--sft.log").read_text().count("train.lr_scale=1.0 ->")
     assert record("fault", tuned == 1 and state(out) == reference[1] and half_written(out) == []
                   and not list((out / "claims").iterdir()))
+    # a GPU cell saw only its GPU, and its worker process exited after it (torch's cached GPU memory with it)
+    where = re.findall(r"\[ray\] arithmetic--sft--seed0: pid (\d+) on .*, GPUs (\S+)",
+                       (out / "logs" / "arithmetic--sft--seed0.log").read_text())[-1]
+    assert where[1] == "0"
+    deadline = time.time() + 30
+    while alive(int(where[0])) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive(int(where[0]))
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
