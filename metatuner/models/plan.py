@@ -18,9 +18,11 @@ holds every weight and all optimizer state, and takes ``ceil(batch / N)`` querie
 ``model.dtype``, ``h`` hidden, ``q``/``kv`` the widths of the query and key/value projections, ``i``
 the MLP width; ``b`` is the autocast dtype's under ``train.autocast``, else the weights'; RMSNorm and
 SwiGLU blocks as Llama, Qwen2 and Mistral have, with fused SDPA attention, which keeps no ``[T, T]``
-matrix besides a padded batch's mask)::
+matrix besides a padded batch's mask; eager attention, Gemma 2's, keeps ``heads * T`` probabilities per
+token in float32 and in ``b``)::
 
-    2 * (4h + 4)                 the two RMSNorms: each saves its input upcast to float32
+    2 * (4h + 4)                 the two RMSNorms: each saves its input upcast to float32 (per norm the block
+                                 has: Gemma's four, Qwen3's and Gemma 3's q and k norms over every head)
     b * 4q + 4 * heads + b * T   attention: q, k and v (repeated to every query head, since a padded batch
                                  has a mask), the output, the softmax's log-sum-exp, and the mask's row
     3 * i * b                    the MLP: gate, SiLU(gate), up (frozen projections save no input)
@@ -287,6 +289,8 @@ class _Shape:
     b: int  # bytes per element of the activations: the autocast dtype's, else the weights'
     wb: int  # bytes per element of the weights
     half_base: bool  # bf16 / fp16 weights: every LoRA-wrapped module upcasts its own copy of its input
+    norms: tuple[tuple[int, int], ...] = ()  # per norm of a block: (elements normalised per token, vectors)
+    eager: bool = False  # eager attention (Gemma 2's softcapping): keeps the [T, T] attention probabilities
 
     @classmethod
     def of(cls, model: nn.Module, autocast: str = "none") -> "_Shape":
@@ -302,23 +306,36 @@ class _Shape:
         mm = sum(m.weight.numel() for m in blocks.modules() if isinstance(m, nn.Linear))
         weights = next(model.parameters()).dtype
         acts = autocast_dtype(autocast, weights) or weights
+        norms = []  # each RMSNorm saves its float32 input: the hidden state, or every head's q or k (Qwen3, Gemma 3)
+        for name, m in blocks[0].named_modules():
+            if "norm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None:
+                width = m.weight.shape[0]
+                total = heads * width if name.endswith("q_norm") else kv_heads * width if name.endswith("k_norm") \
+                    else width
+                norms.append((total, total // width))
         return cls(
             h=c.hidden_size, q=heads * head_dim, kv=kv_heads * head_dim, i=c.intermediate_size, heads=heads,
             vocab=model.get_output_embeddings().weight.shape[0], layers=len(blocks), layer_mm=mm / len(blocks),
             head_mm=model.get_output_embeddings().weight.numel(), b=acts.itemsize, wb=weights.itemsize,
-            half_base=weights.itemsize < 4,
+            half_base=weights.itemsize < 4, norms=tuple(norms),
+            eager=getattr(model.config, "_attn_implementation", "sdpa") == "eager",
         )
 
-    def layer_bytes(self, lora: dict[str, tuple[int, int]] | None = None, padded: int = 0) -> float:
+    def layer_bytes(self, lora: dict[str, tuple[int, int]] | None = None, width: int = 0,
+                    padded: bool = False) -> float:
         """Bytes saved per token by one decoder layer in a pass with gradients (module docstring).
 
         ``lora``: module kind -> (its input width, the summed ranks of its adapters and per-row factors).
-        ``padded``: the width of a padded batch (0: no padding), whose attention mask each layer keeps
-        (``b * width`` per token) and which makes attention repeat k and v to every query head."""
+        ``width``: tokens per row; ``padded``: the batch is padded, so each layer keeps the attention mask
+        (``b * width`` per token) and attention repeats k and v to every query head."""
         half = self.half_base
-        kv = self.q if padded else self.kv
-        out = 2 * (4 * self.h + 4) + self.b * (2 * self.q + 2 * kv) + 4 * self.heads + 3 * self.i * self.b
-        out += self.b * padded
+        norms = sum(4 * n + 4 * v for n, v in self.norms) if self.norms else 2 * (4 * self.h + 4)
+        out = norms + 3 * self.i * self.b
+        if self.eager:  # q, k and v repeated, the output, and the softmax's float32 probabilities (and a copy)
+            out += self.b * 4 * self.q + self.heads * width * (4 if self.b == 4 else 4 + self.b)
+        else:
+            kv = self.q if padded else self.kv
+            out += self.b * (2 * self.q + 2 * kv) + 4 * self.heads + (self.b * width if padded else 0)
         inputs = set()
         for kind, (width, ranks) in (lora or {}).items():
             out += 4 * ranks
@@ -364,7 +381,7 @@ def _pass_bytes(shape: _Shape, maps: list[dict], rows: int, width: int, checkpoi
     """Saved bytes of a pass with gradients of ``rows`` padded to ``width`` tokens through the layers
     described by ``maps`` (one per layer)."""
     tokens = rows * width
-    per_layer = [shape.layer_bytes(m, width) for m in maps]
+    per_layer = [shape.layer_bytes(m, width, padded=True) for m in maps]
     if not per_layer:
         return 0.0
     if checkpointing:  # each layer's input (the residual stream's dtype), and one layer recomputed at a time
