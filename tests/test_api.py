@@ -251,7 +251,7 @@ def test_fit_any_method_on_a_python_task(tmp_path, model_dir):
         metatuner.fit("magic", task=task)
 
 
-# ---- the example and the README -------------------------------------------------------------------
+# ---- the example and docs/python.md -------------------------------------------------------------------
 def test_the_python_api_example_runs(tmp_path, tiny_model_dir, capsys):
     spec = importlib.util.spec_from_file_location("python_api_example", ROOT / "examples" / "python_api.py")
     example = importlib.util.module_from_spec(spec)
@@ -264,14 +264,14 @@ def test_the_python_api_example_runs(tmp_path, tiny_model_dir, capsys):
 
 
 def readme_python() -> str:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "python.md").read_text()
     block = text[text.index("<!-- python-api:start -->"):text.index("<!-- python-api:end -->")]
     [code] = re.findall(r"```python\n(.*?)```", block, re.S)
     return code
 
 
 def test_the_readme_from_python_section_runs(tmp_path, model_dir, monkeypatch, capsys):
-    """The README's "From Python" code as written, with the tiny model and a two-step budget laid over the
+    """The "From Python" code of docs/python.md as written, with the tiny model and a two-step budget laid over the
     config it trains with (every config ``train`` resolves passes through ``load_config``)."""
     from metatuner.api import fitting
 
