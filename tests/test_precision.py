@@ -11,6 +11,7 @@ the backward pass and gives every trainable parameter the same gradient; generat
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import torch
 from conftest import make_model
 from metatuner.config import load_config
 from metatuner.evaluation.generation import generate
+from metatuner.models.metatuner import MetaTuner
 from metatuner.models.precision import autocast_dtype, autocast_of
 from metatuner.models.recompute import gradient_checkpointing
 from metatuner.tasks import get_task
@@ -269,6 +271,18 @@ def test_gradient_checkpointing_keeps_less_for_backward_and_the_same_gradients(c
     assert all(g is not None for g in ckpt_grads.values())  # every trainable parameter, the encoder's too
     for name, g in plain_grads.items():
         assert torch.allclose(ckpt_grads[name], g, rtol=1e-5, atol=1e-7), name
+
+
+def test_a_second_metatuner_on_a_checkpointed_base_replays_its_own_adapters(tiny_tokenizer):
+    cfg, first = joint_mt(tiny_tokenizer, torch.float32, "train.gradient_checkpointing=true")
+    hyper = dataclasses.replace(cfg.hypernet, targets=["q_proj", "v_proj", "o_proj"])  # wraps o_proj too
+    second = MetaTuner(first.actor, tiny_tokenizer, cfg.generator, hyper)
+    second.set_precision(gradient_checkpointing=True)
+    with torch.no_grad():
+        for p in second.hypernet.parameters():
+            p.normal_(0, 0.05)
+    _, grads = one_step(second, get_task("arithmetic"), get_task("arithmetic").load("train")[:1])
+    assert all(g is not None for g in grads.values())  # replaying the first one's adapters raised in backward
 
 
 def test_gradient_checkpointing_leaves_generation_and_its_cache_alone(checkpointed, tiny_tokenizer):

@@ -27,7 +27,7 @@ from torch import nn
 from metatuner.errors import MetatunerError
 from metatuner.models.lora import LoRAModel
 
-_ON = "_metatuner_checkpointing"  # set on a model whose blocks are checkpointed
+_ON = "_metatuner_checkpointing"  # on a checkpointed model: the LoRAModel whose adapters recomputation replays
 
 
 def set_gradient_checkpointing(model: nn.Module, lora: LoRAModel, enabled: bool) -> None:
@@ -36,11 +36,13 @@ def set_gradient_checkpointing(model: nn.Module, lora: LoRAModel, enabled: bool)
     Args:
         model: a transformers causal LM (frozen, eval mode) wrapped by ``lora``.
         lora: the :class:`~metatuner.models.lora.LoRAModel` holding the model's adapters.
-        enabled: on or off; turning on a model already on (or off one already off) changes nothing.
+        enabled: on or off; turning on a model already on with ``lora`` (or off one already off) changes
+            nothing, and on with another ``lora`` (a second MetaTuner on the same base) replays that one's.
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    if enabled == model.__dict__.get(_ON, False):
+    current = model.__dict__.get(_ON)
+    if current is (lora if enabled else None):
         return
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if enabled:
@@ -57,9 +59,9 @@ def set_gradient_checkpointing(model: nn.Module, lora: LoRAModel, enabled: bool)
         model.activation_checkpointing_disable()
     for block in blocks:
         block.training = enabled or model.training  # the block's own flag only (nn.Module.train recurses)
-    setattr(model, _ON, enabled)
+    setattr(model, _ON, lora if enabled else None)
 
 
 def gradient_checkpointing(model: nn.Module) -> bool:
     """Whether ``model``'s blocks are checkpointed by :func:`set_gradient_checkpointing`."""
-    return model.__dict__.get(_ON, False)
+    return model.__dict__.get(_ON) is not None
