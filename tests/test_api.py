@@ -281,7 +281,7 @@ def test_the_readme_from_python_section_runs(tmp_path, model_dir, monkeypatch, c
         return resolve(resolve(config, overrides, **values), None, **tiny(model_dir))
 
     monkeypatch.setattr(fitting, "load_config", tiny_config)
-    monkeypatch.chdir(tmp_path)  # the README's relative paths (runs/...) resolve here
+    monkeypatch.chdir(tmp_path)  # the relative paths of docs/python.md (runs/...) resolve here
     exec(readme_python(), {"__name__": "readme"})
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and lines[0].startswith("capitals score = ") and "n=2" in lines[0]
