@@ -271,7 +271,9 @@ def token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     it runs on ``LOGIT_CHUNK`` positions at a time, so scoring two dozen candidates holds no more logits
     than a training step does.
     """
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+    # no KV cache: nothing decodes after this pass (and checkpointed blocks would drop it, with a warning)
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 use_cache=False)[0]
     labels = batch["labels"][:, 1:]  # [bs, T-1]: position t predicts token t + 1
     mask = labels != -100
     rows = mask.nonzero()[:, 0]  # [N]
