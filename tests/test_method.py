@@ -331,6 +331,30 @@ def test_mixed_generate_equals_separate_greedy_and_sampled_calls(tiny_tokenizer)
     assert live != [g.text for g in mt.generate_outputs(task, sampled, frozen=True)]  # the decoders do differ
 
 
+
+def test_mixed_generate_prefills_the_shared_prefix_once_per_adapter_group(tiny_tokenizer, monkeypatch):
+    from metatuner.evaluation import generation
+
+    cfg, mt, task = setup(tiny_tokenizer, ["generator.max_prompt_tokens=6"])
+    with torch.no_grad():
+        for key in mt.g_lora.adapters["dec"]:
+            mt.g_lora.wrapped[key].lora_B["dec"].normal_(0, 0.5)
+    sampled, greedy = task.load("test")[:2], task.load("test")[2:5]
+    shapes = []
+    hook = mt.generator.get_decoder().register_forward_pre_hook(
+        lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        shared = mt.generate_mixed(task, sampled, 2, 1e-6, greedy)
+        prefills = shapes[:2]
+        monkeypatch.setattr(generation, "MIN_SHARED_PREFIX", 10**9)
+        shapes.clear()
+        whole = mt.generate_mixed(task, sampled, 2, 1e-6, greedy)
+    finally:
+        hook.remove()
+    assert prefills[0][0] == 2 and prefills[0][1] >= 8  # the shared tokens: one row per group (dec, dec_frozen)
+    assert prefills[1][0] == 5 and prefills[1][1] < shapes[0][1] - prefills[0][1] + 1  # then each text's own
+    assert [[g.text for g in part] for part in shared] == [[g.text for g in part] for part in whole]
+
 # ---- inputs longer than train.max_length -------------------------------------------------------------
 def test_a_long_row_never_cuts_a_short_row_of_its_batch(tiny_tokenizer):
     cfg, mt, task = setup(tiny_tokenizer)

@@ -179,34 +179,78 @@ class _GreedyRows:
 @torch.no_grad()
 def generate_rows(
     model, tokenizer, texts: list[str], rows: list[int], max_new_tokens: int, *, greedy: list[bool],
-    temperature: float = 1.0, stage=None,
+    temperature: float = 1.0, stage=None, groups: list[int] | None = None,
 ) -> list[Generation]:
     """One batched generate of ``len(rows)`` continuations: row ``j`` continues ``texts[rows[j]]``, greedily
     where ``greedy[j]``, else sampled at ``temperature``.
 
-    Each text is prefilled once and its KV cache copied to its rows. ``stage("prefill")`` and
-    ``stage("decode")`` are the contexts the two passes run in (e.g. per-row adapters, which differ
-    because the prefill has one row per text and the decode one per output row).
+    Each text is prefilled once and its KV cache copied to its rows. ``stage("prefill", index)`` and
+    ``stage("decode")`` are the contexts the passes run in (e.g. per-row adapters, which differ because the
+    prefill has one row per text, or the texts ``index`` selects, and the decode one per output row).
+    The tokens every text starts with alike (a template and an instruction: at least
+    ``MIN_SHARED_PREFIX``) are prefilled once per group of texts that run under the same adapters
+    (``groups``: one id per text; unset: one group), and each text's own tokens follow them, left-padded.
     """
     import contextlib
 
     from transformers import LogitsProcessorList
 
-    stage = stage or (lambda name: contextlib.nullcontext())
-    # the padding side goes with this call: the tokenizer object, shared by threads, is left as it is
-    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(model.device)
-    with stage("prefill"):
-        cache = _prefill(model, enc["input_ids"], enc["attention_mask"])
+    stage = stage or (lambda name, index=None: contextlib.nullcontext())
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    cache, input_ids, attention = _prefill_shared(model, tokenizer.pad_token_id, ids, groups or [0] * len(ids), stage)
     index = torch.tensor(rows, device=model.device)
     cache.batch_select_indices(index)
-    enc = {k: v.index_select(0, index) for k, v in enc.items()}
     with stage("decode"):
         out = model.generate(
-            **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, cache=cache,
+            input_ids=input_ids.index_select(0, index), attention_mask=attention.index_select(0, index),
+            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, cache=cache,
             do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
             logits_processor=LogitsProcessorList([_GreedyRows(torch.tensor(greedy))]),
         )
-    return _results(model, tokenizer, out[:, enc["input_ids"].shape[1] :], (), max_new_tokens)
+    return _results(model, tokenizer, out[:, input_ids.shape[1] :], (), max_new_tokens)
+
+
+#: the fewest leading tokens all texts of a :func:`generate_rows` call must share to be prefilled once
+MIN_SHARED_PREFIX = 8
+
+
+def _prefill_shared(model, pad_id: int, ids: list[list[int]], groups: list[int], stage):
+    """The KV cache of every text but its last token, and the ``[texts, T]`` ids and attention mask
+    ``generate`` continues them from.
+
+    The leading tokens all texts share (capped so that each keeps at least two tokens of its own) run once
+    per group; each text's remaining tokens come after them, left-padded: ``[shared][pad...][own]``, the
+    padding masked and positions counted over real tokens (as ``generate`` counts them), so each row sees
+    what it would see alone. Without a long enough shared prefix, one text, or a cache that is not plain
+    full attention (sliding windows), every text runs whole, plainly left-padded.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    device = model.device
+    start = 0
+    while len(ids) > 1 and start < min(map(len, ids)) - 2 and all(x[start] == ids[0][start] for x in ids):
+        start += 1
+    cache = DynamicCache(config=model.config)
+    if start < MIN_SHARED_PREFIX or not all(type(c) is DynamicLayer for c in cache.layers):
+        start = 0
+    if start:
+        order = list(dict.fromkeys(groups))  # group ids, first appearance first
+        first = torch.tensor([groups.index(g) for g in order], device=device)  # one text of each group
+        prefix = torch.tensor([ids[0][:start]] * len(order), device=device)
+        with stage("prefill", first):
+            model.get_decoder()(input_ids=prefix, attention_mask=torch.ones_like(prefix), cache=cache, use_cache=True)
+        cache.batch_select_indices(torch.tensor([order.index(g) for g in groups], device=device))
+    own = [x[start:] for x in ids]
+    width = max(map(len, own))
+    input_ids = torch.tensor([ids[0][:start] + [pad_id] * (width - len(x)) + x for x in own], device=device)
+    attention = torch.tensor([[1] * start + [0] * (width - len(x)) + [1] * len(x) for x in own], device=device)
+    positions = attention.cumsum(-1) - 1
+    positions.masked_fill_(attention == 0, 1)
+    with stage("prefill", None):
+        model.get_decoder()(input_ids=input_ids[:, start:-1], attention_mask=attention[:, :-1],
+                            position_ids=positions[:, start:-1], cache=cache, use_cache=True)
+    return cache, input_ids, attention
 
 
 def _prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):

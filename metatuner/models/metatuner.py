@@ -310,13 +310,14 @@ class MetaTuner(nn.Module):
         rows = [i for i in range(b) for _ in range(n)] + [b + j for j in range(g)]
         device = self.generator.device
 
-        def stage(name: str):
+        def stage(name: str, index: torch.Tensor | None = None):
             live = torch.tensor([1.0] * (b if name == "prefill" else b * n) + [0.0] * g, device=device)
+            live = live if index is None else live.index_select(0, index)  # the prefill of some texts only
             return self.g_lora.use(("enc", "dec", "dec_frozen"), masks={"dec": live, "dec_frozen": 1 - live})
 
         gens = generate_rows(self.generator, self.gen_tokenizer, self.rewrite_texts(task, sampled + greedy), rows,
                              self.gen_cfg.max_prompt_tokens, greedy=[False] * (b * n) + [True] * g,
-                             temperature=temperature, stage=stage)
+                             temperature=temperature, stage=stage, groups=[0] * b + [1] * g)
         return gens[: b * n], gens[b * n :]
 
     def keep_initial_output(self, task: Task, example: Example) -> str:
