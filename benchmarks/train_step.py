@@ -3,7 +3,7 @@ retired: time per step, where it goes, and memory above the loaded model.
 
     .venv/bin/python benchmarks/train_step.py [--model smollm2-135m] [--batch-size 4] [--rollouts 4]
                                               [--rollout-queries N] [--repeats 5] [--window 4]
-                                              [--gradient-checkpointing]
+                                              [--gradient-checkpointing] [--autocast bf16]
                                               [--out results/bench/train_step.json]
 
 Variants, each run by the trainer's own code on the built-in task with the shipped defaults
@@ -29,7 +29,9 @@ variant runs again in a fresh subprocess while a thread samples the resident set
 counts is the peak *above* the RSS with the model loaded and the trainer built (so the base weights are
 not in the ratio). Targets (issue 21): J active <= 2.5x SFT, J retired <= 1.1x w/o P, w/o P <= 1.4x SFT,
 memory above the model <= 1.3x SFT's. Timing is never a pass/fail test. ``--gradient-checkpointing`` runs
-every variant with ``train.gradient_checkpointing=true`` (compare its memory and time with a run without).
+every variant with ``train.gradient_checkpointing=true`` (compare its memory and time with a run without);
+``--autocast bf16`` runs every variant's forward passes under bf16 autocast (``train.autocast``; the weights
+stay fp32), for CPUs with avx512_bf16 or AMX.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ def build(args, only: str | None = None):
             "train.actor_warmup_steps=0", "train.generator_warmup_steps=0", "data.val_size=0",
             f"train.sync_every={args.window}",
             *([f"train.rollout_queries={args.rollout_queries}"] if args.rollout_queries else []),
-            *(["train.gradient_checkpointing=true"] if args.gradient_checkpointing else []), *overrides,
+            *(["train.gradient_checkpointing=true"] if args.gradient_checkpointing else []),
+            *([f"train.autocast={args.autocast}"] if args.autocast else []), *overrides,
         ])
         torch.manual_seed(0)
         model, tok = load_model(args.model, device="cpu")
@@ -145,6 +148,8 @@ def main() -> None:
     p.add_argument("--window", type=int, default=4, help="J steps from one sync to the next (train.sync_every)")
     p.add_argument("--rollout-queries", type=int, default=None,
                    help="train.rollout_queries: queries of each batch rolled out (default: all)")
+    p.add_argument("--autocast", choices=["bf16", "fp16"], default=None,
+                   help="train.autocast in every variant (default: the config's, off for this fp32 model)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="train.gradient_checkpointing=true in every variant (G's and M's blocks recomputed in backward)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
@@ -191,6 +196,8 @@ def main() -> None:
                 cmd += ["--threads", str(args.threads)]
             if args.gradient_checkpointing:
                 cmd += ["--gradient-checkpointing"]
+            if args.autocast:
+                cmd += ["--autocast", args.autocast]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             mem[name] = json.loads(out)
     ratios = {"joint_active/sft": med["joint_active"] / med["sft"], "joint_retired/wop": med["joint_retired"] / med["wop"],
@@ -203,6 +210,7 @@ def main() -> None:
     result = {
         "model": args.model, "batch_size": args.batch_size, "rollouts": args.rollouts, "window": args.window,
         "rollout_queries": args.rollout_queries, "gradient_checkpointing": args.gradient_checkpointing,
+        "autocast": args.autocast,
         "repeats": args.repeats, "threads": torch.get_num_threads(), "seconds": times, "stats": stats,
         "parts": parts, "median_parts": median_parts, "ratios": ratios, "targets": targets, "memory": mem,
     }
