@@ -91,6 +91,16 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def lively_model_dir(tmp_path_factory, tiny_tokenizer):
+    """The tiny model saved with larger random weights: its greedy answers are not empty and differ between
+    queries."""
+    path = tmp_path_factory.mktemp("lively")
+    make_model(tiny_tokenizer, init_range=0.2).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"benchmark data folder {SHARED_DATA} not present")

@@ -121,14 +121,9 @@ def test_load_task_by_name_or_spec_file():
 
 # ---- train, resume, load, answer, evaluate, export (one tiny run for the module) ------------------
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_tokenizer):
+def model_dir(lively_model_dir):
     """The tiny model with larger random weights: its greedy answers are not empty."""
-    from conftest import make_model
-
-    folder = tmp_path_factory.mktemp("api-model")
-    make_model(tiny_tokenizer, init_range=0.2).save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
+    return lively_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -68,17 +68,6 @@ def client(url: str, key: str = KEY):
 
 # ---- a real tiny model behind the server -------------------------------------------------------
 @pytest.fixture(scope="module")
-def lively_model_dir(tmp_path_factory, tiny_tokenizer):
-    """A tiny model whose random weights are large enough that greedy answers differ between queries."""
-    from conftest import make_model
-
-    path = tmp_path_factory.mktemp("lively")
-    make_model(tiny_tokenizer, init_range=0.2).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, lively_model_dir):
     run = tmp_path_factory.mktemp("serve") / "run"
     assert main(["train", "--task", SPEC, "--model", str(lively_model_dir), "--out", str(run), "--no-eval", *TINY_TRAIN]) == 0
