@@ -245,17 +245,15 @@ def _prefill_shared(model, pad_id: int, ids: list[list[int]], groups: list[int],
     width = max(map(len, own))
     input_ids = torch.tensor([ids[0][:start] + [pad_id] * (width - len(x)) + x for x in own], device=device)
     attention = torch.tensor([[1] * start + [0] * (width - len(x)) + [1] * len(x) for x in own], device=device)
-    positions = attention.cumsum(-1) - 1
-    positions.masked_fill_(attention == 0, 1)
     with stage("prefill", None):
-        model.get_decoder()(input_ids=input_ids[:, start:-1], attention_mask=attention[:, :-1],
-                            position_ids=positions[:, start:-1], cache=cache, use_cache=True)
+        _prefill(model, input_ids, attention, cache, start)
     return cache, input_ids, attention
 
 
-def _prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+def _prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache=None, start: int = 0):
     """The KV cache of every row but its last token, with the positions ``generate`` gives left-padded
-    rows, so that ``generate`` continues from it exactly as from its own prefill.
+    rows, so that ``generate`` continues from it exactly as from its own prefill. ``cache`` may already
+    hold the first ``start`` tokens of every row; only the tokens after them run.
 
     Only the decoder runs: the output head would compute ``[rows, T, vocab]`` logits nobody reads (on the
     default model that was about a quarter of the prefill's time).
@@ -264,9 +262,10 @@ def _prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
 
     positions = attention_mask.long().cumsum(-1) - 1
     positions.masked_fill_(attention_mask == 0, 1)
-    out = model.get_decoder()(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-                              position_ids=positions[:, :-1], cache=DynamicCache(config=model.config), use_cache=True)
-    return out.cache
+    cache = cache if cache is not None else DynamicCache(config=model.config)
+    model.get_decoder()(input_ids=input_ids[:, start:-1], attention_mask=attention_mask[:, :-1],
+                        position_ids=positions[:, start:-1], cache=cache, use_cache=True)
+    return cache
 
 
 def _end_ids(model, tokenizer) -> set[int]:
