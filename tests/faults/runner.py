@@ -16,32 +16,30 @@ import sys
 import time
 from pathlib import Path
 
-# everything a command imports, also lazily, is imported once here by the fork server
-import accelerate  # noqa: F401
-import peft  # noqa: F401
 import torch
-import transformers  # noqa: F401
-from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: F401
 
-import metatuner.bench.grid  # noqa: F401
-import metatuner.cli
-import metatuner.evaluation.harness  # noqa: F401
-import metatuner.methods  # noqa: F401
-import metatuner.recipes  # noqa: F401
-import metatuner.training.predictor  # noqa: F401
 from metatuner import files
 from metatuner.training import checkpoint, trainer
+
+#: everything a command imports, also lazily, imported once by the fork server. Named modules, not this one:
+#: the server (Python 3.11) does not take its parent's ``sys.path``, so it cannot import ``faults.runner``
+#: (under tests/) and would skip it silently, leaving every child to import torch afresh (seconds each)
+PRELOAD = [
+    "torch", "accelerate", "peft", "transformers", "transformers.optimization", "torch.utils.tensorboard",
+    "transformers.models.llama.modeling_llama", "metatuner.api", "metatuner.bench.grid", "metatuner.cli",
+    "metatuner.evaluation.harness", "metatuner.methods", "metatuner.recipes", "metatuner.training.predictor",
+    "metatuner.training.trainer",
+]
 
 _CONTEXT = None
 
 
 def context():
-    """The forkserver context, its server preloaded with this module."""
+    """The forkserver context, its server preloaded with :data:`PRELOAD`."""
     global _CONTEXT
     if _CONTEXT is None:
         _CONTEXT = multiprocessing.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload([__name__])
+        _CONTEXT.set_forkserver_preload(PRELOAD)
     return _CONTEXT
 
 
@@ -83,7 +81,9 @@ def _child(argv: list[str], cwd: str, log: str, kill_at_op: int | None) -> None:
     torch.set_num_threads(1)
     if kill_at_op is not None:
         _kill_at_checkpoint_op(kill_at_op)
-    code = metatuner.cli.main(argv)
+    from metatuner.cli import main
+
+    code = main(argv)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
