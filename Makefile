@@ -17,9 +17,8 @@ install: $(VENV)/.installed
 run: install
 	$(VENV)/bin/metatuner run
 
-# the Ray grid's tests (marker ray) start a cluster: they run in `make faults`
 test: install
-	$(PY) -m pytest -q $(XDIST) -m "not ray"
+	$(PY) -m pytest -q $(XDIST)
 
 smoke: install
 	$(PY) -m pytest -q -m smoke

@@ -2,9 +2,9 @@
 mid-cell costs nothing.
 
 One local Ray cluster (2 CPUs) serves the module: starting it and its worker processes (each imports torch)
-takes tens of seconds, so these tests run in ``make faults``, not ``make test`` (marker ``ray``). The grid is the fault suite's
-two cells (zero-shot, and SFT with a checkpoint every step) plus a tuning job for SFT, so cells and tuning
-jobs both run as Ray tasks.
+takes tens of seconds, so the tests are marked ``ray`` (``-m "not ray"`` leaves them out of a quick run). The
+grid is the fault suite's two cells (zero-shot, and SFT with a checkpoint every step) plus a tuning job for
+SFT, so cells and tuning jobs both run as Ray tasks.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import yaml
 from faults.conftest import grid_state, half_written, inject, leftovers, protocol, record
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.ray  # a cluster and its workers start in tens of seconds: `make faults`, not `make test`
+pytestmark = pytest.mark.ray  # a cluster and its workers start in tens of seconds
 
 TUNE = {"overrides": {"train.steps": 1}, "methods": {"sft": {"train.lr_scale": [1.0, 2.0]}}}
 TIMING = {"fit_seconds", "seconds"}  # a tuning record's wall-clock fields
