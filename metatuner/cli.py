@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             COMMANDS[args.command](args)
     except MetatunerError as e:
-        _print_error(str(e))
+        _print_error(e.cli)
         return 2
     except interrupts.Stopped as e:
         print(f"metatuner: {e}", file=sys.stderr)

@@ -24,7 +24,7 @@ import torch
 
 from metatuner import files, locks
 from metatuner.config import RunConfig, config_text, save_config, to_dict
-from metatuner.errors import MetatunerError
+from metatuner.errors import MetatunerError, folder_taken
 from metatuner.evaluation.generation import tokens_generated
 from metatuner.evaluation.harness import EvalResult, evaluate, select
 from metatuner.evaluation.predictors import Predictor
@@ -92,9 +92,9 @@ def eval_predictor(predictor, task, cfg: RunConfig, out_dir: Path | None, progre
 
 
 def refuse_existing(out_dir: Path | None) -> None:
-    """Stops before any work when the results folder ``--out`` names exists and is not empty."""
+    """Stops before any work when the results folder ``out_dir`` exists and is not empty."""
     if out_dir is not None and files.is_nonempty_dir(out_dir):
-        raise MetatunerError(f"results folder {out_dir} already exists; choose another --out or remove it")
+        raise folder_taken(out_dir)
 
 
 def eval_splits(predictor, task, cfg: RunConfig, out_dir: Path | None, progress: bool = True,
@@ -322,7 +322,8 @@ def named_predictors(run_dir: str | Path | None, methods: list[str], cfg: RunCon
         if model is None and not get_method(name).needs_training:
             model = (found[name][0].model, found[name][0].tokenizer)
     if not found:
-        raise MetatunerError("nothing to answer with: give --run DIR (a trained run) and/or --method NAME")
+        raise MetatunerError("nothing to answer with: give a trained run folder and/or a method name",
+                             cli="nothing to answer with: give --run DIR (a trained run) and/or --method NAME")
     return found, cfg
 
 

@@ -169,7 +169,7 @@ def test_evaluate_scores_a_split_and_writes_a_results_folder(trained, tmp_path):
     result = run.evaluate(limit=2, out_dir=tmp_path / "e")
     assert result.n == 2 and [r["id"] for r in result.records] == [r["id"] for r in run.results[0].records[:2]]
     assert json.loads((tmp_path / "e" / "summary.json").read_text())["n"] == 2
-    with pytest.raises(MetatunerError, match="already exists and is not empty") as e:
+    with pytest.raises(MetatunerError, match="already exists; choose another out_dir") as e:
         run.evaluate(out_dir=tmp_path / "e")
     assert "--" not in str(e.value)
 
@@ -285,3 +285,27 @@ def test_the_readme_from_python_section_runs(tmp_path, model_dir, monkeypatch, c
     assert float(lines[2]) in (0.0, 1.0)
     assert (tmp_path / "runs" / "capitals-py" / "eval-test" / "summary.json").is_file()
     assert (tmp_path / "runs" / "cuba-adapter" / "adapter_config.json").is_file()
+
+
+def test_a_taken_results_folder_names_out_dir_in_python_and_out_on_the_command_line(trained, tmp_path, capsys):
+    from metatuner.cli import main
+
+    run, _ = trained
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x").write_text("")
+    with pytest.raises(MetatunerError, match="choose another out_dir") as e:
+        run.evaluate(out_dir=taken)
+    assert "--" not in str(e.value)
+    assert main(["eval", "--run", str(run.run_dir), "--out", str(taken)]) == 2
+    assert "already exists; choose another --out or remove it" in capsys.readouterr().err
+
+
+def test_a_built_in_task_without_data_or_hub_names_data_dir_in_python_and_the_flag_on_the_command_line():
+    from metatuner.tasks import get_task
+
+    task = get_task("gsm8k")
+    task.hub = None  # as a built-in task with no hub source: only a data folder can give its rows
+    with pytest.raises(MetatunerError, match=r"give a data folder \(data_dir, or METATUNER_DATA_DIR\)") as e:
+        task._load_hub("train")
+    assert "--" not in str(e.value) and "give a data folder with --data-dir or METATUNER_DATA_DIR" in e.value.cli

@@ -88,7 +88,7 @@ def test_rows_with_gold_answers_are_scored_and_field_takes_the_query_as_is(tmp_p
     [
         ([{"id": "a", "country": "X"}, {"id": "a", "country": "Y"}], None, "in.jsonl:2: id 'a' repeats line 1"),
         ([{"id": "a", "nation": "X"}], None, "in.jsonl:1: row lacks field(s) country"),
-        ([{"id": "a", "nation": "X"}], "question", "in.jsonl:1: row lacks field 'question' (--field)"),
+        ([{"id": "a", "nation": "X"}], "question", "in.jsonl:1: row lacks field 'question'; its fields"),
     ],
 )
 def test_bad_input_names_file_and_line(tmp_path, rows, field, message):

@@ -145,15 +145,13 @@ class Run:
             result = run.evaluate(limit=20, out_dir="runs/capitals/eval-first-20")
             print(result.line(), result.metrics[result.primary_metric])
         """
-        from metatuner import files
-        from metatuner.recipes import eval_predictor
+        from metatuner.recipes import eval_predictor, refuse_existing
 
         cfg = self.config
         if limit is not None:
             cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, limit=limit))
         out = Path(out_dir) if out_dir is not None else None
-        if out is not None and files.is_nonempty_dir(out):
-            raise MetatunerError(f"results folder {out} already exists and is not empty")
+        refuse_existing(out)
         return eval_predictor(self.predictor, self.task, cfg, out, progress, split)
 
     def export_adapter(self, query: str, out_dir: str | Path) -> str:

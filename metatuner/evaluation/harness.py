@@ -38,7 +38,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from metatuner import files, interrupts
-from metatuner.errors import MetatunerError
+from metatuner.errors import MetatunerError, folder_taken
 from metatuner.evaluation.predictors import Predictor
 from metatuner.tasks.base import Example, Task
 
@@ -156,7 +156,7 @@ def evaluate(
         raise MetatunerError(f"nothing to evaluate: no examples of task {task.name!r}")
     final = Path(out_dir) if out_dir is not None else None
     if final is not None and files.is_nonempty_dir(final):
-        raise MetatunerError(f"results folder {final} already exists; choose another --out or remove it")
+        raise folder_taken(final)
     budget = max_new_tokens or predictor.budget(task)
     start = time.perf_counter()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].query))

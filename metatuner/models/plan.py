@@ -626,5 +626,5 @@ def format_plan(p: Plan) -> str:
                      f"steps ({', '.join(f'{k} {s}' for k, (s, _) in p.phases.items())}): {_secs(p.run_seconds())}; "
                      "decoding is bound by memory bandwidth, so its real time is longer")
     else:
-        lines.append("step time: give a throughput (--tflops X, sustained TFLOP/s per device)")
+        lines.append("step time: give a throughput (sustained TFLOP/s per device) to estimate it")
     return "\n".join(lines)

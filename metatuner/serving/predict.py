@@ -29,7 +29,8 @@ def read_queries(task: Task, path: Path, field: str | None = None) -> list[Examp
         if field is None:
             example = task.query_example(row, str(path), n)
         elif field not in row:
-            raise MetatunerError(f"{path}:{n}: row lacks field {field!r} (--field); its fields: {', '.join(row)}")
+            raise MetatunerError(f"{path}:{n}: row lacks field {field!r}; its fields: {', '.join(row)}",
+                                 cli=f"{path}:{n}: row lacks field {field!r} (--field); its fields: {', '.join(row)}")
         else:
             example = Example(id=row["id"], query=str(row[field]), answer="", target="")
         if example.id in seen:

@@ -198,8 +198,8 @@ class Task(ABC):
     def _load_hub(self, split: str) -> tuple[list[dict[str, Any]], str]:
         if self.hub is None:
             raise MetatunerError(
-                f"task {self.name!r} has no hub source; give a data folder with --data-dir or {DATA_DIR_ENV}"
-            )
+                f"task {self.name!r} has no hub source; give a data folder (data_dir, or {DATA_DIR_ENV})",
+                cli=f"task {self.name!r} has no hub source; give a data folder with --data-dir or {DATA_DIR_ENV}")
         where = f"hub:{self.hub.path}"
         try:
             import datasets
@@ -210,11 +210,11 @@ class Task(ABC):
                                            revision=self.hub.revision)
                 rows.extend(self.hub_row(dict(r), split, i) for i, r in enumerate(ds))
         except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear line
-            raise MetatunerError(
-                f"could not load task {self.name!r} from the hub ({self.hub.path}): {type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}; offline, give a local data folder with "
-                f"--data-dir or {DATA_DIR_ENV} (layout: <dir>/{self.name}/{{train,test}}.jsonl)"
-            ) from None
+            failed = (f"could not load task {self.name!r} from the hub ({self.hub.path}): {type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}; offline, give a local data folder ")
+            layout = f"(layout: <dir>/{self.name}/{{train,test}}.jsonl)"
+            raise MetatunerError(f"{failed}(data_dir, or {DATA_DIR_ENV}) {layout}",
+                                 cli=f"{failed}with --data-dir or {DATA_DIR_ENV} {layout}") from None
         return rows, where
 
     def hub_row(self, row: dict[str, Any], split: str, index: int) -> dict[str, Any]:
