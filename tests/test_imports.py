@@ -235,3 +235,18 @@ def test_precision_and_recompute_sit_low_in_the_models_layer():
     assert graph["metatuner.models.precision"] == {"metatuner.errors"}
     assert graph["metatuner.models.recompute"] == {"metatuner.errors", "metatuner.models.lora"}
     assert {"metatuner.models.precision", "metatuner.models.recompute"} <= graph["metatuner.models.metatuner"]
+
+
+def test_the_supervised_loop_knows_no_model_and_sft_needs_no_metatuner():
+    """One supervised LoRA loop (``training.supervised``) steps named parameter groups on a loss function: it
+    imports no model, no trainer and no method. The static LoRA on M (``models.static``) and SFT's fine-tuning
+    (``training.sft``) do without MetaTuner; MetaTuner's trainer composes the loop."""
+    graph = import_graph(package_sources())
+    loop = graph["metatuner.training.supervised"]
+    assert not [d for d in loop if d.startswith(("metatuner.models", "metatuner.methods", "metatuner.recipes"))]
+    assert "metatuner.training.trainer" not in loop
+    assert "metatuner.models.metatuner" not in graph["metatuner.models.static"]
+    assert not [d for d in graph["metatuner.models.static"] if d.startswith("metatuner.training")]
+    assert graph["metatuner.training.sft"] & {"metatuner.models.metatuner", "metatuner.training.trainer"} == set()
+    assert {"metatuner.training.supervised", "metatuner.models.static"} <= graph["metatuner.training.sft"]
+    assert "metatuner.training.supervised" in graph["metatuner.training.trainer"]

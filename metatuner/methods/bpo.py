@@ -266,7 +266,7 @@ class BPOSelfPairs(Method):
                 batch = queries[i : i + cfg.batch_size]
                 leaked += trainer.offer(batch, None, None).get("leaked", 0)
                 bar.update(len(batch))
-                trainer._stop_point()  # a SIGTERM between two rollout batches stops here
+                trainer.loop.stop_point()  # a SIGTERM between two rollout batches stops here
         pairs = kept_pairs(rewriter, task, queries, trainer.experts)
         if self.run_dir is not None:
             files.write_text(self.run_dir / "bpo_pairs.jsonl",
