@@ -62,7 +62,7 @@ from metatuner.tasks.leaks import states_answer
 from metatuner.training.checkpoint import latest_checkpoint
 from metatuner.training.branch import PromptBranch
 from metatuner.training.experts import ExpertSet
-from metatuner.training.rollouts import rollout
+from metatuner.training.rollouts import offer
 from metatuner.training.stream import DataStream
 from metatuner.training.supervised import SupervisedLoop
 
@@ -233,12 +233,8 @@ class Trainer:
     def offer(self, batch: list[Example], factors, extra: list[str] | None, samples=None) -> dict[str, float]:
         """Rolls out ``batch`` (this process's share; may be empty) and offers every process's best outputs to D2."""
         tc = self.tc
-        r = rollout(self.mt, self.task, batch, factors, tc.rollouts, tc.temperature, tc.reward, tc.max_length,
-                    extra=extra, samples=samples) if batch else None
-        triples = zip([ex.id for ex in batch], r.best_outputs, r.best_gains) if r else []
-        gathered = self.loop.gather(triples)
-        for qid, output, gain in gathered:
-            self.experts.offer(qid, output, gain, self.mt.keep_initial_output(self.task, self.by_id[qid]))
+        r, gathered = offer(self.experts, self.mt, self.task, batch, factors, tc, self.loop.gather,
+                            lambda qid: self.mt.keep_initial_output(self.task, self.by_id[qid]), extra, samples)
         # every process's queries: the prompt branch's evidence is alike in every process
         counts = {"improved": sum(gain > tc.expert_margin for _, _, gain in gathered), "rolled_out": len(gathered)}
         if r is None:

@@ -31,7 +31,7 @@ import metatuner.methods  # noqa: F401
 import metatuner.recipes  # noqa: F401
 import metatuner.training.predictor  # noqa: F401
 from metatuner import files
-from metatuner.training import checkpoint, trainer
+from metatuner.training import checkpoint, supervised
 
 _CONTEXT = None
 
@@ -70,7 +70,7 @@ def _kill_at_checkpoint_op(n: int) -> None:
         finally:
             state["saving"] = False
 
-    trainer.save_checkpoint = save
+    supervised.save_checkpoint = save  # where every training loop saves its checkpoints
 
 
 def _child(argv: list[str], cwd: str, log: str, kill_at_op: int | None) -> None:
