@@ -103,6 +103,14 @@ def test_a_stop_inside_sft_saves_the_static_lora_and_the_data_position(tiny_toke
     assert state["step"] == 2 and state["extra"]["cursor"] == 4 and state["extra"]["has_static"]
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(r["phase"] == "warmup_actor" and "sft_loss" in r for r in log)
+    # only MetaTuner runs load and resume: a stopped SFT fit's folder is refused with the reason
+    from metatuner.config import save_config
+    from metatuner.errors import MetatunerError
+    from metatuner.recipes import load_run
+
+    save_config(load_config(None, ["method=sft"]), tmp_path / "config.yaml")
+    with pytest.raises(MetatunerError, match="not a MetaTuner checkpoint .* a stopped sft fit"):
+        load_run(tmp_path)
 
 
 def test_the_loop_resumes_bit_for_bit(tiny_tokenizer, tmp_path):
