@@ -190,3 +190,25 @@ def test_end_to_end_fit_on_the_tiny_model_trains_the_rewriter_and_leaves_m_uncha
     predictor.prompts = "rewritten"
     result = evaluate(predictor, TASK, TASK.load("test")[:3], batch_size=3, max_new_tokens=8, progress=False)
     assert result.n == 3 and 0.0 <= result.score <= 1.0
+
+
+def test_the_rewriter_starts_where_it_did_as_a_metatuner_with_its_prompt_decoder_only(tiny_tokenizer):
+    """R's adapter starts from the values G's decoder of such a MetaTuner starts from, and the RNGs move on
+    alike, so a seed gives the pairs and the training it gave when R was built that way."""
+    from conftest import make_model
+    from metatuner.config import GeneratorConfig, HypernetConfig
+    from metatuner.models.metatuner import MetaTuner
+
+    cfg = BPOConfig(rank=4)
+    model = make_model(tiny_tokenizer)
+    torch.manual_seed(5)
+    mt = MetaTuner(model, tiny_tokenizer, GeneratorConfig(targets=list(cfg.targets), rank=cfg.rank, alpha=cfg.alpha,
+                                                          share_layers=0), HypernetConfig(targets=list(cfg.targets)))
+    theirs, after_theirs = mt.g_lora.adapter_state("dec"), torch.rand(3)
+    model = make_model(tiny_tokenizer)
+    torch.manual_seed(5)
+    rewriter = bpo.SelfRewriter(model, tiny_tokenizer, cfg)
+    ours, after_ours = rewriter.lora.adapter_state("dec"), torch.rand(3)
+    assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert torch.equal(after_ours, after_theirs)
+    assert not isinstance(rewriter, MetaTuner) and rewriter.state().keys() == {f"dec.{k}" for k in ours}
