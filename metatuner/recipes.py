@@ -281,9 +281,13 @@ def load_run(run_dir: str | Path, overrides: list[str] = (), values: dict | None
     if ckpt is None:
         raise MetatunerError(f"{run_dir} has no checkpoint yet")
     cfg = load_config(run_dir / "config.yaml", list(overrides), values=values)
+    tensors, state = read_trainable(ckpt)
+    if not any(k.startswith(("enc.", "dec_frozen.", "hypernet.")) for k in tensors):
+        raise MetatunerError(f"{ckpt} is not a MetaTuner checkpoint (it holds {', '.join(sorted(tensors)[:2])}, ...: "
+                             f"a stopped {cfg.method} fit); only MetaTuner runs load and resume, the baselines fit "
+                             "from the start")
     model, tok = load_model(cfg.model.name, cfg.model.dtype, cfg.model.device)
     mt = build_metatuner(cfg, model, tok)
-    tensors, state = read_trainable(ckpt)
     if state["extra"].get("has_static"):
         mt.add_static_adapter(cfg.train.static_rank, cfg.train.static_alpha)
     mt.load_trainable_state(tensors)

@@ -291,14 +291,14 @@ def test_w_step_without_correct_traces_is_skipped_unless_gold_fallback(monkeypat
     method.budgets, seen = {0, 1, 2}, []
     method.on_budget = lambda step, pred: seen.append(step)
     record, program = {}, Program(P0, [TRAIN[0]])
-    assert method.weight_step(program, 1, record) is program and method.mt is None  # nothing trained
+    assert method.weight_step(program, 1, record) is program and method.static is None  # nothing trained
     assert record["traces"] == 0 and "gold_fallback" in record["skipped"] and "fallback" not in record
     assert seen == [0, 1, 2] and BetterTogetherConfig(gold_fallback=True).gold_fallback
 
 
 @pytest.mark.parametrize("exclude", [False, True])
 def test_weight_step_trains_on_own_traces_with_the_programs_demos(monkeypatch, tiny_model, tiny_tokenizer, exclude):
-    import metatuner.models.metatuner as mtm
+    import metatuner.models.static as mtm  # where the SFT inputs are encoded
 
     inputs, encode = [], mtm.encode_pairs
     monkeypatch.setattr(mtm, "encode_pairs", lambda tok, prompts, targets, device, max_length=None: (
@@ -315,7 +315,7 @@ def test_weight_step_trains_on_own_traces_with_the_programs_demos(monkeypatch, t
     assert record["traces"] == 2 and out.lora is not None and method.trainable_params > 0
     assert out.demos == ([] if exclude else [demo])
     assert record.get("truncated_inputs") == (None if exclude else 2)
-    expected = ProgramPredictor(tiny_model, tiny_tokenizer, out, method.mt)
+    expected = ProgramPredictor(tiny_model, tiny_tokenizer, out, method.static)
     queries = {ex.id: ex for ex in TRAIN[2:6:2]}
     assert inputs and {t for _, t in inputs} <= {f"The answer is {i}.<|im_end|>" for i in (0, 2)}  # own outputs
     for prompt, _ in inputs:
@@ -335,7 +335,7 @@ def test_weight_step_trains_a_static_lora_that_each_program_applies(tiny_model, 
     ids = tiny_tokenizer("<|im_start|>user\n2 + 3<|im_end|>\n", return_tensors="pt")["input_ids"]
 
     def logits(program):
-        pred = ProgramPredictor(tiny_model, tiny_tokenizer, program, method.mt)
+        pred = ProgramPredictor(tiny_model, tiny_tokenizer, program, method.static)
         with torch.no_grad(), pred.weights(TASK, []):
             return tiny_model(ids).logits
 

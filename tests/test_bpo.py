@@ -15,7 +15,6 @@ from metatuner.errors import MetatunerError
 from metatuner.evaluation import evaluate
 from metatuner.evaluation.generation import Generation, render_chat
 from metatuner.methods import METHODS, bpo, opro
-from metatuner.models.metatuner import MetaTuner
 from metatuner.prompts import BPO
 from metatuner.tasks import get_task
 from metatuner.tasks.base import Example
@@ -67,7 +66,7 @@ def test_pairs_keep_a_rewrite_only_when_it_beats_the_original_and_never_a_leak(m
         assert all(task.instruction in i and p in i for i, p in zip(inputs, prompts))
         return torch.tensor([rewards[p] for p in prompts])
 
-    monkeypatch.setattr(MetaTuner, "generate_outputs", fake_outputs)
+    monkeypatch.setattr(bpo.SelfRewriter, "generate_outputs", fake_outputs)
     monkeypatch.setattr(rollouts, "score_prompts", fake_scores)
     method = bpo.BPOSelfPairs(tiny_model, tiny_tokenizer, config(queries=3, samples=2, temperature=0.7, steps=2,
                                                                    batch_size=2, margin=0.05),
@@ -85,7 +84,7 @@ def test_pairs_keep_a_rewrite_only_when_it_beats_the_original_and_never_a_leak(m
 
 
 def test_without_any_kept_pair_the_original_prompts_are_served(monkeypatch, tiny_model, tiny_tokenizer):
-    monkeypatch.setattr(MetaTuner, "generate_outputs",
+    monkeypatch.setattr(bpo.SelfRewriter, "generate_outputs",
                         lambda self, task, examples, **kw: [Generation("Say 2 + 3.", 1) for _ in examples for _ in range(kw["n"])])
     monkeypatch.setattr(rollouts, "score_prompts", lambda mt, task, exs, prompts, *a: torch.tensor(
         [-1.0 if p.startswith("Question") else -2.0 for p in prompts]))
@@ -185,9 +184,31 @@ def test_end_to_end_fit_on_the_tiny_model_trains_the_rewriter_and_leaves_m_uncha
     assert predictor.describe()["gate"] in ("rewritten", "initial") and predictor.name == "bpo-selfpairs"
     # M answers with the rewriter's adapter off: the base model's outputs are unchanged
     assert torch.allclose(logits(tiny_model, tiny_tokenizer), before)
-    lora_b = [p for n, p in method.rewriter.g_lora.adapter_state("dec").items() if n.endswith(".B")]
+    lora_b = [p for n, p in method.rewriter.lora.adapter_state("dec").items() if n.endswith(".B")]
     assert any(b.abs().sum() > 0 for b in lora_b)  # B starts at zero: the rewriter was trained
-    assert method.trainable_params == sum(p.numel() for p in method.rewriter.g_lora.adapter_parameters("dec"))
+    assert method.trainable_params == sum(p.numel() for p in method.rewriter.lora.adapter_parameters("dec"))
     predictor.prompts = "rewritten"
     result = evaluate(predictor, TASK, TASK.load("test")[:3], batch_size=3, max_new_tokens=8, progress=False)
     assert result.n == 3 and 0.0 <= result.score <= 1.0
+
+
+def test_the_rewriter_starts_where_it_did_as_a_metatuner_with_its_prompt_decoder_only(tiny_tokenizer):
+    """R's adapter starts from the values G's decoder of such a MetaTuner starts from, and the RNGs move on
+    alike, so a seed gives the pairs and the training it gave when R was built that way."""
+    from conftest import make_model
+    from metatuner.config import GeneratorConfig, HypernetConfig
+    from metatuner.models.metatuner import MetaTuner
+
+    cfg = BPOConfig(rank=4)
+    model = make_model(tiny_tokenizer)
+    torch.manual_seed(5)
+    mt = MetaTuner(model, tiny_tokenizer, GeneratorConfig(targets=list(cfg.targets), rank=cfg.rank, alpha=cfg.alpha,
+                                                          share_layers=0), HypernetConfig(targets=list(cfg.targets)))
+    theirs, after_theirs = mt.g_lora.adapter_state("dec"), torch.rand(3)
+    model = make_model(tiny_tokenizer)
+    torch.manual_seed(5)
+    rewriter = bpo.SelfRewriter(model, tiny_tokenizer, cfg)
+    ours, after_ours = rewriter.lora.adapter_state("dec"), torch.rand(3)
+    assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert torch.equal(after_ours, after_theirs)
+    assert not isinstance(rewriter, MetaTuner) and rewriter.state().keys() == {f"dec.{k}" for k in ours}

@@ -235,3 +235,45 @@ def test_precision_and_recompute_sit_low_in_the_models_layer():
     assert graph["metatuner.models.precision"] == {"metatuner.errors"}
     assert graph["metatuner.models.recompute"] == {"metatuner.errors", "metatuner.models.lora"}
     assert {"metatuner.models.precision", "metatuner.models.recompute"} <= graph["metatuner.models.metatuner"]
+
+
+def test_the_supervised_loop_knows_no_model_and_sft_needs_no_metatuner():
+    """One supervised LoRA loop (``training.supervised``) steps named parameter groups on a loss function: it
+    imports no model, no trainer and no method. The static LoRA on M (``models.static``) and SFT's fine-tuning
+    (``training.sft``) do without MetaTuner; MetaTuner's trainer composes the loop."""
+    graph = import_graph(package_sources())
+    loop = graph["metatuner.training.supervised"]
+    assert not [d for d in loop if d.startswith(("metatuner.models", "metatuner.methods", "metatuner.recipes"))]
+    assert "metatuner.training.trainer" not in loop
+    assert "metatuner.models.metatuner" not in graph["metatuner.models.static"]
+    assert not [d for d in graph["metatuner.models.static"] if d.startswith("metatuner.training")]
+    assert graph["metatuner.training.sft"] & {"metatuner.models.metatuner", "metatuner.training.trainer"} == set()
+    assert {"metatuner.training.supervised", "metatuner.models.static"} <= graph["metatuner.training.sft"]
+    assert "metatuner.training.supervised" in graph["metatuner.training.trainer"]
+
+
+def test_no_method_builds_a_metatuner_with_parts_off_or_swaps_its_methods():
+    """Issue 23: a baseline builds what it trains (a static LoRA on M, BPO's rewriter), never a MetaTuner with
+    its prompt or hypernetwork branch switched off, a subclass of MetaTuner, or a MetaTuner whose methods are
+    replaced on the object at runtime. (The ablations w/o F and w/o P are MetaTuner runs: ``training.build``
+    sets the switches from ``train.ablation``, never to a literal False.)"""
+    mt_source = (ROOT / "models" / "metatuner.py").read_text(encoding="utf-8")
+    [mt_class] = [n for n in ast.parse(mt_source).body if isinstance(n, ast.ClassDef) and n.name == "MetaTuner"]
+    mt_methods = {n.name for n in mt_class.body if isinstance(n, ast.FunctionDef)} - {"__init__"}
+    found = []
+    for name, text in package_sources().items():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Call):
+                for kw in node.keywords:
+                    if kw.arg in ("use_prompt", "use_hypernet") and isinstance(kw.value, ast.Constant) \
+                            and kw.value.value is False:
+                        found.append(f"{name}: {kw.arg}=False")
+            if isinstance(node, ast.ClassDef) and any(
+                    (b.id if isinstance(b, ast.Name) else getattr(b, "attr", None)) == "MetaTuner" for b in node.bases):
+                found.append(f"{name}: class {node.name}(MetaTuner)")
+            if name.startswith("metatuner.methods") and isinstance(node, (ast.Assign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                found += [f"{name}: .{t.attr} assigned" for t in targets
+                          if isinstance(t, ast.Attribute) and t.attr in mt_methods and not (
+                              isinstance(t.value, ast.Name) and t.value.id == "self")]
+    assert not found, found

@@ -114,18 +114,32 @@ def test_right_after_the_warm_up_metatuner_is_exactly_the_sft_model(tiny_tokeniz
     trainer.setup_optimizer(cfg.train.steps)
     trainer.warmup_actor(2)
 
-    # the sft method's own path (Trainer.warmup_actor on a fresh static LoRA), stopped after 2 of its 4 steps
-    sft_cfg, sft_mt, _ = setup(tiny_tokenizer, common)
-    sft_trainer = Trainer(sft_cfg, sft_mt, task, train, [], None, progress=False)
-    sft_mt.add_static_adapter(sft_cfg.train.static_rank, sft_cfg.train.static_alpha)
-    sft_trainer.setup_optimizer(4, {"static": list(sft_mt.m_lora.adapter_parameters("static"))})
-    sft_trainer.warmup_actor(2)  # the first 2 of an SFT run's 4 steps: the same learning rates
+    # the sft method itself (a static LoRA on M alone, no G or F), from the same seed, stopped after 2 of its 4
+    # steps (the same learning rates): its LoRA starts from the same values and takes the same steps
+    from metatuner.methods.trained import SFT
 
+    class Stop(Exception):
+        pass
+
+    sft_cfg = load_config(None, [*FAST, *common])
+    torch.manual_seed(0)
+    sft = SFT(make_model(tiny_tokenizer, seed=0), tiny_tokenizer, sft_cfg)
     batch = task.load("test")[:3]
     prompts = [task.instruction] * 3
+    found = {}
+
+    def at_two_steps(step, predictor):
+        with torch.no_grad():
+            found["nll"] = predictor.static.answer_nll(task, batch, prompts)
+        raise Stop
+
+    sft.budgets, sft.on_budget = {2}, at_two_steps
+    with pytest.raises(Stop):
+        sft.fit(task, train, [])
+
     with torch.no_grad():
         ours = mt.answer_nll(task, batch, prompts, mt.factors(mt.encode(task, batch)))  # F's residual is on
-        theirs = sft_mt.answer_nll(task, batch, prompts, None)
+        theirs = found["nll"]
         untuned = make_model(tiny_tokenizer)(**mt.tokenizer(prompts, return_tensors="pt")).logits
     assert torch.equal(ours, theirs)
     with torch.no_grad():

@@ -45,25 +45,31 @@ def build(tok, dtype, lr="0.05"):
 
 
 def sft_losses(tok, dtype, tmp_path, lr="0.05"):
+    """20 steps of the SFT baseline's path (a static LoRA on M, :func:`~metatuner.training.sft.fine_tune`):
+    the per-step losses and the static LoRA."""
+    import json
+
+    from metatuner.models.static import StaticLoRA
+    from metatuner.training.sft import fine_tune
+
     cfg, mt = build(tok, dtype, lr)
     task = get_task("arithmetic")
-    trainer = Trainer(cfg, mt, task, task.load("train")[:16], [], None, progress=False)
-    losses = []
-    trainer.log = lambda record: losses.append(record["sft_loss"]) if "sft_loss" in record else None
-    start = {k: v.detach().clone() for k, v in mt.m_lora.adapter_state("static").items()} if mt.has_static else None
-    trainer.warmup_actor(20)
-    return losses, mt, start
+    static = StaticLoRA.from_config(mt.actor, tok, cfg)
+    run_dir = tmp_path / str(dtype)
+    fine_tune(static, cfg, task, task.load("train")[:16], 20, run_dir, progress=False)
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [r["sft_loss"] for r in log if "sft_loss" in r], static
 
 
 def test_bf16_training_follows_the_fp32_loss_curve(tiny_tokenizer, tmp_path):
-    fp32, _, _ = sft_losses(tiny_tokenizer, torch.float32, tmp_path)
-    bf16, mt, _ = sft_losses(tiny_tokenizer, torch.bfloat16, tmp_path)
+    fp32, _ = sft_losses(tiny_tokenizer, torch.float32, tmp_path)
+    bf16, static = sft_losses(tiny_tokenizer, torch.bfloat16, tmp_path)
     assert len(fp32) == len(bf16) == 20 and fp32[-1] < 0.8 * fp32[0]  # it learns
     gaps = [abs(a - b) / a for a, b in zip(fp32, bf16)]
     assert max(gaps) < LOSS_TOLERANCE, gaps
-    params = list(mt.m_lora.adapter_parameters("static"))
+    params = static.parameters()
     assert params and all(p.dtype == torch.float32 for p in params)
-    assert next(mt.actor.parameters()).dtype == torch.bfloat16  # the base stays bf16
+    assert next(static.model.parameters()).dtype == torch.bfloat16  # the base stays bf16
 
 
 def test_bf16_weights_move_at_a_small_learning_rate(tiny_tokenizer, tmp_path):
@@ -138,7 +144,7 @@ def joint_run(tok, dtype, *overrides):
     trainer.setup_optimizer(20)
     start = {name: [p.detach().clone() for p in ps] for name, ps in trainer.groups.items()}
     losses = []
-    trainer.log = lambda r: losses.append((r["task_loss"], r["reg_loss"])) if "task_loss" in r else None
+    trainer.loop.log = lambda r: losses.append((r["task_loss"], r["reg_loss"])) if "task_loss" in r else None
 
     def loss(batch):
         experts = ["Add the numbers." for _ in batch]
@@ -310,8 +316,8 @@ def unscaled_gradients(tok, dtype, scaler_on: bool = True, run_dir=None):
     if not scaler_on:
         trainer.scaler = torch.amp.GradScaler("cpu", enabled=False)
     trainer.setup_optimizer(1)
-    seen, clip = [], trainer._clip
-    trainer._clip = lambda params: (seen.extend(p.grad.clone() for p in params if p.grad is not None), clip(params))
+    seen, clip = [], trainer.loop.clip
+    trainer.loop.clip = lambda params: (seen.extend(p.grad.clone() for p in params if p.grad is not None), clip(params))
     trainer.supervised("joint", "task", 1, DataStream(trainer.train_set, 5), lambda b: 1e-8 * trainer.p0_task_loss(b))
     return trainer, torch.cat([g.flatten() for g in seen])
 

@@ -19,8 +19,9 @@ items are reshuffled (DSPy's ``shuffle_trainset_between_steps``) and the step wo
   ``opro``: OPRO's instruction search (:mod:`metatuner.methods.opro`, settings from ``opro.*``) with the
   program's demos and LoRA in place, scored on ``score_size`` training queries (not in DSPy).
 - ``w``, DSPy's ``BootstrapFinetune``: the program (with its demos and LoRA) answers the step's items, and a
-  fresh static LoRA on M is trained with MetaTuner's warm-up SFT on its correct answers, rendered with the
-  program's demos in the prompt; the fine-tuned program keeps its demos (``exclude_demos: false``, DSPy's
+  fresh static LoRA on M (:class:`~metatuner.models.static.StaticLoRA`) is trained by the SFT baseline's
+  :func:`~metatuner.training.sft.fine_tune` on its correct answers, rendered with the program's demos in
+  the prompt; the fine-tuned program keeps its demos (``exclude_demos: false``, DSPy's
   default; ``true`` trains and answers without them). When no answer is correct the step is skipped and
   recorded (DSPy has no gold fallback); ``gold_fallback: true`` trains on gold targets instead.
 
@@ -139,7 +140,7 @@ logger = logging.getLogger(__name__)
 class Program:
     instruction: str
     demos: list[Example] = field(default_factory=list)
-    lora: dict[str, torch.Tensor] | None = None  # a snapshot of M's static LoRA (adapter_state("static"))
+    lora: dict[str, torch.Tensor] | None = None  # a snapshot of M's static LoRA (StaticLoRA.snapshot())
 
     def summary(self) -> dict[str, Any]:
         demos = [d.id for d in self.demos]
@@ -153,10 +154,10 @@ class Program:
 class ProgramPredictor(LMPredictor):
     """A program as a predictor: its instruction and demos, and its static LoRA active while it answers."""
 
-    def __init__(self, model, tokenizer, program: Program, mt=None, name: str = "bettertogether",
+    def __init__(self, model, tokenizer, program: Program, static=None, name: str = "bettertogether",
                  details: dict[str, Any] | None = None):
         super().__init__(model, tokenizer, program.instruction, name=name, demos=program.demos)
-        self.program, self.mt, self.details = program, mt, details or {}
+        self.program, self.static, self.details = program, static, details or {}
 
     @contextlib.contextmanager
     def weights(self, task: Task, examples: list[Example]) -> Iterator[None]:
@@ -164,10 +165,8 @@ class ProgramPredictor(LMPredictor):
             yield
             return
         # programs share one static adapter slot on M, so each loads its own snapshot before answering
-        with torch.no_grad():
-            for k, v in self.mt.m_lora.adapter_state("static").items():
-                v.copy_(self.program.lora[k])
-        with self.mt.as_actor(None):
+        self.static.load_snapshot(self.program.lora)
+        with self.static.active():
             yield
 
     def describe(self) -> dict[str, Any]:
@@ -195,7 +194,7 @@ class BetterTogether(Method):
         super().__init__(model, tokenizer, config, run_dir)
         self.proposer = proposer  # OPRO's optimizer LM for prompt_optimizer=opro (default: the task model)
         self.history: list[dict[str, Any]] = []
-        self.mt = None  # holds M's static LoRA, built at the first w step
+        self.static = None  # M's static LoRA slot (a StaticLoRA), built at the first w step
         self.scores: dict[tuple, float] = {}  # validation scores by Program.key()
         self.w_done = 0  # optimizer steps taken by earlier w steps (the learning-curve offset)
         self.progress = True  # a tqdm bar over each p step's candidates (stderr)
@@ -259,7 +258,7 @@ class BetterTogether(Method):
         }
         if self.run_dir is not None:
             files.write_text(self.run_dir / "bettertogether.json", json.dumps(details, indent=2, ensure_ascii=False))
-        return ProgramPredictor(self.model, self.tokenizer, programs[chosen], self.mt, details=details)
+        return ProgramPredictor(self.model, self.tokenizer, programs[chosen], self.static, details=details)
 
     # ---- data ------------------------------------------------------------------------------------
     def split(self, train: list[Example], val: list[Example]) -> tuple[list[Example], ...]:
@@ -282,7 +281,7 @@ class BetterTogether(Method):
 
     # ---- scoring ---------------------------------------------------------------------------------
     def predictor(self, program: Program) -> ProgramPredictor:
-        return ProgramPredictor(self.model, self.tokenizer, program, self.mt)
+        return ProgramPredictor(self.model, self.tokenizer, program, self.static)
 
     def validate(self, program: Program) -> float:
         key = program.key()
@@ -298,7 +297,8 @@ class BetterTogether(Method):
         if not queries:
             return []
         ev = getattr(self.config, "eval", None)
-        predictor = (TeacherPredictor if teacher else ProgramPredictor)(self.model, self.tokenizer, program, self.mt)
+        predictor = (TeacherPredictor if teacher else ProgramPredictor)(self.model, self.tokenizer, program,
+                                                                        self.static)
         result = evaluate(predictor, self.task, queries, batch_size=ev.batch_size if ev else 16,
                           max_new_tokens=ev.max_new_tokens if ev else None, likelihood=False, progress=False)
         metric = self.task.primary_metric
@@ -399,8 +399,9 @@ class BetterTogether(Method):
 
     def weight_step(self, program: Program, step: int, record: dict[str, Any]) -> Program:
         """A fresh static LoRA on M, SFT on the program's own correct outputs (its demos in the inputs)."""
-        from metatuner.models.metatuner import MetaTuner
-        from metatuner.training.trainer import Trainer
+        from metatuner.models.metatuner import draw_like_construction
+        from metatuner.models.static import StaticLoRA
+        from metatuner.training.sft import fine_tune
 
         cfg = self.cfg
         rc = self.config if isinstance(self.config, RunConfig) else RunConfig()
@@ -416,35 +417,35 @@ class BetterTogether(Method):
                     self.at_step(offset + k, lambda: self.predictor(program))
                 return program
             traces, record["fallback"] = queries, "no correct traces: trained on gold targets"
-        if self.mt is None:
-            self.mt = MetaTuner(self.model, self.tokenizer, rc.generator, rc.hypernet, use_hypernet=False,
-                                use_prompt=False)
+        if self.static is None:
+            # the same seed gives the first w step's LoRA the initial values the sft baseline's starts from
+            draw_like_construction(self.model, rc.generator, rc.hypernet)
+            self.static = StaticLoRA.from_config(self.model, self.tokenizer, rc)
         demos = [] if cfg.exclude_demos else list(program.demos)
-        self.mt.actor_inputs = self.renderer(demos)  # the SFT inputs are rendered as the program answers
+        render = self.renderer(demos)  # the SFT inputs are rendered as the program answers
         record["trained_with_demos"] = len(demos)
-        inputs = self.mt.actor_inputs(self.task, traces, [program.instruction] * len(traces))
+        inputs = render(self.task, traces, [program.instruction] * len(traces))
         long = sum(len(self.tokenizer(x + ex.target).input_ids) > rc.train.max_length for x, ex in zip(inputs, traces))
         if long:  # SFT keeps the last max_length tokens: the instruction and the first demos would be cut
             record["truncated_inputs"] = long
             logger.warning("bettertogether w step: %d of %d SFT inputs with %d demos exceed train.max_length=%d and "
                            "are cut from the left; raise train.max_length or lower bettertogether.max_labeled_demos",
                            long, len(traces), len(demos), rc.train.max_length)
-        trainer = Trainer(rc, self.mt, self.task, traces, [], self.run_dir)
-
         def on_step(k: int) -> None:
             if k > 0 or offset == 0:
                 self.at_step(offset + k, lambda: self.predictor(Program(program.instruction, demos, self.snapshot())))
 
-        trainer.on_step = on_step
-        trainer.warmup_actor(steps, instruction=program.instruction)
-        self.trainable_params = sum(p.numel() for p in self.mt.m_lora.adapter_parameters("static"))
+        fine_tune(self.static, rc, self.task, traces, steps, self.run_dir, instruction=program.instruction,
+                  render=render, on_step=on_step)
+        self.trainable_params = sum(p.numel() for p in self.static.parameters())
         return Program(program.instruction, demos, self.snapshot())
 
     def snapshot(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.mt.m_lora.adapter_state("static").items()}
+        return self.static.snapshot()
 
     def renderer(self, demos: list[Example]):
-        """``actor_inputs`` for M's SFT: each query rendered with ``demos`` as earlier turns, as the program does."""
+        """How M's SFT inputs are rendered (a :data:`~metatuner.models.static.Render`): each query with
+        ``demos`` as earlier turns, as the program answers."""
         shots = LMPredictor(self.model, self.tokenizer, demos=demos)
 
         def actor_inputs(task: Task, examples: list[Example], prompts: list[str]) -> list[str]:

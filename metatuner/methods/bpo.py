@@ -9,9 +9,10 @@ clearer, more specific, same meaning; the task's instruction shown as context). 
 by M's mean gold-answer NLL with the rewritten query in place of the original one (teacher forced, M
 with no adapter), against the original query of the same query; the best rewrite is kept as a pair when
 it lowers the NLL by more than ``bpo.margin`` nats. Rewrites that leak the gold answer
-(:func:`metatuner.training.rollouts.leaks`) are never kept. This is exactly MetaTuner's rejection-sampling
-warm-up of G (:func:`~metatuner.training.rollouts.rollout` filling the expert set, then the trainer's
-supervised loop), run on a rewriter whose "prompt" is the user's query rather than the instruction.
+(:func:`metatuner.training.rollouts.leaks`) are never kept. This is MetaTuner's rejection-sampling warm-up
+of G (:func:`~metatuner.training.rollouts.offer` filling an expert set, then SFT in the one supervised loop,
+:class:`~metatuner.training.supervised.SupervisedLoop`), run on a rewriter (:class:`SelfRewriter`: a LoRA
+on M's base that writes text) whose "prompt" is the user's query rather than the instruction.
 When no pair is kept (a small M rarely writes a better query), nothing is trained and the original
 prompts are served (``describe()["gate"] == "initial (no pair kept)"``, ``training.steps == 0``).
 
@@ -38,11 +39,12 @@ system turn) and a validation gate may fall back to the original prompts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -50,15 +52,21 @@ from tqdm.auto import tqdm
 from metatuner import files
 from metatuner.config import GeneratorConfig, HypernetConfig, RunConfig
 from metatuner.errors import MetatunerError
-from metatuner.evaluation.generation import generate, render_chat
+from metatuner.evaluation.generation import Generation, encode_pairs, generate, render_chat, token_logprobs
 from metatuner.evaluation.predictors import LMPredictor
 from metatuner.methods.base import METHODS, Method, count_trainable
-from metatuner.models.metatuner import MetaTuner
+from metatuner.models.lora import LoRAModel
+from metatuner.models.metatuner import draw_like_construction
+from metatuner.models.precision import autocast_dtype, enable_autocast, needs_loss_scaling
+from metatuner.models.recompute import set_gradient_checkpointing
 from metatuner.options import ConfigKeyError, _at_least, non_negative, option, positive
 from metatuner.prompts import BPO, bpo_messages
 from metatuner.tasks.base import Example, Task
+from metatuner.training.experts import ExpertSet
+from metatuner.training.rollouts import offer
 from metatuner.training.schedule import hf_schedule
 from metatuner.training.stream import DataStream
+from metatuner.training.supervised import SupervisedLoop
 
 @dataclass
 class BPOConfig:
@@ -103,34 +111,108 @@ logger = logging.getLogger(__name__)
 Rewrite = Callable[[Task, list[Example]], list[str]]
 
 
-class SelfRewriter(MetaTuner):
-    """MetaTuner with its prompt branch only (no F, no static LoRA, no shared encoder: G's LoRA on every
-    layer), where G's "prompt" is the user's query: G rewrites the query, and M (adapter off) reads the
-    task's messages with the rewritten query. Rollouts, the expert set and G's SFT loss run unchanged."""
+class SelfRewriter:
+    """R: a LoRA (``dec``, rank ``bpo.rank``) on ``bpo.targets`` of every layer of M's own base, which rewrites
+    the user's query from BPO's meta-prompt; M (adapter off) reads the task's messages with the rewritten
+    query. It is the :class:`~metatuner.training.rollouts.Proposer` BPO's rollouts sample rewrites from, and
+    :meth:`prompt_nll` is the loss of its SFT on the kept pairs.
+
+    R's adapter starts from the values, and torch's RNGs move on as, when R was a MetaTuner with its prompt
+    decoder only (no shared encoder): a seed gives the pairs and the training it gave then.
+    """
+
+    ADAPTER = "dec"
 
     def __init__(self, model, tokenizer, cfg: BPOConfig):
-        gen = GeneratorConfig(targets=list(cfg.targets), rank=cfg.rank, alpha=cfg.alpha, mode="rewrite",
-                              max_prompt_tokens=cfg.max_new_tokens, share_layers=0, on_cap="cut")
-        super().__init__(model, tokenizer, gen, HypernetConfig(targets=list(cfg.targets)), use_hypernet=False,
-                         use_prompt=True)
+        self.actor, self.tokenizer, self.max_new_tokens = model, tokenizer, cfg.max_new_tokens
+        self.lora = LoRAModel(model)
+        cuda = [model.device.index or 0] if model.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # the draws are made again just below, with the rest
+            self.lora.add_adapter(self.ADAPTER, list(cfg.targets), range(self.lora.num_layers), cfg.rank, cfg.alpha)
+        gen = GeneratorConfig(targets=list(cfg.targets), rank=cfg.rank, alpha=cfg.alpha, share_layers=0)
+        draw_like_construction(model, gen, HypernetConfig(targets=list(cfg.targets)))
 
+    def set_precision(self, autocast: str = "auto", gradient_checkpointing: bool = False) -> None:
+        """Autocast and gradient checkpointing of the base's forward passes (``train.autocast``, ...)."""
+        enable_autocast(self.actor, autocast_dtype(autocast, next(self.actor.parameters()).dtype))
+        set_gradient_checkpointing(self.actor, self.lora, gradient_checkpointing)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """R's trainable tensors."""
+        return list(self.lora.adapter_parameters(self.ADAPTER))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """R's tensors by name (``dec.<site>.A`` / ``.B``), for a checkpoint."""
+        return {f"{self.ADAPTER}.{k}": v for k, v in self.lora.adapter_state(self.ADAPTER).items()}
+
+    # ---- R: the rewriter -----------------------------------------------------------------------------
     def rewrite_texts(self, task: Task, examples: list[Example]) -> list[str]:
-        return [render_chat(self.gen_tokenizer, bpo_messages(task.instruction_for(ex), ex.query)) for ex in examples]
+        """R's input per query: BPO's meta-prompt around the query, the task's instruction as context."""
+        return [render_chat(self.tokenizer, bpo_messages(task.instruction_for(ex), ex.query)) for ex in examples]
+
+    @torch.no_grad()
+    def generate_outputs(self, task: Task, examples: list[Example], *, sample: bool = False, n: int = 1,
+                         temperature: float = 1.0) -> list[Generation]:
+        """R's raw rewrites, ``n`` per query (grouped by query): greedy unless ``sample``."""
+        with self.lora.use((self.ADAPTER,)):
+            return generate(self.actor, self.tokenizer, self.rewrite_texts(task, examples), self.max_new_tokens,
+                            do_sample=sample, temperature=temperature, num_samples=n)
+
+    def clean_output(self, gen: Generation) -> str:
+        """A rewrite cut at the token cap ends at its last complete sentence (nothing usable without one)."""
+        text = gen.text.strip()
+        if gen.finished:
+            return text
+        end = max(text.rfind(c) for c in ".!?")
+        return text[: end + 1].strip() if end >= 0 else ""
 
     def keep_initial_output(self, task: Task, example: Example) -> str:
+        """The rewrite that means "keep the original": the query itself."""
         return example.query
 
     def compose(self, task: Task, example: Example, output: str) -> str:
+        """The query M reads for a cleaned rewrite (the original one for an empty rewrite)."""
         return output or example.query
-
-    def actor_inputs(self, task: Task, examples: list[Example], prompts: list[str]) -> list[str]:
-        return [render_chat(self.tokenizer, task.messages(task.instruction_for(ex), dataclasses.replace(ex, query=p)))
-                for p, ex in zip(prompts, examples)]
 
     def rewrite(self, task: Task, examples: list[Example]) -> list[str]:
         """R's greedy rewrite of each query (the query itself where R writes nothing usable)."""
         gens = self.generate_outputs(task, examples)
         return [self.compose(task, ex, self.clean_output(g)) for ex, g in zip(examples, gens)]
+
+    def prompt_nll(self, task: Task, examples: list[Example], outputs: list[str]) -> torch.Tensor:
+        """Per-query mean NLL of the rewrites ``outputs`` (plus EOS) under R, teacher forced: R's SFT loss."""
+        eos = self.tokenizer.eos_token or ""
+        batch = encode_pairs(self.tokenizer, self.rewrite_texts(task, examples), [o + eos for o in outputs],
+                             self.actor.device)
+        with self.lora.use((self.ADAPTER,)):
+            return _mean_nll(self.actor, batch)
+
+    # ---- M, adapter off ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def as_actor(self, factors=None) -> Iterator[None]:
+        """Context in which the base is M: no adapter (BPO never changes M's weights)."""
+        with self.lora.use(()):
+            yield
+
+    def actor_inputs(self, task: Task, examples: list[Example], prompts: list[str]) -> list[str]:
+        """M's input per query: the task's messages with the (rewritten) query ``prompts[i]``."""
+        return [render_chat(self.tokenizer, task.messages(task.instruction_for(ex), dataclasses.replace(ex, query=p)))
+                for p, ex in zip(prompts, examples)]
+
+    def answer_nll(self, task: Task, examples: list[Example], prompts: list[str], factors=None,
+                   max_length: int = 512) -> torch.Tensor:
+        """Per-row mean NLL of each gold target (plus EOS) under M reading the query ``prompts[i]``."""
+        eos = self.tokenizer.eos_token or ""
+        batch = encode_pairs(self.tokenizer, self.actor_inputs(task, examples, prompts),
+                             [ex.target + eos for ex in examples], self.actor.device, max_length)
+        with self.as_actor(factors):
+            return _mean_nll(self.actor, batch)
+
+
+def _mean_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[bs]`` mean token NLL of the labelled positions."""
+    total, count = token_logprobs(model, batch)
+    return -total / count.clamp(min=1)
 
 
 class ReleasedRewriter:
@@ -176,7 +258,7 @@ class BPOPredictor(LMPredictor):
         return super().describe() | {"prompts": self.prompts} | self.details
 
 
-def kept_pairs(rewriter: MetaTuner, task: Task, queries: list[Example], experts) -> list[dict[str, Any]]:
+def kept_pairs(rewriter: SelfRewriter, task: Task, queries: list[Example], experts) -> list[dict[str, Any]]:
     """The (original, improved) pairs: queries whose expert is a rewrite that beat the original by the margin."""
     pairs = []
     for ex in queries:
@@ -230,7 +312,7 @@ class BPOSelfPairs(Method):
 
     # ---- bpo-selfpairs -------------------------------------------------------------------------------
     def run_config(self) -> RunConfig:
-        """The run config the trainer gets: ``train.*`` (schedule, clipping, seeds) with BPO's budgets."""
+        """The run config the rewriter trains under: ``train.*`` (schedule, clipping, seeds) with BPO's budgets."""
         rc = self.config if isinstance(self.config, RunConfig) else RunConfig()
         cfg = self.cfg
         tc = dataclasses.replace(
@@ -242,40 +324,46 @@ class BPOSelfPairs(Method):
         return dataclasses.replace(rc, train=tc)
 
     def fit_selfpairs(self, task: Task, train: list[Example], val: list[Example]) -> BPOPredictor:
-        from metatuner.training.trainer import Trainer
-
         cfg, rc = self.cfg, self.run_config()
+        tc = rc.train
         if not train:
             raise MetatunerError(f"bpo-selfpairs needs training queries of task {task.name!r} to build pairs from")
         rewriter = self.rewriter = SelfRewriter(self.model, self.tokenizer, cfg)
-        params = list(rewriter.g_lora.adapter_parameters("dec"))
+        rewriter.set_precision(tc.autocast, tc.gradient_checkpointing)
+        params = rewriter.parameters()
         self.trainable_params = count_trainable(torch.nn.ParameterList(params))
-        trainer = Trainer(rc, rewriter, task, train, val, self.run_dir)
-        trainer.setup_optimizer(cfg.steps, {"decoder": params})
+        loop = SupervisedLoop(tc, self.run_dir, device_type=self.model.device.type,
+                              loss_scaling=needs_loss_scaling(self.model))
+        loop.setup(cfg.steps, {"decoder": params})
+        experts = ExpertSet(tc.expert_cap, tc.expert_margin)  # each query's best rewrite so far
+        loop.save = lambda: loop.save_checkpoint(rewriter.state(), {"experts": experts.state()})
         details: dict[str, Any] = {"rewriter": "self-pairs LoRA"}
         now = lambda: self.gated(task, val, rewriter.rewrite, details)  # noqa: E731
-        trainer.on_step = lambda step: self.at_step(step, now)
+        loop.on_step = lambda step: self.at_step(step, now)
         self.at_step(0, now)
 
         # pairs: rollouts of the rewriter (M itself at first) fill the expert set, as in G's warm-up
+        by_id = {ex.id: ex for ex in train}
         queries = DataStream(train, rc.data.seed + 2).next(min(cfg.queries, len(train)))
         queries = list({ex.id: ex for ex in queries}.values())
         leaked = 0
-        with tqdm(total=len(queries), desc="bpo pairs (rollouts)", disable=not trainer.progress) as bar:
+        with tqdm(total=len(queries), desc="bpo pairs (rollouts)", disable=not loop.progress) as bar:
             for i in range(0, len(queries), cfg.batch_size):
                 batch = queries[i : i + cfg.batch_size]
-                leaked += trainer.offer(batch, None, None).get("leaked", 0)
+                r, _ = offer(experts, rewriter, task, batch, None, tc, loop.gather,
+                             lambda qid: rewriter.keep_initial_output(task, by_id[qid]))
+                leaked += r.leaked if r is not None else 0
                 bar.update(len(batch))
-                trainer._stop_point()  # a SIGTERM between two rollout batches stops here
-        pairs = kept_pairs(rewriter, task, queries, trainer.experts)
+                loop.stop_point()  # a SIGTERM between two rollout batches stops here
+        pairs = kept_pairs(rewriter, task, queries, experts)
         if self.run_dir is not None:
             files.write_text(self.run_dir / "bpo_pairs.jsonl",
                              "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
-        schedule, warmup = hf_schedule(rc.train, cfg.steps)
+        schedule, warmup = hf_schedule(tc, cfg.steps)
         details["training"] = {"queries": len(queries), "samples": cfg.samples, "pairs": len(pairs),
                                "leaked": leaked, "mean_gain": sum(p["gain"] for p in pairs) / max(1, len(pairs)),
                                "steps": cfg.steps if pairs else 0, "lr_schedule": schedule, "warmup_steps": warmup}
-        trainer.log({"phase": "bpo_pairs", "step": trainer.step, **details["training"]})
+        loop.log({"phase": "bpo_pairs", "step": loop.step, **details["training"]})
         if not pairs:
             # nothing to fine-tune on (a small M rarely rewrites a query into a better one): the untrained
             # rewriter is M itself, which the pairs just showed does not help, so the original prompts are served
@@ -288,13 +376,12 @@ class BPOSelfPairs(Method):
                 self.at_step(step, fallback)
             return fallback()
         improved = {p["id"]: p["improved"] for p in pairs}
-        by_id = {ex.id: ex for ex in queries}
         stream = DataStream([by_id[i] for i in improved], rc.data.seed + 3)
 
         def loss(batch: list[Example]) -> torch.Tensor:
             return rewriter.prompt_nll(task, batch, [improved[ex.id] for ex in batch]).mean()
 
-        trainer.supervised("bpo_rewriter", "rewriter_sft", cfg.steps, stream, loss)
+        loop.run("bpo_rewriter", "rewriter_sft", cfg.steps, stream, loss)
         return now()
 
     def budget(self) -> int:

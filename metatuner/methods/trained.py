@@ -1,20 +1,20 @@
 """Trained methods: static LoRA SFT and MetaTuner (J or I schedule, and its ablations, via the config).
 
-Both run on MetaTuner's training loop, so SFT here is exactly MetaTuner's warm-up of M, and both are
-scored through the same :class:`MetaTunerPredictor` path (with the prompt and hypernetwork branches
-switched off for SFT, it answers with ``p~`` and the static LoRA only).
+SFT trains a :class:`~metatuner.models.static.StaticLoRA` (M and one static LoRA, no G or F) with
+:func:`~metatuner.training.sft.fine_tune`, the one supervised loop MetaTuner's warm-up of M also runs in,
+from the same initial values for the same seed, so SFT here is exactly that warm-up; it answers with
+``p~`` and the static LoRA (:class:`~metatuner.training.predictor.StaticLoRAPredictor`). MetaTuner trains
+through :class:`~metatuner.training.trainer.Trainer` and answers with :class:`MetaTunerPredictor`.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from metatuner.methods.base import METHODS, Method
 from metatuner.tasks.base import Example, Task
 
 
 class _Trained(Method):
-    """A method fitted by :class:`~metatuner.training.trainer.Trainer`."""
+    """A method trained for ``train.steps`` optimizer steps."""
 
     needs_training = True
 
@@ -28,20 +28,26 @@ class _Trained(Method):
 
 @METHODS.register("sft")
 class SFT(_Trained):
-    """Static LoRA on M fine-tuned on (p~, x) -> y for train.steps steps (MetaTuner's warm-up of M alone)."""
+    """Static LoRA on M fine-tuned on (p~, x) -> y for train.steps steps (exactly MetaTuner's warm-up of M)."""
 
     def fit(self, task: Task, train: list[Example], val: list[Example]):
-        from metatuner.models.metatuner import MetaTuner
-        from metatuner.training.predictor import MetaTunerPredictor
-        from metatuner.training.trainer import Trainer
+        from metatuner.models.metatuner import draw_like_construction
+        from metatuner.models.static import StaticLoRA
+        from metatuner.training.predictor import StaticLoRAPredictor
+        from metatuner.training.sft import fine_tune
 
         cfg = self.config
-        mt = MetaTuner(self.model, self.tokenizer, cfg.generator, cfg.hypernet, use_hypernet=False, use_prompt=False)
-        trainer = Trainer(cfg, mt, task, train, val, self.run_dir)
-        trainer.on_step = lambda step: self.trained(trainer, step, lambda: MetaTunerPredictor(mt, name="sft"))
-        trainer.warmup_actor(cfg.train.steps)
-        self.trainable_params = trainer.trainable_params()
-        return MetaTunerPredictor(mt, name="sft")
+        # the same seed gives the static LoRA the initial values MetaTuner's warm-up of M starts from
+        draw_like_construction(self.model, cfg.generator, cfg.hypernet)
+        static = StaticLoRA.from_config(self.model, self.tokenizer, cfg)
+
+        def on_step(step: int) -> None:
+            self.trainable_params = sum(p.numel() for p in static.parameters())  # what a curve point cost
+            self.at_step(step, lambda: StaticLoRAPredictor(static))
+
+        loop = fine_tune(static, cfg, task, train, cfg.train.steps, self.run_dir, on_step=on_step)
+        self.trainable_params = loop.trainable_params()
+        return StaticLoRAPredictor(static)
 
 
 @METHODS.register("metatuner")

@@ -57,9 +57,7 @@ class LoRALinear(nn.Module):
         """A new adapter, in float32 whatever the base's dtype: in bf16 an AdamW update of 1e-4 is below the
         resolution of A's entries, so trainable weights (and so their optimizer state) stay fp32."""
         w = self.base.weight
-        a = torch.empty(rank, self.in_features, dtype=torch.float32, device=w.device)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's default: A random, B zero -> no change at init
-        self.lora_A[name] = nn.Parameter(a)
+        self.lora_A[name] = nn.Parameter(initial_a(rank, self.in_features, w.device))
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, rank, dtype=torch.float32, device=w.device))
         self.scaling[name] = alpha / rank
 
@@ -88,6 +86,14 @@ class LoRALinear(nn.Module):
             h = torch.bmm(x, a.transpose(1, 2))  # [bs, T, r]
             acc = acc.baddbmm_(h, b.transpose(1, 2), alpha=scale)  # [bs, T, out]
         return acc
+
+
+def initial_a(rank: int, in_features: int, device) -> torch.Tensor:
+    """A new adapter's A ``[rank, in_features]`` (float32), drawn from torch's RNG on ``device``: PEFT's
+    default, with B zero, so an adapter changes nothing at init."""
+    a = torch.empty(rank, in_features, dtype=torch.float32, device=device)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    return a
 
 
 @dataclass(frozen=True)

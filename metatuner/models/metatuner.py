@@ -36,7 +36,7 @@ from metatuner.evaluation.generation import (
     Generation, encode_pairs, generate, generate_rows, render_chat, token_logprobs,
 )
 from metatuner.models.hypernet import LoRAHypernet
-from metatuner.models.lora import LoRAModel
+from metatuner.models.lora import LoRALinear, LoRAModel, initial_a
 from metatuner.models.precision import autocast_dtype, enable_autocast
 from metatuner.models.recompute import gradient_checkpointing as is_checkpointed
 from metatuner.models.recompute import set_gradient_checkpointing
@@ -389,6 +389,31 @@ class MetaTuner(nn.Module):
         )
         with self.as_actor(factors):
             return _mean_nll(self.actor, batch)
+
+
+def draw_like_construction(actor, gen_cfg: GeneratorConfig, hyper_cfg: HypernetConfig) -> None:
+    """Draws from torch's RNGs what ``MetaTuner(actor, tokenizer, gen_cfg, hyper_cfg)`` draws (the initial A
+    of G's adapters ``enc``, ``dec`` and ``dec_frozen``, then F's initial weights), and keeps none of it.
+
+    The SFT baseline trains a static LoRA on M alone (:class:`~metatuner.models.static.StaticLoRA`), and
+    calls this first, so that with the same seed its adapter starts from the values MetaTuner's warm-up of
+    M starts from (SFT is exactly that warm-up), and SFT runs draw what they drew when SFT was built as a
+    MetaTuner with G and F unused. Nothing is built on or wrapped in ``actor``.
+    """
+    lora = LoRAModel(actor)
+    K = lora.num_layers
+    k = resolve_split(gen_cfg, K)
+
+    def linear(site) -> nn.Linear:
+        module = actor.get_submodule(lora.sites[site.key][1])
+        return module.base if isinstance(module, LoRALinear) else module
+
+    for layers in (range(0, k), range(k, K), range(k, K)):  # enc, dec, dec_frozen
+        for site in lora.select(gen_cfg.targets, layers):
+            initial_a(gen_cfg.rank, linear(site).in_features, linear(site).weight.device)
+    sites = lora.select(hyper_cfg.targets, hyper_cfg.layers if hyper_cfg.layers is not None else range(K))
+    shapes = {site.kind: (linear(site).in_features, linear(site).out_features) for site in sites}
+    LoRAHypernet(actor.config.hidden_size, sites, shapes, K, hyper_cfg.rank, hyper_cfg.hidden, hyper_cfg.emb_dim)
 
 
 def repeat_factors(factors: Factors | None, n: int) -> Factors | None:

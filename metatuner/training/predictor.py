@@ -1,4 +1,5 @@
-"""A trained MetaTuner as a predictor: a generated prompt and generated LoRA weights per query."""
+"""Trained LoRA as predictors: a trained MetaTuner (a generated prompt and generated LoRA weights per query),
+and a static LoRA on M (the SFT baseline: p~ and the one fine-tuned LoRA for every query)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from metatuner.evaluation.predictors import LMPredictor
 from metatuner.models.metatuner import Factors, MetaTuner
+from metatuner.models.static import StaticLoRA
 from metatuner.tasks.base import Example, Task
 
 
@@ -67,3 +69,20 @@ class MetaTunerPredictor(LMPredictor):
                 "has_static": self.mt.has_static, "mode": self.mt.gen_cfg.mode,
                 "prompts": "generated" if self.uses_generated_prompts() else "initial"} | (
                 {"prompt_branch": self.mt.prompt_branch_note} if self.mt.prompt_branch_note else {})
+
+
+class StaticLoRAPredictor(LMPredictor):
+    """M with its fine-tuned static LoRA on, answering every query under p~ (the SFT baseline)."""
+
+    def __init__(self, static: StaticLoRA, name: str = "sft"):
+        super().__init__(static.model, static.tokenizer, None, name=name)
+        self.static = static
+
+    @contextlib.contextmanager
+    def weights(self, task: Task, examples: list[Example]) -> Iterator[None]:
+        with self.static.active():
+            yield
+
+    def describe(self) -> dict[str, Any]:
+        return {"predictor": type(self).__name__, "method": self.name, "has_static": self.static.has_adapter,
+                "prompts": "initial"}

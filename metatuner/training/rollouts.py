@@ -12,19 +12,47 @@ scored once. Rewards (higher is better), compared only within a query's group of
 A candidate that *leaks* (:func:`~metatuner.tasks.leaks.leaks`: it contains the gold answer, or states
 an answer) is never chosen: guessing the answer into the prompt would be rewarded by the NLL.
 The result gives each query's best candidate and its *gain*, its reward minus p~'s in the same
-rollout, which the expert set compares across rollouts.
+rollout, which the expert set compares across rollouts (:func:`offer`).
+
+Rollouts need only what :class:`Proposer` lists: MetaTuner's G proposes prompts, BPO's rewriter
+(:class:`~metatuner.methods.bpo.SelfRewriter`) proposes rewritten queries.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 
 from metatuner.evaluation.generation import Generation, generate
-from metatuner.models.metatuner import Factors, MetaTuner
+from metatuner.models.metatuner import Factors
 from metatuner.tasks.base import Example, Task
 from metatuner.tasks.leaks import leaks
+
+
+class Proposer(Protocol):
+    """What a rollout needs of the model that proposes outputs (MetaTuner's G, BPO's rewriter) and of M."""
+
+    actor: Any  # M
+    tokenizer: Any  # M's tokenizer
+
+    def generate_outputs(self, task: Task, examples: list[Example], *, sample: bool = False, n: int = 1,
+                         temperature: float = 1.0) -> list[Generation]: ...
+
+    def clean_output(self, gen: Generation) -> str: ...
+
+    def keep_initial_output(self, task: Task, example: Example) -> str: ...
+
+    def compose(self, task: Task, example: Example, output: str) -> str: ...
+
+    def actor_inputs(self, task: Task, examples: list[Example], prompts: list[str]) -> list[str]: ...
+
+    def as_actor(self, factors: Factors | None) -> contextlib.AbstractContextManager: ...
+
+    def answer_nll(self, task: Task, examples: list[Example], prompts: list[str], factors: Factors | None,
+                   max_length: int = 512) -> torch.Tensor: ...
 
 
 @dataclass
@@ -38,7 +66,7 @@ class RolloutResult:
 
 @torch.no_grad()
 def score_prompts(
-    mt: MetaTuner, task: Task, examples: list[Example], prompts: list[str], factors: Factors | None,
+    mt: Proposer, task: Task, examples: list[Example], prompts: list[str], factors: Factors | None,
     reward: str, max_length: int,
 ) -> torch.Tensor:
     """Reward of each (example, prompt) pair; ``factors`` belong row by row to ``examples``."""
@@ -59,7 +87,7 @@ def _select_rows(factors: Factors | None, rows: list[int]) -> Factors | None:
 
 @torch.no_grad()
 def rollout(
-    mt: MetaTuner, task: Task, examples: list[Example], factors: Factors | None, n: int, temperature: float,
+    mt: Proposer, task: Task, examples: list[Example], factors: Factors | None, n: int, temperature: float,
     reward: str = "nll", max_length: int = 512, extra: list[str] | None = None,
     samples: list[Generation] | None = None,
 ) -> RolloutResult:
@@ -106,3 +134,21 @@ def rollout(
         mean_reward=sum(others) / len(others) if others else float("nan"),
         initial_reward=sum(initial) / len(initial), leaked=leaked,
     )
+
+
+def offer(experts, mt: Proposer, task: Task, batch: list[Example], factors: Factors | None, tc,
+          gather: Callable[[Iterable], list], initial_output: Callable[[str], str], extra: list[str] | None = None,
+          samples: list[Generation] | None = None) -> tuple[RolloutResult | None, list[tuple[str, str, float]]]:
+    """Rolls out ``batch`` (this process's share; may be empty) with ``tc.rollouts`` samples at
+    ``tc.temperature`` scored by ``tc.reward``, and offers every process's best outputs (``gather``) to the
+    expert set ``experts``, each against ``initial_output(query id)``, the output meaning "keep p~".
+
+    Returns the rollout's result (None for an empty batch) and the gathered ``(query id, output, gain)``.
+    """
+    r = rollout(mt, task, batch, factors, tc.rollouts, tc.temperature, tc.reward, tc.max_length,
+                extra=extra, samples=samples) if batch else None
+    triples = zip([ex.id for ex in batch], r.best_outputs, r.best_gains) if r else []
+    gathered = gather(triples)
+    for qid, output, gain in gathered:
+        experts.offer(qid, output, gain, initial_output(qid))
+    return r, gathered

@@ -28,10 +28,13 @@ rates an SFT run of the same budget sees:
    trained predictor serves G's prompts only if they score more than ``train.gate_margin`` above p~ on
    validation (:func:`~metatuner.evaluation.gate.gate_opens`), else p~ (``train.gate``).
 
-The loop runs on ``accelerate``: under ``accelerate launch`` each process takes its share of every
-batch, gradients are averaged across processes in one all-reduce before each step, and the rollouts'
-expert outputs are gathered so every process (and the checkpoint) holds all of D2. Only the main
-process writes logs and checkpoints. Every loss term is logged by name to ``log.jsonl`` and TensorBoard.
+The optimizer, its schedule, loss scaling, ``accelerate``, clipping, logging and stop points are those of
+the one supervised loop every trained LoRA shares (:class:`~metatuner.training.supervised.SupervisedLoop`):
+the warm-ups run through it, and each joint step ends in its optimizer step. Under ``accelerate launch``
+each process takes its share of every batch, gradients are averaged across processes in one all-reduce
+before each step, and the rollouts' expert outputs are gathered so every process (and the checkpoint)
+holds all of D2. Only the main process writes logs and checkpoints. Every loss term is logged by name to
+``log.jsonl`` and TensorBoard.
 
 After each optimizer step the loop is at a safe point: on a SIGTERM / SIGINT (:mod:`metatuner.interrupts`)
 it saves a checkpoint and stops, and :meth:`Trainer.run` with ``resume`` continues from any checkpoint
@@ -48,25 +51,20 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from metatuner import interrupts
 from metatuner.config import RunConfig
 from metatuner.errors import MetatunerError
 from metatuner.models.metatuner import MetaTuner
 from metatuner.models.precision import needs_loss_scaling
 from metatuner.tasks.base import Example, Task
 from metatuner.tasks.leaks import states_answer
-from metatuner.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from metatuner.training.collective import agreed_signal, average_gradients
+from metatuner.training.checkpoint import latest_checkpoint
 from metatuner.training.branch import PromptBranch
 from metatuner.training.experts import ExpertSet
-from metatuner.training.logbook import Logbook
-from metatuner.training.rollouts import rollout
-from metatuner.training.schedule import make_scheduler
+from metatuner.training.rollouts import offer
 from metatuner.training.stream import DataStream
+from metatuner.training.supervised import SupervisedLoop
 
 
 class Trainer:
@@ -77,32 +75,65 @@ class Trainer:
         self.by_id = {ex.id: ex for ex in train}
         self.run_dir = run_dir
         self.progress = progress
-        # autocast and checkpointing as the config says, also for a MetaTuner built without build_metatuner (SFT)
+        # autocast and checkpointing as the config says, also for a MetaTuner built without build_metatuner
         mt.set_precision(self.tc.autocast, self.tc.gradient_checkpointing)
-        # fp16 activations: the loss is scaled before backward and the gradients unscaled before clipping (a
-        # disabled scaler, for float32 and bf16, passes the loss through unchanged)
-        self.scaler = torch.amp.GradScaler(
-            mt.actor.device.type, enabled=needs_loss_scaling(mt.actor) or needs_loss_scaling(mt.generator))
-        self.acc = Accelerator(cpu=mt.actor.device.type == "cpu")
-        if self.tc.batch_size < self.acc.num_processes:
-            raise MetatunerError(
-                f"train.batch_size={self.tc.batch_size} is smaller than the {self.acc.num_processes} processes: "
-                "every process needs at least one query of each batch"
-            )
+        #: the optimizer, schedule, loss scaling, processes, log and stop points (the warm-ups run in it)
+        self.loop = SupervisedLoop(self.tc, run_dir, device_type=mt.actor.device.type, progress=progress,
+                                   loss_scaling=needs_loss_scaling(mt.actor) or needs_loss_scaling(mt.generator))
+        self.loop.save = self.save
         self.experts = ExpertSet(self.tc.expert_cap, self.tc.expert_margin)  # D2
         self.branch = PromptBranch(self.tc.prompt_branch, self.tc.retire_below, self.tc.retire_window)
         self.prompt_cache: dict[str, str] = {}  # query id -> frozen decoder's cleaned greedy output, until the next sync
-        self.step = 0  # optimizer steps taken, over all phases
         self.joint_start = 0  # the step at which joint training starts
         self.stream = DataStream(train, cfg.data.seed)
-        self.optimizer = self.scheduler = None
         self.finished = False  # the final validation (and gate) has run
-        self.on_step: Callable[[int], None] | None = None  # called with the step count after every optimizer step
-        self._logbook: Logbook | None = None
         #: wall seconds spent in each part of the joint steps so far (``benchmarks/train_step.py`` reads it):
         #: encode (meta encoder + F), decode (G's prompts), score (rollout rewards), task and reg (forward and
         #: backward of each loss term)
         self.part_seconds: dict[str, float] = {}
+
+    # ---- the loop's state, as the trainer's own ---------------------------------------------------
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken, over all phases."""
+        return self.loop.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.loop.step = value
+
+    @property
+    def on_step(self) -> Callable[[int], None] | None:
+        """Called with the step count after every optimizer step (and with 0 before the first)."""
+        return self.loop.on_step
+
+    @on_step.setter
+    def on_step(self, fn: Callable[[int], None] | None) -> None:
+        self.loop.on_step = fn
+
+    @property
+    def optimizer(self):
+        return self.loop.optimizer
+
+    @property
+    def scheduler(self):
+        return self.loop.scheduler
+
+    @property
+    def groups(self) -> dict[str, list]:
+        return self.loop.groups
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler:
+        return self.loop.scaler
+
+    @scaler.setter
+    def scaler(self, scaler: torch.amp.GradScaler) -> None:
+        self.loop.scaler = scaler
+
+    @property
+    def acc(self):
+        return self.loop.acc
 
     # ---- phases ----------------------------------------------------------------------------------
     def phase_steps(self) -> dict[str, int]:
@@ -127,103 +158,43 @@ class Trainer:
         if ckpt is not None:
             self.restore(ckpt)
         else:
-            self._open_log(keep_bytes=0)
+            self.loop.open_log(keep_bytes=0)
             self.log({"phase": "plan", "step": 0, **{f"{k}_steps": v for k, v in plan.items()}})
-            self._at_step()
+            self.loop.at_step()
         if self.step < self.joint_start:
             if self.step < actor:
                 self.warmup_actor(actor, start=self.step)
             if gen:  # a checkpoint at step ``actor`` precedes G's rollouts; one inside G's warm-up follows them
                 self.warmup_generator(gen, start=self.step - actor)
             self.save()
-            self._stop_point(saved=True)
+            self.loop.stop_point(saved=True)
         self.train_joint()
         self.finish()
 
     def setup_optimizer(self, total: int, groups: dict[str, list] | None = None) -> None:
         """One AdamW over every trainable component (per-component learning rates) and one schedule over
-        ``total`` steps; a phase steps only the parameters its loss reaches."""
-        self.groups = groups if groups is not None else self.mt.parameter_groups()
-        lrs = {"encoder": self.tc.lr_encoder, "decoder": self.tc.lr_decoder, "hypernet": self.tc.lr_hypernet,
-               "static": self.tc.lr_static}
-        lrs = {k: v * self.tc.lr_scale for k, v in lrs.items()}
-        param_groups = [{"params": ps, "lr": lrs[name], "name": name} for name, ps in self.groups.items() if ps]
-        opt = torch.optim.AdamW(param_groups, weight_decay=self.tc.weight_decay)
-        # the scheduler stays unwrapped: accelerate's wrapper would step it once per process, but each process
-        # here takes a share of one batch, so one optimizer step is one scheduler step
-        self.optimizer, self.scheduler = self.acc.prepare(opt), make_scheduler(opt, self.tc, total)
+        ``total`` steps (:meth:`SupervisedLoop.setup`); a phase steps only the parameters its loss reaches."""
+        self.loop.setup(total, groups if groups is not None else self.mt.parameter_groups())
 
     def trainable_params(self) -> int:
         """The parameters the optimizer trains (0 before it is set up)."""
-        if self.optimizer is None:
-            return 0
-        return sum({id(p): p.numel() for g in self.optimizer.param_groups for p in g["params"]}.values())
+        return self.loop.trainable_params()
 
-    def warmup_actor(self, steps: int | None = None, instruction: str | None = None, start: int = 0) -> None:
-        """M's static LoRA, fine-tuned on (p~, x) -> y: exactly the SFT baseline.
-
-        Run alone (the ``sft`` method, BetterTogether's w step) it trains a fresh static LoRA for ``steps``
-        under its own schedule over those steps. ``instruction`` replaces ``p~`` in the inputs
-        (BetterTogether fine-tunes under its current prompt). ``start``: steps already taken (a resume).
-        """
-        steps = self.tc.steps if steps is None else steps
-        if self.optimizer is None:
-            self.mt.add_static_adapter(self.tc.static_rank, self.tc.static_alpha)
-            self.setup_optimizer(steps, {"static": list(self.mt.m_lora.adapter_parameters("static"))})
-            self._at_step()
+    def warmup_actor(self, steps: int, start: int = 0) -> None:
+        """M's static LoRA, fine-tuned on (p~, x) -> y for steps ``start``..``steps`` of the run's one schedule:
+        exactly what the ``sft`` method does (:mod:`metatuner.methods.trained`) with the same seed and steps.
+        ``start``: steps already taken (a resume)."""
         stream = DataStream(self.train_set, self.cfg.data.seed + 1, cursor=start * self.tc.batch_size)
 
         def loss(batch: list[Example]) -> torch.Tensor:
-            prompts = [instruction or self.task.instruction_for(ex) for ex in batch]
+            prompts = [self.task.instruction_for(ex) for ex in batch]
             return self.mt.answer_nll(self.task, batch, prompts, None, self.tc.max_length).mean()
 
         self.supervised("warmup_actor", "sft", steps, stream, loss, start)
 
     def supervised(self, phase: str, name: str, steps: int, stream: DataStream, loss_fn, start: int = 0) -> None:
-        """A plain fine-tuning loop (the warm-ups): optimizer steps ``start``..``steps`` on batches of
-        ``stream``. ``loss_fn`` returns the loss, or a dict of named terms whose sum is stepped on (each
-        logged as ``<term>_loss``). A stop request is honoured between two of its steps (after the last one,
-        the caller's own safe point follows), so a checkpoint inside a warm-up is never at its end."""
-        params = [p for ps in self.groups.values() for p in ps]
-        # closed also on an error, so the error's line starts on a line of its own
-        with tqdm(total=steps, initial=start, desc=phase.replace("_", " "), disable=not self.progress) as bar:
-            for k in range(start, steps):
-                began = time.perf_counter()
-                terms = loss_fn(self._share(stream.next(self.tc.batch_size)))
-                terms = terms if isinstance(terms, dict) else {name: terms}
-                self._check_finite(self.step + 1, terms)
-                self.scaler.scale(sum(terms.values())).backward()
-                lrs = self._lrs()
-                self._optimizer_step(params)
-                self.log({"phase": phase, "step": self.step, **{f"{t}_loss": v.item() for t, v in terms.items()},
-                          **lrs, "seconds": time.perf_counter() - began})
-                bar.update(1)
-                if k + 1 < steps:
-                    self._stop_point()
-
-    def _lrs(self) -> dict[str, float]:
-        """The learning rate each component is stepped with now (logged with the step)."""
-        return {f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups}
-
-    def _optimizer_step(self, params: list[torch.Tensor]) -> None:
-        average_gradients(self.acc, params)
-        scaled = self.scaler.is_enabled() and any(p.grad is not None for p in params)
-        if scaled:
-            self.scaler.unscale_(self.optimizer)  # clipping sees the true gradients
-        self._clip(params)
-        if scaled:
-            self.scaler.step(self.optimizer)  # skipped when a gradient overflowed fp16 (the scale then shrinks)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self._at_step()
-
-    def _at_step(self) -> None:
-        if self.on_step is not None:
-            self.on_step(self.step)
+        """The one supervised loop (:meth:`SupervisedLoop.run`) on this run's optimizer and schedule."""
+        self.loop.run(phase, name, steps, stream, loss_fn, start)
 
     def warmup_generator(self, steps: int, start: int = 0) -> None:
         """One round of rejection sampling: rollouts fill D2 (each query's best sampled output, or "keep
@@ -233,7 +204,7 @@ class Trainer:
         if start == 0:
             with tqdm(total=len(queries), desc="warm-up G (rollouts)", disable=not self.progress) as bar:
                 for i in range(0, len(queries), self.tc.batch_size):
-                    stats = self.offer(self._share(queries[i : i + self.tc.batch_size]), None, None)
+                    stats = self.offer(self.loop.share(queries[i : i + self.tc.batch_size]), None, None)
                     self.branch.record_warmup(stats["improved"], stats["rolled_out"])
                     bar.update(len(queries[i : i + self.tc.batch_size]))
             reason = self.branch.after_warmup()
@@ -252,7 +223,7 @@ class Trainer:
             terms = {"generator_sft": self.mt.prompt_nll(self.task, batch,
                                                          [self.experts[ex.id].output for ex in batch]).mean()}
             if trains_m:  # M's share of the step: the task loss under p~, as a joint step of w/o P
-                terms["task"] = self.p0_task_loss(self._share(self.stream.next(self.tc.batch_size)))
+                terms["task"] = self.p0_task_loss(self.loop.share(self.stream.next(self.tc.batch_size)))
             return terms
 
         self.supervised("warmup_generator", "generator_sft", steps, stream, loss, start)
@@ -262,12 +233,8 @@ class Trainer:
     def offer(self, batch: list[Example], factors, extra: list[str] | None, samples=None) -> dict[str, float]:
         """Rolls out ``batch`` (this process's share; may be empty) and offers every process's best outputs to D2."""
         tc = self.tc
-        r = rollout(self.mt, self.task, batch, factors, tc.rollouts, tc.temperature, tc.reward, tc.max_length,
-                    extra=extra, samples=samples) if batch else None
-        triples = zip([ex.id for ex in batch], r.best_outputs, r.best_gains) if r else []
-        gathered = self._gather(triples)
-        for qid, output, gain in gathered:
-            self.experts.offer(qid, output, gain, self.mt.keep_initial_output(self.task, self.by_id[qid]))
+        r, gathered = offer(self.experts, self.mt, self.task, batch, factors, tc, self.loop.gather,
+                            lambda qid: self.mt.keep_initial_output(self.task, self.by_id[qid]), extra, samples)
         # every process's queries: the prompt branch's evidence is alike in every process
         counts = {"improved": sum(gain > tc.expert_margin for _, _, gain in gathered), "rolled_out": len(gathered)}
         if r is None:
@@ -298,7 +265,7 @@ class Trainer:
                     self.save()
                 bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k.endswith("_loss")})
                 bar.update(1)
-                self._stop_point(saved)
+                self.loop.stop_point(saved)
 
     def retire(self, reason: str) -> None:
         """Retires the prompt branch (:mod:`metatuner.training.branch`) from this step on: no rollouts, no
@@ -334,12 +301,12 @@ class Trainer:
         record: dict[str, Any] = {"phase": "joint", "step": self.step + 1}
         terms = self.terms_for_step()
         for micro in range(tc.grad_accum):
-            batch = self._share(self.stream.next(tc.batch_size))
+            batch = self.loop.share(self.stream.next(tc.batch_size))
             losses = self.forward_backward(batch, terms, record, micro)
             for k, v in losses.items():
                 record[f"{k}_loss"] = record.get(f"{k}_loss", 0.0) + v.item() / tc.grad_accum
-        record.update(self._lrs())
-        self._optimizer_step([p for ps in self.groups.values() for p in ps])
+        record.update(self.loop.lrs())
+        self.loop.optimizer_step(self.loop.params())
         if (self.step - self.joint_start) % tc.sync_every == 0:
             self.mt.sync_frozen_decoder()
             self.prompt_cache.clear()
@@ -377,7 +344,7 @@ class Trainer:
         out: dict[str, torch.Tensor] = {}
 
         def backward(name: str, weight: float = 1.0) -> None:
-            self._check_finite(self.step + 1, {name: out[name]})
+            self.loop.check_finite(self.step + 1, {name: out[name]})
             if name in terms and out[name].requires_grad:
                 self.scaler.scale(weight * out[name] / tc.grad_accum).backward()
             out[name] = out[name].detach()
@@ -418,7 +385,7 @@ class Trainer:
         if "reg" in terms and mt.use_prompt and len(self.experts):
             # a batch from the whole of D2, drawn alike in every process (D2 is gathered), then shared out
             rng = random.Random(self.cfg.seed * 1_000_003 + self.step * 101 + micro)
-            ids = self._share(self.experts.sample(tc.reg_batch_size or max(1, tc.batch_size // 2), rng))
+            ids = self.loop.share(self.experts.sample(tc.reg_batch_size or max(1, tc.batch_size // 2), rng))
             if ids:
                 exs = [self.by_id[i] for i in ids]
                 with self._timed("reg"):
@@ -463,48 +430,7 @@ class Trainer:
     def _share_steps(self, examples: list[Example]) -> list[Example]:
         """This process's share of each consecutive batch of ``examples``."""
         bs = self.tc.batch_size
-        return [ex for i in range(0, len(examples), bs) for ex in self._share(examples[i : i + bs])]
-
-    # ---- several processes (accelerate launch) ----------------------------------------------------
-    def _share(self, batch: list) -> list:
-        """This process's share of a batch every process drew alike (the same seeded stream)."""
-        return batch[self.acc.process_index :: self.acc.num_processes]
-
-    def _gather(self, items) -> list[tuple]:
-        """Tuples such as ``(query id, output, gain)`` from every process (collective: every process calls it)."""
-        items = list(items)
-        return list(gather_object(items)) if self.acc.num_processes > 1 else items
-
-    def _clip(self, params) -> None:
-        """Clips each component's gradient on its own, so the regularizer's large gradients on G never
-        shrink the static LoRA's or F's step (one joint norm would)."""
-        if self.tc.max_grad_norm <= 0:
-            return
-        chosen = {id(p) for p in params}
-        for group in self.groups.values():
-            grads = [p for p in group if id(p) in chosen and p.grad is not None]
-            if grads:
-                torch.nn.utils.clip_grad_norm_(grads, self.tc.max_grad_norm)
-
-    def _stop_point(self, saved: bool = False) -> None:
-        """A safe point: after a SIGTERM / SIGINT (in any process), save a checkpoint (unless one was just
-        saved) and raise :class:`~metatuner.interrupts.Stopped`."""
-        signum = agreed_signal(self.acc, interrupts.requested())
-        if not signum:
-            return
-        if not saved:
-            self.save()
-        where = f"; checkpoint saved in {self.run_dir / 'checkpoints'}" if self.run_dir is not None else ""
-        raise interrupts.Stopped(signum, f"at step {self.step}{where}")
-
-    def _check_finite(self, step: int, losses: dict[str, torch.Tensor]) -> None:
-        bad = {k: v.item() for k, v in losses.items() if not torch.isfinite(v).all()}
-        if bad:
-            last = latest_checkpoint(self.run_dir) if self.run_dir is not None else None
-            raise MetatunerError(
-                f"non-finite loss at step {step} ({', '.join(f'{k}={v}' for k, v in bad.items())}); training "
-                f"stopped; last good checkpoint: {last or 'none'} (lower the learning rates or check the data)"
-            )
+        return [ex for i in range(0, len(examples), bs) for ex in self.loop.share(examples[i : i + bs])]
 
     # ---- evaluation, logging, checkpoints ----------------------------------------------------------
     def evaluate_val(self, gate: bool = False) -> dict[str, Any]:
@@ -522,50 +448,33 @@ class Trainer:
         self.log(record)
         return record
 
-    def _open_log(self, keep_bytes: int | None = None) -> None:
-        """Opens ``log.jsonl`` (main process): cut to ``keep_bytes`` (0 for a fresh start, a checkpoint's
-        length on resume), or appended to as it is (None)."""
-        if self.run_dir is not None and self.acc.is_main_process:
-            if self._logbook is not None:
-                self._logbook.close()
-            self._logbook = Logbook(self.run_dir, keep_bytes)
-
     def log(self, record: dict[str, Any]) -> None:
-        if self.run_dir is None or not self.acc.is_main_process:
-            return
-        if self._logbook is None:
-            self._open_log()
-        self._logbook.write(record)
+        """One record to ``log.jsonl`` and TensorBoard (main process, with a run folder)."""
+        self.loop.log(record)
 
     def save(self) -> None:
+        """A checkpoint of the whole run: MetaTuner's trainable state, D2, the data position, the phase."""
         if self.run_dir is None:
             return
-        prompt_cache = dict(self._gather(self.prompt_cache.items()))  # each process cached its own share
+        prompt_cache = dict(self.loop.gather(self.prompt_cache.items()))  # each process cached its own share
         if not self.acc.is_main_process:
             return
         extra = {"cursor": self.stream.cursor, "experts": self.experts.state(), "prompt_cache": prompt_cache,
                  "has_static": self.mt.has_static, "joint_start": self.joint_start,
                  "serve_generated": self.mt.serve_generated, "finished": self.finished,
-                 "prompt_branch": self.branch.state(),
-                 "log_bytes": self._logbook.sync() if self._logbook is not None else 0}
-        if self.scaler.is_enabled():
-            extra["grad_scaler"] = self.scaler.state_dict()
-        save_checkpoint(self.run_dir, self.step, self.mt.trainable_state(), self.optimizer, self.scheduler, extra)
+                 "prompt_branch": self.branch.state()}
+        self.loop.save_checkpoint(self.mt.trainable_state(), extra)
 
     def restore(self, path: Path) -> None:
-        tensors, state = load_checkpoint(path, self.optimizer, self.scheduler)
-        self._open_log(keep_bytes=state["extra"].get("log_bytes"))
+        """Continues from checkpoint ``path`` (optimizer, schedule, RNGs and log through the loop)."""
+        tensors, extra = self.loop.restore(path)
         self.mt.load_trainable_state(tensors)
-        self.step = state["step"]
-        extra = state["extra"]
         self.stream.cursor = extra["cursor"]
         self.experts.load_state(extra["experts"])
         self.prompt_cache = dict(extra["prompt_cache"])
         self.joint_start = extra["joint_start"]
         self.mt.serve_generated = extra["serve_generated"]
         self.finished = extra["finished"]
-        if "grad_scaler" in extra:
-            self.scaler.load_state_dict(extra["grad_scaler"])
         if "prompt_branch" in extra:
             self.branch.load_state(extra["prompt_branch"])
         if not self.branch.active:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from metatuner import files
-from metatuner.training import checkpoint, trainer
+from metatuner.training import checkpoint, supervised
 
 #: everything a command imports, also lazily, imported once by the fork server. Named modules, not this one:
 #: the server (Python 3.11) does not take its parent's ``sys.path``, so it cannot import ``faults.runner``
@@ -68,7 +68,7 @@ def _kill_at_checkpoint_op(n: int) -> None:
         finally:
             state["saving"] = False
 
-    trainer.save_checkpoint = save
+    supervised.save_checkpoint = save  # where every training loop saves its checkpoints
 
 
 def _child(argv: list[str], cwd: str, log: str, kill_at_op: int | None) -> None:
