@@ -148,7 +148,8 @@ class Trainer:
         saved: a stop on SIGTERM may save one in the middle of a warm-up."""
         ckpt = latest_checkpoint(self.run_dir) if resume else None
         if resume and ckpt is None:
-            raise MetatunerError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+            raise MetatunerError(f"resume: no checkpoint in {self.run_dir / 'checkpoints'}",
+                                 cli=f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
         plan = self.phase_steps()
         actor, gen = plan["actor"], plan["generator"]
         self.joint_start = actor + gen
