@@ -75,5 +75,6 @@ def test_a_hub_failure_is_one_clear_line(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fail)
     with pytest.raises(MetatunerError) as e:
         get_task("gsm8k").load("train")
-    msg = str(e.value)
-    assert "\n" not in msg and "ConnectionError: no route to host" in msg and "--data-dir" in msg
+    msg, cli = str(e.value), e.value.cli  # what a Python caller sees, and what the command line prints
+    assert "\n" not in msg and "ConnectionError: no route to host" in msg and "(data_dir, or METATUNER_DATA_DIR)" in msg
+    assert "--" not in msg and "\n" not in cli and "with --data-dir or METATUNER_DATA_DIR" in cli
