@@ -5,7 +5,6 @@ takes half of every batch, so two processes must train the same weights as one p
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +15,6 @@ from metatuner.training.checkpoint import latest_checkpoint, read_trainable
 
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train(model_dir, out: Path, processes: int, *overrides: str) -> None:
     cli = ["-m", "metatuner.cli", "train", "--model", str(model_dir), "--task", "arithmetic", "--no-eval",
            "--out", str(out), "data.train_limit=24", "data.val_size=0", "train.batch_size=4",
@@ -29,8 +22,10 @@ def _train(model_dir, out: Path, processes: int, *overrides: str) -> None:
     if processes == 1:
         cmd = [sys.executable, *cli]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_port", str(_free_port()), *cli]
+        # --standalone: the launcher's store binds a free port itself (a port picked here and passed on could be
+        # taken by another test's process before the launcher binds it)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               *cli]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
