@@ -111,6 +111,14 @@ def test_predictor_renders_the_rewritten_query_under_the_task_instruction(tiny_m
     assert plain == [render_chat(tiny_tokenizer, TASK.messages(TASK.instruction, ex("a")))]
 
 
+def test_a_rewrite_that_states_an_answer_is_replaced_by_the_query(tiny_model, tiny_tokenizer):
+    """Any rewriter's output (self-trained or released) is screened where M reads it: a stated answer is a guess
+    that M would copy, so the original query is read instead; a rewrite that states none is read as it is."""
+    rewrite = lambda task, examples: ["Add 2 and 3. The answer is 5.", "Please add 2 and 3."]  # noqa: E731
+    p = bpo.BPOPredictor(tiny_model, tiny_tokenizer, rewrite, "rewritten")
+    assert p.queries(TASK, [ex("a"), ex("b")]) == [ex("a").query, "Please add 2 and 3."]
+
+
 @pytest.mark.parametrize("rewritten, initial, gate_margin, served", [
     (0.6, 0.5, 0.0, "rewritten"), (0.5, 0.5, 0.0, "initial"), (0.6, 0.5, 0.2, "initial"), (0.4, 0.5, 0.0, "initial"),
 ])

@@ -62,6 +62,7 @@ from metatuner.models.recompute import set_gradient_checkpointing
 from metatuner.options import ConfigKeyError, _at_least, non_negative, option, positive
 from metatuner.prompts import BPO, bpo_messages
 from metatuner.tasks.base import Example, Task
+from metatuner.tasks.leaks import states_answer
 from metatuner.training.experts import ExpertSet
 from metatuner.training.rollouts import offer
 from metatuner.training.schedule import hf_schedule
@@ -245,7 +246,9 @@ class BPOPredictor(LMPredictor):
             return [ex.query for ex in examples]
         ids = tuple(ex.id for ex in examples)
         if self._memo is None or self._memo[0] != ids:
-            self._memo = (ids, self.rewrite(task, examples))
+            # a rewrite that states an answer the query does not is a guess M would copy: the query is read instead
+            self._memo = (ids, [ex.query if states_answer(task, ex, q) and not states_answer(task, ex, ex.query) else q
+                                for ex, q in zip(examples, self.rewrite(task, examples))])
         return self._memo[1]
 
     def _inputs(self, task: Task, examples: list[Example]) -> tuple[list[str], list[str]]:
