@@ -344,12 +344,13 @@ def cmd_generate(args) -> None:
         examples = [run.task.checked_example(row, args.input, i + 1) for i, row in enumerate(rows)]
         if not examples:
             raise MetatunerError(f"{args.input} holds no rows")
-    answers = run.answer(examples, batch_size=args.batch_size)
     if args.output:  # the whole file at once, never a part of it
+        answers = run.answer(examples, batch_size=args.batch_size)
         write_text(Path(args.output), "".join(json.dumps(a.to_dict(), ensure_ascii=False) + "\n" for a in answers))
         return
-    for a in answers:
-        print(f"[{a.id}]\n  prompt: {a.prompt}\n  output: {a.output}\n  answer: {a.answer}")
+    for b in range(0, len(examples), args.batch_size):  # each batch printed as soon as it is answered
+        for a in run.answer(examples[b : b + args.batch_size], batch_size=args.batch_size):
+            print(f"[{a.id}]\n  prompt: {a.prompt}\n  output: {a.output}\n  answer: {a.answer}", flush=True)
 
 
 def _named_predictors(args):

@@ -209,6 +209,28 @@ def test_the_cli_answers_with_a_run_trained_in_python(trained, tmp_path, capsys)
     assert record == {**run.answer(["What is the capital of Peru?"])[0].to_dict(), "id": "question"}
 
 
+def test_generate_prints_each_batch_as_soon_as_it_is_answered(trained, tmp_path, capsys, monkeypatch):
+    from metatuner.api.runs import Run
+    from metatuner.cli import main
+
+    run, _ = trained
+    rows = tmp_path / "q.jsonl"
+    rows.write_text("".join(json.dumps({"id": c, "country": c, "capital": "?"}) + "\n" for c in ("Peru", "Chile", "Cuba")))
+    answer, calls = Run.answer, []
+
+    def second_batch_fails(self, questions, **kwargs):
+        calls.append(len(questions))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a user stopping a long generate after its first batch
+        return answer(self, questions, **kwargs)
+
+    monkeypatch.setattr(Run, "answer", second_batch_fails)
+    capsys.readouterr()
+    assert main(["generate", "--run", str(run.run_dir), "--input", str(rows), "--batch-size", "2"]) == 130
+    out = capsys.readouterr().out
+    assert calls == [2, 1] and out.count("  output: ") == 2  # the first batch's answers were already out
+
+
 def test_a_task_with_a_metric_not_importable_by_name_is_passed_again(tmp_path, model_dir):
     task = metatuner.make_task(train=ROWS, test=ROWS[:2], template="{country}", answer="capital",
                                metric=lambda output, answer: float(answer in output), instruction="City?", name="l")
