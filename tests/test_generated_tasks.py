@@ -216,6 +216,8 @@ def test_a_held_out_family_never_reaches_train_or_validation(held_out):
 
 def test_mixture_names_that_cut_its_families_are_checked():
     assert get_task("mixture").card()["metric"] == "per-family"  # `metatuner tasks mixture` printed a traceback
+    # generated, not read from files: the card says so, and names the families a cut keeps
+    assert get_task("mixture-only-weekdays,choice").card()["data"] == "built in: generated, families weekdays, choice; no files"
     assert get_task("mixture-only-weekdays,choice").families == ("weekdays", "choice")
     assert get_task("mixture-without-weekdays,choice").families == ("arithmetic", "letters", "sorting", "units")
     for bad, said in [("mixture-only-moon", "unknown family 'moon'"), ("mixture-except-weekdays", "bad mixture name"),

@@ -276,6 +276,9 @@ class Mixture(Task):
         self.check_split(split)
         return [self.example_from_row(row) for row in generate(split) if row["family"] in self.families]
 
+    def card(self) -> dict[str, Any]:
+        return {**super().card(), "data": f"built in: generated, families {', '.join(self.families)}; no files"}
+
     def example_from_row(self, row: dict[str, Any]) -> Example:
         return Example(id=row["id"], query=row["question"], answer=row["answer"], target=row["solution"],
                        options=tuple(row.get("options", ())), meta={"family": row["family"]})
