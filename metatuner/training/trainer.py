@@ -116,10 +116,6 @@ class Trainer:
         return self.loop.optimizer
 
     @property
-    def scheduler(self):
-        return self.loop.scheduler
-
-    @property
     def groups(self) -> dict[str, list]:
         return self.loop.groups
 
@@ -130,10 +126,6 @@ class Trainer:
     @scaler.setter
     def scaler(self, scaler: torch.amp.GradScaler) -> None:
         self.loop.scaler = scaler
-
-    @property
-    def acc(self):
-        return self.loop.acc
 
     # ---- phases ----------------------------------------------------------------------------------
     def phase_steps(self) -> dict[str, int]:
@@ -458,7 +450,7 @@ class Trainer:
         if self.run_dir is None:
             return
         prompt_cache = dict(self.loop.gather(self.prompt_cache.items()))  # each process cached its own share
-        if not self.acc.is_main_process:
+        if not self.loop.acc.is_main_process:
             return
         extra = {"cursor": self.stream.cursor, "experts": self.experts.state(), "prompt_cache": prompt_cache,
                  "has_static": self.mt.has_static, "joint_start": self.joint_start,
