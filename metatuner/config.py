@@ -95,6 +95,10 @@ class EvalConfig:
         None, "learning curve: also score a trained method at these optimizer steps of its training (warm-ups "
         "counted; 0: before the first), each into <folder>.b<step>; the run's own end is scored as usual"
     )
+    budget_splits: list[str] | None = option(
+        None, "the splits the learning-curve points of eval.budgets are scored on, each one of eval.splits "
+        "(unset: all of them); the run's own end is scored on every split"
+    )
     after_training: bool = option(
         True, "`metatuner train` scores the test split when training ends (--no-eval sets false; --resume keeps it)"
     )
@@ -106,6 +110,10 @@ class EvalConfig:
             raise MetatunerError(f"eval.splits must name at least one split, each once; got {self.splits!r}")
         if "train" in self.splits:
             raise MetatunerError("eval.splits may not hold 'train': methods are fitted on it")
+        if self.budget_splits is not None and (not self.budget_splits or len(set(self.budget_splits)) < len(
+                self.budget_splits) or not set(self.budget_splits) <= set(self.splits)):
+            raise MetatunerError(f"eval.budget_splits must name one or more of eval.splits {self.splits!r}, each "
+                                 f"once; got {self.budget_splits!r}")
         _at_least("eval.limit", self.limit, 1)
         _at_least("eval.batch_size", self.batch_size, 1)
         _at_least("eval.max_new_tokens", self.max_new_tokens, 1)

@@ -98,14 +98,22 @@ def refuse_existing(out_dir: Path | None) -> None:
 
 
 def eval_splits(predictor, task, cfg: RunConfig, out_dir: Path | None, progress: bool = True,
-                extra_files: dict[str, str] | None = None) -> list[EvalResult]:
-    """Scores a predictor on every split of ``eval.splits`` (in that order): the first into ``out_dir``,
-    each other into :func:`split_dir`. ``out_dir`` is written last, so its appearing means all are done."""
-    first, *others = cfg.eval.splits
-    results = {s: eval_predictor(predictor, task, cfg, split_dir(out_dir, s) if out_dir else None, progress, s,
-                                 extra_files) for s in others}
-    results[first] = eval_predictor(predictor, task, cfg, out_dir, progress, first, extra_files)
-    return [results[s] for s in cfg.eval.splits]
+                extra_files: dict[str, str] | None = None, splits: list[str] | None = None,
+                reuse: bool = False) -> list[EvalResult]:
+    """Scores a predictor on every split of ``splits`` (default ``eval.splits``; in that order): the first into
+    ``out_dir``, each other into :func:`split_dir`. ``out_dir`` is written last, so its appearing means all are
+    done. ``reuse``: a split whose folder is already complete (scored by an earlier attempt of a resumed fit)
+    is read back, not scored again."""
+    first, *others = splits or cfg.eval.splits
+
+    def score(split: str, folder: Path | None) -> EvalResult:
+        if reuse and folder is not None and (folder / "summary.json").is_file():
+            return EvalResult.load(folder)
+        return eval_predictor(predictor, task, cfg, folder, progress, split, extra_files)
+
+    results = {s: score(s, split_dir(out_dir, s) if out_dir else None) for s in others}
+    results[first] = score(first, out_dir)
+    return [results[s] for s in [first, *others]]
 
 
 def budget_dir(out_dir: Path, step: int) -> Path:
@@ -113,48 +121,154 @@ def budget_dir(out_dir: Path, step: int) -> Path:
     return out_dir.with_name(f"{out_dir.name}.b{step}")
 
 
-def eval_method(cfg: RunConfig, out_dir: Path | None) -> list[EvalResult]:
+def eval_method(cfg: RunConfig, out_dir: Path | None, resume: bool = False) -> list[EvalResult]:
     """Fits ``cfg.method`` (zero-shot, cot, ...) once and scores it on every split of ``eval.splits``.
 
     With ``eval.budgets`` (a learning curve) a trained method is also scored at those optimizer steps of
-    its fit, into :func:`budget_dir` folders. Every results folder holds a ``budget.json``
-    (:func:`budget_file`): the optimizer steps, fit seconds and decoded tokens behind its predictor (earlier
-    points' scoring excluded) and the parameters trained, so a method's budget is counted in full.
+    its fit, into :func:`budget_dir` folders (on ``eval.budget_splits``, default all). Every results folder
+    holds a ``budget.json`` (:func:`budget_file`): the optimizer steps, fit seconds and decoded tokens behind
+    its predictor (earlier points' scoring excluded) and the parameters trained, so a method's budget is
+    counted in full.
+
+    ``resume``: an earlier attempt that stopped (a grid cell cut off by a signal or a session's end) is
+    continued, not restarted, when its training folder (``<out_dir>-train``) holds an intact checkpoint of the
+    same config and the method can resume (``Method.resumable``): training goes on from that checkpoint, the
+    learning-curve points it had scored are kept, and the fit's clock goes on from where it stood at the
+    checkpoint (:class:`FitClock`: the work lost after it, and the restart, are not counted). Otherwise the
+    attempt starts over, removing what the earlier one left.
     """
     refuse_existing(out_dir)
     task = get_task(cfg.data.task, cfg.data.data_dir)
     for split in cfg.eval.splits:
         task.load(split)  # fail on bad data or an unknown split before loading the model
     # a trained method's logs and checkpoints go beside the results folder, which appears only when complete
-    needs_training = get_method(cfg.method).needs_training
-    train_dir = out_dir.with_name(out_dir.name + "-train") if out_dir is not None and needs_training else None
-    start, scoring, fitted = time.perf_counter(), [0.0], []
-    tokens, scored_tokens = tokens_generated(), [0]
-
-    def spent(steps: int, now: float) -> dict[str, str]:  # budget.json of the predictor trained this far
-        params = fitted[0].trainable_params if fitted else 0
-        return budget_file(steps, now - start - scoring[0], tokens_generated() - tokens - scored_tokens[0], params)
-
-    def on_budget(step: int, predictor) -> None:
-        began, before = time.perf_counter(), tokens_generated()
-        folder = budget_dir(out_dir, step) if out_dir is not None else None
-        results = eval_splits(predictor, task, cfg, folder, False, spent(step, began))
-        scoring[0] += time.perf_counter() - began
-        scored_tokens[0] += tokens_generated() - before
-        print(f"    step {step}: " + "; ".join(r.line() for r in results), flush=True)
-
-    def prepare(method) -> None:
-        fitted.append(method)
-        if cfg.eval.budgets:
-            method.on_budget, method.budgets = on_budget, {b for b in cfg.eval.budgets if b < method.budget()}
-
+    method_cls = get_method(cfg.method)
+    train_dir = out_dir.with_name(out_dir.name + "-train") if out_dir is not None and method_cls.needs_training else None
     lock = own_train_dir(train_dir) if train_dir is not None else None
     try:
+        at = resume_point(cfg, out_dir, train_dir) if resume and method_cls.resumable and train_dir else None
+        if train_dir is not None and at is None:
+            wipe_train_dir(train_dir)
+            files.write_text(train_dir / ATTEMPT_CONFIG, config_text(cfg))
+        elif at is not None:
+            print(f"    resuming from the checkpoint at step {at} in {train_dir}", flush=True)
+        clean_attempt(cfg, out_dir, at, cfg.train.steps)
+        clock = FitClock(train_dir, at)
+        scoring, scored_tokens, fitted = [0.0], [0], []
+
+        def spent(steps: int, now: float) -> dict[str, str]:  # budget.json of the predictor trained this far
+            params = fitted[0].trainable_params if fitted else 0
+            fit_seconds, train_tokens = clock.read(now, scoring[0], scored_tokens[0])
+            return budget_file(steps, fit_seconds, train_tokens, params)
+
+        def on_budget(step: int, predictor) -> None:
+            began, before = time.perf_counter(), tokens_generated()
+            folder = budget_dir(out_dir, step) if out_dir is not None else None
+            results = eval_splits(predictor, task, cfg, folder, False, spent(step, began), cfg.eval.budget_splits)
+            scoring[0] += time.perf_counter() - began
+            scored_tokens[0] += tokens_generated() - before
+            print(f"    step {step}: " + "; ".join(r.line() for r in results), flush=True)
+
+        def prepare(method) -> None:
+            fitted.append(method)
+            method.resume = at is not None
+            method.on_step = lambda step: clock.tick(step, scoring[0], scored_tokens[0])
+            if cfg.eval.budgets:  # the points an earlier attempt scored are kept
+                method.on_budget = on_budget
+                method.budgets = {b for b in cfg.eval.budgets if b < method.budget() and (at is None or b > at)}
+
         predictor, task = fit_method(cfg, train_dir, prepare=prepare)
-        return eval_splits(predictor, task, cfg, out_dir, True, spent(fitted[0].budget(), time.perf_counter()))
+        return eval_splits(predictor, task, cfg, out_dir, True, spent(fitted[0].budget(), time.perf_counter()),
+                           reuse=at is not None)
     finally:
         if lock is not None:
             lock.release()
+
+
+#: the config of the attempt whose checkpoints a training folder holds (a resume needs the same config)
+ATTEMPT_CONFIG = "attempt-config.yaml"
+
+
+def resume_point(cfg: RunConfig, out_dir: Path, train_dir: Path) -> int | None:
+    """The step an earlier attempt of this fit can be continued from: that of the newest intact checkpoint in
+    ``train_dir``, when the attempt ran this very config, its clock reached that step and every
+    learning-curve point up to it is on file; None otherwise (the attempt starts over)."""
+    from metatuner.training.checkpoint import checkpoint_step, latest_checkpoint
+
+    saved = train_dir / ATTEMPT_CONFIG
+    if not saved.is_file() or saved.read_text() != config_text(cfg):
+        return None
+    try:
+        ckpt = latest_checkpoint(train_dir)
+    except MetatunerError:  # every checkpoint damaged
+        return None
+    if ckpt is None:
+        return None
+    step = checkpoint_step(ckpt)
+    if FitClock.reading(train_dir, step) is None:
+        return None
+    if any(not (budget_dir(out_dir, b) / "summary.json").is_file() for b in cfg.eval.budgets or () if b <= step):
+        return None
+    return step
+
+
+def clean_attempt(cfg: RunConfig, out_dir: Path | None, at: int | None, total: int) -> None:
+    """Removes the results an earlier attempt of this fit left beside ``out_dir`` (its learning-curve points
+    and other splits), except, when it is resumed from step ``at``, the complete points up to ``at`` and
+    (when its training had ended) the complete final splits."""
+    if out_dir is None:
+        return
+    keep = set()
+    if at is not None:
+        points = [budget_dir(out_dir, b) for b in cfg.eval.budgets or () if b <= at]
+        keep = {f for p in points for f in [p, *(split_dir(p, s) for s in cfg.eval.splits)]}
+        if at >= total:
+            keep |= {split_dir(out_dir, s) for s in cfg.eval.splits}
+    for pattern in (f"{out_dir.name}@*", f"{out_dir.name}.b*"):
+        for stale in out_dir.parent.glob(pattern):
+            if stale not in keep or not (stale / "summary.json").is_file():
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+
+
+class FitClock:
+    """The fit's seconds and decoded tokens so far (scoring of learning-curve points excluded), across the
+    attempts of a resumed fit: after every optimizer step the reading is appended to ``clock.jsonl`` in the
+    training folder, and a resumed attempt starts from the reading at its checkpoint's step."""
+
+    FILE = "clock.jsonl"
+
+    def __init__(self, train_dir: Path | None, resume_at: int | None):
+        self.path = train_dir / self.FILE if train_dir is not None else None
+        fit_seconds, tokens = 0.0, 0
+        if resume_at is not None:
+            fit_seconds, tokens = self.reading(train_dir, resume_at)
+            lines = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_at]
+            files.write_text(self.path, "".join(f"{line}\n" for line in lines))
+        elif self.path is not None and self.path.exists():
+            self.path.unlink()
+        self.start, self.tokens = time.perf_counter() - fit_seconds, tokens_generated() - tokens
+
+    @classmethod
+    def reading(cls, train_dir: Path, step: int) -> tuple[float, int] | None:
+        """The (fit seconds, tokens) reading at ``step`` on file in ``train_dir``, or None."""
+        path, found = train_dir / cls.FILE, None
+        for line in path.read_text().splitlines() if path.is_file() else ():
+            entry = json.loads(line)
+            if entry["step"] == step:
+                found = entry["fit_seconds"], entry["train_tokens"]
+        return found
+
+    def read(self, now: float, scoring: float, scored_tokens: int) -> tuple[float, int]:
+        """(fit seconds, tokens) at ``now``, less this attempt's scoring and its tokens."""
+        return now - self.start - scoring, tokens_generated() - self.tokens - scored_tokens
+
+    def tick(self, step: int, scoring: float, scored_tokens: int) -> None:
+        """Records the reading after optimizer step ``step``."""
+        if self.path is None:
+            return
+        fit_seconds, tokens = self.read(time.perf_counter(), scoring, scored_tokens)
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "fit_seconds": fit_seconds, "train_tokens": tokens}) + "\n")
 
 
 def budget_file(steps: int, fit_seconds: float, train_tokens: int = 0, trainable_params: int = 0) -> dict[str, str]:
@@ -187,14 +301,18 @@ def fit_method(cfg: RunConfig, train_dir: Path | None = None, model=None, prepar
 
 
 def own_train_dir(train_dir: Path) -> locks.Lock:
-    """Owns the training folder of a results folder still to be made. Whatever it holds is what an
-    interrupted earlier attempt left (the results folder never appeared), and is removed."""
+    """Owns the training folder of a results folder still to be made (refused while another live process
+    owns it). What it holds was left by an earlier attempt (the results folder never appeared): the caller
+    resumes from it or starts over (:func:`eval_method`)."""
     files.make_dirs(train_dir)
-    lock = locks.hold(train_dir / RUN_LOCK, f"training folder {train_dir}")
+    return locks.hold(train_dir / RUN_LOCK, f"training folder {train_dir}")
+
+
+def wipe_train_dir(train_dir: Path) -> None:
+    """Empties a training folder this process owns (its lock stays)."""
     for entry in train_dir.iterdir():
         if entry.name != RUN_LOCK:
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-    return lock
 
 
 @contextmanager

@@ -42,7 +42,7 @@ def test_grid_runs_every_cell_once_and_rerun_skips(protocol_file, tmp_path, monk
     import metatuner.recipes as recipes
 
     calls = []
-    monkeypatch.setattr(recipes, "eval_method", lambda cfg, out_dir: calls.append(cfg) or pytest.fail("re-ran"))
+    monkeypatch.setattr(recipes, "eval_method", lambda cfg, out_dir, **k: calls.append(cfg) or pytest.fail("re-ran"))
     assert len(run_grid(Protocol.load(protocol_file), out)) == 6 and calls == []
 
 
@@ -511,7 +511,7 @@ def test_a_cell_is_fitted_once_and_scored_on_every_test_split(tmp_path, tiny_mod
     shutil.rmtree(cell_dir(out, "arithmetic", "sft", 0))
     run_grid(Protocol.load(path), out)
     assert fits == [1, 1] and len(json.loads((out / "results.json").read_text())) == 4
-    monkeypatch.setattr(recipes, "eval_method", lambda cfg, out_dir: pytest.fail("re-ran"))
+    monkeypatch.setattr(recipes, "eval_method", lambda cfg, out_dir, **k: pytest.fail("re-ran"))
     assert len(run_grid(Protocol.load(path), out)) == 4
 
 
@@ -689,3 +689,121 @@ def test_bench_backend_flags_are_checked_before_any_work(protocol_file, tmp_path
     assert main(base + ["--backend", "ray"]) == 2
     assert "needs Ray: pip install 'metatuner[ray]'" in capsys.readouterr().err
     assert not out.exists()  # nothing written
+
+
+def test_eval_budget_splits_are_checked():
+    from metatuner.config import load_config
+
+    assert load_config(None, ["eval.splits=[test, test_shift]", "eval.budget_splits=[test]"]).eval.budget_splits == ["test"]
+    for bad in ("[]", "[test_shift]", "[test, test]"):
+        with pytest.raises(MetatunerError, match="eval.budget_splits must name"):
+            load_config(None, ["eval.splits=[test]", f"eval.budget_splits={bad}"])
+
+
+def _resumable_grid(path: Path, tiny_model_dir) -> Protocol:
+    path.write_text(yaml.safe_dump({
+        "tasks": ["arithmetic"], "seeds": [0],
+        "methods": {"wo-p": {"method": "metatuner", "train.ablation": "no_prompt"}},
+        "common": {"model": {"name": str(tiny_model_dir)},
+                   "eval": {"limit": 3, "max_new_tokens": 4, "splits": ["test", "test_shift"], "budgets": [2, 4],
+                            "budget_splits": ["test"]},
+                   "data": {"train_limit": 6, "val_size": 2},
+                   "train": {"steps": 6, "batch_size": 2, "save_every": 2, "actor_warmup_steps": 1}},
+    }, sort_keys=False))
+    return Protocol.load(path)
+
+
+def _answers(folder: Path) -> list:
+    from metatuner.evaluation.harness import read_results_folder
+
+    return [(r["id"], r["output"]) for r in read_results_folder(folder)[1]]
+
+
+def test_a_stopped_metatuner_cell_resumes_from_its_checkpoint_with_the_results_of_an_unbroken_run(
+        tmp_path, tiny_model_dir, monkeypatch):
+    import signal
+
+    from metatuner import interrupts
+    from metatuner.methods.base import Method
+
+    protocol = _resumable_grid(tmp_path / "p.yaml", tiny_model_dir)
+    run_grid(protocol, tmp_path / "whole")
+    whole = tmp_path / "whole" / "cells"
+    # learning-curve points on test only; the end on both splits
+    assert sorted(p.name for p in whole.iterdir()) == [
+        "arithmetic--wo-p--seed0", "arithmetic--wo-p--seed0-train", "arithmetic--wo-p--seed0.b2",
+        "arithmetic--wo-p--seed0.b4", "arithmetic--wo-p--seed0@test_shift"]
+
+    out = tmp_path / "stopped"
+    seen = []
+    at_step = Method.at_step
+    with monkeypatch.context() as m:  # a SIGTERM after optimizer step 5: the trainer saves there and stops
+        m.setattr(Method, "at_step", lambda self, step, predictor: seen.append(step) or at_step(self, step, predictor))
+        m.setattr(interrupts, "requested", lambda: signal.SIGTERM if seen and seen[-1] >= 5 else None)
+        with pytest.raises(interrupts.Stopped):
+            run_grid(protocol, out)
+    cells = out / "cells"
+    assert not (cells / "arithmetic--wo-p--seed0").exists()
+    kept = {b: (cells / f"arithmetic--wo-p--seed0.b{b}" / "summary.json").stat().st_mtime_ns for b in (2, 4)}
+
+    seen.clear()
+    with monkeypatch.context() as m:
+        m.setattr(Method, "at_step", lambda self, step, predictor: seen.append(step) or at_step(self, step, predictor))
+        run_grid(protocol, out)
+    assert seen == [6]  # steps 1-5 were not trained again
+    for b in (2, 4):  # nor were the points they had scored
+        assert (cells / f"arithmetic--wo-p--seed0.b{b}" / "summary.json").stat().st_mtime_ns == kept[b]
+    for name in ("arithmetic--wo-p--seed0", "arithmetic--wo-p--seed0@test_shift", "arithmetic--wo-p--seed0.b2",
+                 "arithmetic--wo-p--seed0.b4"):
+        assert _answers(cells / name) == _answers(whole / name)  # bit for bit the unbroken run's answers
+    log = [json.loads(line) for line in (cells / "arithmetic--wo-p--seed0-train" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "seconds" in r] == list(range(1, 7))  # each step logged once
+    fit = [json.loads((cells / name / "budget.json").read_text())["fit_seconds"]
+           for name in ("arithmetic--wo-p--seed0.b4", "arithmetic--wo-p--seed0")]
+    assert 0 < fit[0] < fit[1]  # the clock went on from the checkpoint's reading
+
+
+def test_a_stopped_cell_whose_config_changed_starts_over(tmp_path, tiny_model_dir, monkeypatch):
+    import signal
+
+    from metatuner import interrupts
+    from metatuner.methods.base import Method
+
+    protocol = _resumable_grid(tmp_path / "p.yaml", tiny_model_dir)
+    out, seen = tmp_path / "grid", []
+    at_step = Method.at_step
+    with monkeypatch.context() as m:
+        m.setattr(Method, "at_step", lambda self, step, predictor: seen.append(step) or at_step(self, step, predictor))
+        m.setattr(interrupts, "requested", lambda: signal.SIGTERM if seen and seen[-1] >= 3 else None)
+        with pytest.raises(interrupts.Stopped):
+            run_grid(protocol, out)
+    assert (out / "cells" / "arithmetic--wo-p--seed0.b2" / "summary.json").is_file()
+    # another config: the checkpoint and the point at step 2 are stale
+    protocol = Protocol.load(tmp_path / "p.yaml", ["common.train.lr_scale=0.5"])
+    seen.clear()
+    with monkeypatch.context() as m:
+        m.setattr(Method, "at_step", lambda self, step, predictor: seen.append(step) or at_step(self, step, predictor))
+        run_grid(protocol, out)
+    assert seen == list(range(0, 7))
+    assert "lr_scale: 0.5" in (out / "cells" / "arithmetic--wo-p--seed0.b2" / "config.yaml").read_text()
+
+
+def test_a_cell_stopped_in_its_final_scoring_keeps_the_splits_it_scored(tmp_path, tiny_model_dir, monkeypatch):
+    import shutil
+
+    from metatuner.methods.base import Method
+
+    protocol = _resumable_grid(tmp_path / "p.yaml", tiny_model_dir)
+    out = tmp_path / "grid"
+    run_grid(protocol, out)
+    cells = out / "cells"
+    shifted = (cells / "arithmetic--wo-p--seed0@test_shift" / "summary.json").stat().st_mtime_ns
+    answers = _answers(cells / "arithmetic--wo-p--seed0")
+    shutil.rmtree(cells / "arithmetic--wo-p--seed0")  # as if stopped after test_shift, before test was written
+    seen, at_step = [], Method.at_step
+    with monkeypatch.context() as m:
+        m.setattr(Method, "at_step", lambda self, step, predictor: seen.append(step) or at_step(self, step, predictor))
+        run_grid(protocol, out)
+    assert seen == []  # training had ended: nothing is trained again
+    assert (cells / "arithmetic--wo-p--seed0@test_shift" / "summary.json").stat().st_mtime_ns == shifted
+    assert _answers(cells / "arithmetic--wo-p--seed0") == answers

@@ -13,7 +13,6 @@ released, and rerunning the same command continues.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -57,16 +56,15 @@ def run_cell(protocol: Protocol, out: Path, data_dir: str | None, task: str, met
     if (folder / "summary.json").is_file():  # finished by another process just before the claim
         held.release()
         return "done"
-    for pattern in (f"{folder.name}@*", f"{folder.name}.b*"):  # other splits and learning-curve points
-        for stale in folder.parent.glob(pattern):  # of an attempt that did not finish
-            shutil.rmtree(stale)
     cfg = protocol.config(task, method, seed, tuning.chosen(out, file_name(task), method))
     if data_dir:
         cfg.data.data_dir = data_dir
     print(f"{label} ...", flush=True)
     start = time.perf_counter()
     try:
-        results = eval_method(cfg, folder)
+        # a cell an earlier process left unfinished continues from its last checkpoint (MetaTuner), with the
+        # learning-curve points it scored; other methods start it over
+        results = eval_method(cfg, folder, resume=True)
         total = time.perf_counter() - start
         scoring = sum(r.seconds for r in results)
         files.write_json(folder / "cell.json", {"total_seconds": total, "fit_seconds": total - scoring,

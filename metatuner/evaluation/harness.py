@@ -56,6 +56,13 @@ class EvalResult:
     out_dir: Path | None = None
     split: str = "test"
 
+    @classmethod
+    def load(cls, folder: Path) -> "EvalResult":
+        """The result a complete results folder holds (a split scored by an earlier attempt of a resumed fit)."""
+        summary, records = read_results_folder(folder)
+        return cls(summary["task"], summary["n"], summary["metrics"], summary["primary_metric"],
+                   summary.get("timing", {}).get("seconds", 0.0), records, Path(folder), summary.get("split", "test"))
+
     @property
     def score(self) -> float:
         return self.metrics[self.primary_metric]["mean"]

@@ -46,6 +46,8 @@ class Method(ABC):
     name: str
     #: whether ``fit`` needs training data (the recipes load the train split only then)
     needs_training: bool = False
+    #: whether ``fit`` can continue a stopped fit from the newest checkpoint in ``run_dir`` (``resume``)
+    resumable: bool = False
     #: the dataclass of the method's config section (None: the method reads only the shared sections)
     config_class: type | None = None
     #: the section's key in the run config (None: the method's registered name)
@@ -61,6 +63,10 @@ class Method(ABC):
         #: learning curves: called as ``on_budget(step, predictor)`` at each step of ``budgets`` during ``fit``
         self.on_budget: Callable[[int, Predictor], None] | None = None
         self.budgets: set[int] = set()
+        #: called as ``on_step(step)`` after every optimizer step of ``fit`` (and with 0 before the first)
+        self.on_step: Callable[[int], None] | None = None
+        #: ``fit`` continues from the newest checkpoint in ``run_dir`` (methods with ``resumable``)
+        self.resume: bool = False
         #: the parameters ``fit`` trained (set by trained methods with :func:`count_trainable`), for results tables
         self.trainable_params: int = 0
 
@@ -88,6 +94,8 @@ class Method(ABC):
     def at_step(self, step: int, predictor: Callable[[], Predictor]) -> None:
         """Trained methods call this after each optimizer step (and with 0 before the first): at a step of
         ``budgets`` the predictor the method would return now is handed to ``on_budget``."""
+        if self.on_step is not None:
+            self.on_step(step)
         if self.on_budget is not None and step in self.budgets:
             self.on_budget(step, predictor())
 

@@ -54,6 +54,8 @@ class SFT(_Trained):
 class MetaTunerMethod(_Trained):
     """MetaTuner: per-query prompt (G) and per-query LoRA (F); schedule and ablation from train.*."""
 
+    resumable = True
+
     def fit(self, task: Task, train: list[Example], val: list[Example]):
         from metatuner.training.build import build_metatuner
         from metatuner.training.predictor import MetaTunerPredictor
@@ -68,6 +70,6 @@ class MetaTunerMethod(_Trained):
             return MetaTunerPredictor(mt, name="metatuner")
 
         trainer.on_step = lambda step: self.trained(trainer, step, now)
-        trainer.run()
+        trainer.run(resume=self.resume)
         self.trainable_params = trainer.trainable_params()
         return MetaTunerPredictor(mt, name="metatuner")

@@ -206,6 +206,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a checkpoint folder (``step-000123``) was saved at."""
+    m = STEP_DIR.fullmatch(Path(path).name)
+    if m is None:
+        raise MetatunerError(f"{path} is not a checkpoint folder (step-NNNNNN)")
+    return int(m[1])
+
+
 def _check(path: Path) -> None:
     problems = verify(path)
     if problems:
