@@ -317,6 +317,38 @@ def test_encode_runs_the_shared_prefix_once_with_the_same_states_and_gradients(t
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-3) for a, b in zip(shared_grads, whole_grads))
     assert any(g.abs().sum() > 0 for g in whole_grads)
 
+
+def test_the_regularizer_runs_the_shared_prefix_once_with_the_same_losses_and_gradients(tiny_tokenizer, monkeypatch):
+    import metatuner.evaluation.generation as generation
+    import metatuner.models.metatuner as module
+
+    cfg, mt, task = setup(tiny_tokenizer)
+    batch = task.load("test")[:3]
+    with torch.no_grad():  # adapters that change G's states, so their gradients are not trivially 0
+        for name, p in mt.g_lora.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    params = [p for n, p in mt.g_lora.model.named_parameters() if n.endswith((".enc", ".dec")) and p.requires_grad]
+    prefixes = []
+    run = module.token_logprobs
+    monkeypatch.setattr(module, "token_logprobs", lambda m, b, prefix=0: prefixes.append(prefix) or run(m, b, prefix))
+
+    def losses_and_grads():
+        for p in params:
+            p.grad = None
+        out = mt.prompt_nll(task, batch, ["Add the numbers.", "Mind the sign!", ""])
+        out.sum().backward()
+        return out.detach(), [p.grad.clone() for p in params]
+
+    shared, shared_grads = losses_and_grads()
+    monkeypatch.setattr(generation, "MIN_SHARED_PREFIX", 10**9)  # every row runs from its first token
+    whole, whole_grads = losses_and_grads()
+    assert prefixes[0] >= 8 and prefixes[1] == 0  # the template and p~ before the query ran once
+    assert torch.allclose(shared, whole, atol=1e-5, rtol=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-3) for a, b in zip(shared_grads, whole_grads))
+    assert sum(g.abs().sum() > 0 for g in whole_grads) >= 2
+
+
 def test_f_is_a_zero_residual_until_trained_and_then_differs_between_queries(tiny_tokenizer, tmp_path):
     cfg, mt, task = setup(tiny_tokenizer, ["train.steps=4", "train.actor_warmup_steps=2", "train.lr_hypernet=0.02",
                                            "train.generator_warmup_queries=0"])

@@ -306,18 +306,33 @@ def encode_pairs(
 LOGIT_CHUNK = 256
 
 
-def token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(model, batch: dict[str, torch.Tensor], prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row sum of label log-probabilities and label-token counts (differentiable).
 
     The output head runs only on the positions that predict a label: a full ``[bs, T, vocab]`` logits
     tensor (hundreds of MB for a 49k vocabulary) is never built. Without grad (rollout scoring, evaluation)
     it runs on ``LOGIT_CHUNK`` positions at a time, so scoring two dozen candidates holds no more logits
     than a training step does.
+
+    ``prefix`` > 0 (:func:`shared_prefix_length`): the first ``prefix`` tokens of every row are alike and
+    unlabelled; they run once, as one row whose keys and values every row attends to (gradients flow
+    through them to the shared weights as through separate rows). The caller vouches that one pass means
+    the same for every row: the same adapters, a plain full-attention cache, no recomputed blocks.
     """
-    # no KV cache: nothing decodes after this pass (and checkpointed blocks would drop it, with a warning)
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 use_cache=False)[0]
-    labels = batch["labels"][:, 1:]  # [bs, T-1]: position t predicts token t + 1
+    ids, attention = batch["input_ids"], batch["attention_mask"]
+    decoder = model.get_decoder()
+    if prefix:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        decoder(input_ids=ids[:1, :prefix], attention_mask=attention[:1, :prefix], cache=cache, use_cache=True)
+        cache.batch_repeat_interleave(ids.shape[0])
+        positions = torch.arange(prefix, ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+        hidden = decoder(input_ids=ids[:, prefix:], attention_mask=attention, position_ids=positions, cache=cache,
+                         use_cache=True)[0]
+    else:  # no KV cache: nothing decodes after this pass (and checkpointed blocks would drop it, with a warning)
+        hidden = decoder(input_ids=ids, attention_mask=attention, use_cache=False)[0]
+    labels = batch["labels"][:, prefix + 1:]  # [bs, T-1-prefix]: position t predicts token t + 1
     mask = labels != -100
     rows = mask.nonzero()[:, 0]  # [N]
     head, states, targets = model.get_output_embeddings(), hidden[:, :-1][mask], labels[mask]  # [N, d], [N]
@@ -328,6 +343,27 @@ def token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     ]) if len(targets) else states.new_zeros(0, dtype=torch.float32)  # [N]
     total = torch.zeros(labels.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
     return total, mask.sum(-1)
+
+
+def shared_prefix_length(model, batch: dict[str, torch.Tensor]) -> int:
+    """How many leading tokens of ``batch`` (right-padded, :func:`encode_pairs`) :func:`token_logprobs` may
+    run once: those alike in every row, attended and unlabelled, ending before the first labelled token's
+    predecessor. 0 for one row, a prefix shorter than ``MIN_SHARED_PREFIX``, or a model whose cache is not
+    plain full attention (sliding windows)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    ids, attention, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    if ids.shape[0] < 2:
+        return 0
+    alike = ((ids == ids[:1]) & (attention == 1) & (labels == -100)).all(0)  # [T]
+    start = int(alike.long().cumprod(0).sum())
+    labelled = (labels != -100).any(0).nonzero()
+    if len(labelled):
+        start = min(start, int(labelled[0]) - 1)  # the position predicting the first target runs with its row
+    if start < MIN_SHARED_PREFIX or not all(type(c) is DynamicLayer for c in DynamicCache(config=model.config).layers):
+        return 0
+    return start
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from torch import nn
 from metatuner.config import GeneratorConfig, HypernetConfig
 from metatuner.errors import MetatunerError
 from metatuner.evaluation.generation import (
-    Generation, encode_pairs, generate, generate_rows, render_chat, token_logprobs,
+    Generation, encode_pairs, generate, generate_rows, render_chat, shared_prefix_length, token_logprobs,
 )
 from metatuner.models.hypernet import LoRAHypernet
 from metatuner.models.lora import LoRALinear, LoRAModel, initial_a
@@ -359,8 +359,12 @@ class MetaTuner(nn.Module):
         eos = self.gen_tokenizer.eos_token or ""
         batch = encode_pairs(self.gen_tokenizer, self.rewrite_texts(task, examples), [p + eos for p in outputs],
                              self.generator.device)
+        # every row runs G under the same adapters, so the rewrite texts' common start (the template and p~
+        # before the query: about half of each text) runs once, unless checkpointed blocks would drop its cache
+        prefix = 0 if torch.is_grad_enabled() and is_checkpointed(self.generator) else shared_prefix_length(
+            self.generator, batch)
         with self.g_lora.use(("enc", "dec")):
-            return _mean_nll(self.generator, batch)
+            return _mean_nll(self.generator, batch, prefix)
 
     # ---- F and M -------------------------------------------------------------------------------
     def factors(self, h: torch.Tensor) -> Factors | None:
@@ -423,7 +427,7 @@ def repeat_factors(factors: Factors | None, n: int) -> Factors | None:
     return {k: (a.repeat_interleave(n, 0), b.repeat_interleave(n, 0)) for k, (a, b) in factors.items()}
 
 
-def _mean_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``[bs]`` mean token NLL of the labelled positions (label != -100)."""
-    total, count = token_logprobs(model, batch)
+def _mean_nll(model, batch: dict[str, torch.Tensor], prefix: int = 0) -> torch.Tensor:
+    """``[bs]`` mean token NLL of the labelled positions (label != -100); ``prefix``: see :func:`token_logprobs`."""
+    total, count = token_logprobs(model, batch, prefix)
     return -total / count.clamp(min=1)
