@@ -59,7 +59,7 @@ def test_pairs_keep_a_rewrite_only_when_it_beats_the_original_and_never_a_leak(m
         assert sample and n == 2 and temperature == 0.7
         return [Generation(text, 1) for e in examples for text in script[e.id]]
 
-    def fake_scores(mt, task, examples, prompts, factors, reward, max_length):
+    def fake_scores(mt, task, examples, prompts, factors, reward, max_length, groups=None):
         assert reward == "nll" and factors is None
         # M reads the task's messages with the candidate query in place of the original one
         inputs = mt.actor_inputs(task, examples, prompts)

@@ -38,7 +38,7 @@ def scripted_rewards(monkeypatch, g_wins: bool) -> None:
     monkeypatch.setattr(MetaTuner, "generate_mixed", lambda self, task, sampled, n, temperature, greedy: (
         outputs(self, task, sampled, n=n), outputs(self, task, greedy)))
 
-    def score(mt, task, examples, prompts, factors, reward, max_length):
+    def score(mt, task, examples, prompts, factors, reward, max_length, groups=None):
         other = 1.0 if g_wins else -1.0
         return torch.tensor([0.0 if p == task.instruction_for(ex) else other for ex, p in zip(examples, prompts)])
 

@@ -204,7 +204,7 @@ def _scripted_rollout(monkeypatch, mt, task, outputs, rewards):
                         lambda self, task, examples, **kw: [Generation(o, 3) for o in outputs])
     seen = {}
 
-    def score(mt_, task_, examples, prompts, factors, reward, max_length):
+    def score(mt_, task_, examples, prompts, factors, reward, max_length, groups=None):
         seen["prompts"] = prompts
         return torch.tensor([rewards[p] for p in prompts])
 
@@ -347,6 +347,32 @@ def test_the_regularizer_runs_the_shared_prefix_once_with_the_same_losses_and_gr
     assert torch.allclose(shared, whole, atol=1e-5, rtol=1e-4)
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-3) for a, b in zip(shared_grads, whole_grads))
     assert sum(g.abs().sum() > 0 for g in whole_grads) >= 2
+
+
+def test_rollout_scoring_runs_each_querys_common_start_once_with_the_same_rewards(tiny_tokenizer, monkeypatch):
+    import metatuner.evaluation.generation as generation
+    from metatuner.models.metatuner import select_rows
+    from metatuner.training.rollouts import score_prompts
+
+    cfg, mt, task = setup(tiny_tokenizer)
+    queries = task.load("test")[:3]
+    with torch.no_grad():  # per-query LoRAs that differ, so a row scored under another query's LoRA would show
+        for p in mt.hypernet.parameters():
+            p.normal_(0, 0.2)
+        factors = mt.factors(mt.encode(task, queries))
+    rows = [0, 0, 0, 1, 1, 2, 2, 2]
+    hints = ["", "Add.", "Mind the carry.", "", "Count twice.", "", "Go slowly.", "Subtract first."]
+    examples = [queries[r] for r in rows]
+    prompts = [mt.compose(task, ex, h) for ex, h in zip(examples, hints)]
+    caches = []
+    run = generation.prefix_cache
+    monkeypatch.setattr("metatuner.models.metatuner.prefix_cache", lambda m, b, n, first: caches.append(
+        (n, first)) or run(m, b, n, first))
+    grouped = score_prompts(mt, task, examples, prompts, select_rows(factors, rows), "nll", 512, rows)
+    plain = score_prompts(mt, task, examples, prompts, select_rows(factors, rows), "nll", 512)
+    assert len(caches) == 1 and caches[0][0] >= 8 and caches[0][1] == [0, 3, 5]  # once per query
+    assert torch.allclose(grouped, plain, atol=1e-5, rtol=1e-4)
+    assert len(set(plain.tolist())) == len(plain)
 
 
 def test_f_is_a_zero_residual_until_trained_and_then_differs_between_queries(tiny_tokenizer, tmp_path):

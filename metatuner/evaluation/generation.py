@@ -306,7 +306,8 @@ def encode_pairs(
 LOGIT_CHUNK = 256
 
 
-def token_logprobs(model, batch: dict[str, torch.Tensor], prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(model, batch: dict[str, torch.Tensor], prefix: int = 0,
+                   cache=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row sum of label log-probabilities and label-token counts (differentiable).
 
     The output head runs only on the positions that predict a label: a full ``[bs, T, vocab]`` logits
@@ -317,16 +318,16 @@ def token_logprobs(model, batch: dict[str, torch.Tensor], prefix: int = 0) -> tu
     ``prefix`` > 0 (:func:`shared_prefix_length`): the first ``prefix`` tokens of every row are alike and
     unlabelled; they run once, as one row whose keys and values every row attends to (gradients flow
     through them to the shared weights as through separate rows). The caller vouches that one pass means
-    the same for every row: the same adapters, a plain full-attention cache, no recomputed blocks.
+    the same for every row: the same adapters, a plain full-attention cache, no recomputed blocks. ``cache``:
+    those keys and values already computed, one row per row of ``batch`` (:func:`prefix_cache`, e.g. run once
+    per group of rows that share their adapters).
     """
     ids, attention = batch["input_ids"], batch["attention_mask"]
     decoder = model.get_decoder()
     if prefix:
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=model.config)
-        decoder(input_ids=ids[:1, :prefix], attention_mask=attention[:1, :prefix], cache=cache, use_cache=True)
-        cache.batch_repeat_interleave(ids.shape[0])
+        if cache is None:
+            cache = prefix_cache(model, batch, prefix, [0])
+            cache.batch_repeat_interleave(ids.shape[0])
         positions = torch.arange(prefix, ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
         hidden = decoder(input_ids=ids[:, prefix:], attention_mask=attention, position_ids=positions, cache=cache,
                          use_cache=True)[0]
@@ -343,6 +344,18 @@ def token_logprobs(model, batch: dict[str, torch.Tensor], prefix: int = 0) -> tu
     ]) if len(targets) else states.new_zeros(0, dtype=torch.float32)  # [N]
     total = torch.zeros(labels.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
     return total, mask.sum(-1)
+
+
+def prefix_cache(model, batch: dict[str, torch.Tensor], prefix: int, rows: list[int]):
+    """The KV cache of the first ``prefix`` tokens of ``batch``'s rows ``rows`` (one cache row each, in the
+    caller's adapter and grad context), for :func:`token_logprobs` once expanded to every row."""
+    from transformers import DynamicCache
+
+    index = torch.tensor(rows, device=batch["input_ids"].device)
+    ids, attention = batch["input_ids"].index_select(0, index), batch["attention_mask"].index_select(0, index)
+    cache = DynamicCache(config=model.config)
+    model.get_decoder()(input_ids=ids[:, :prefix], attention_mask=attention[:, :prefix], cache=cache, use_cache=True)
+    return cache
 
 
 def shared_prefix_length(model, batch: dict[str, torch.Tensor]) -> int:

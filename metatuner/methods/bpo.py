@@ -201,8 +201,9 @@ class SelfRewriter:
                 for p, ex in zip(prompts, examples)]
 
     def answer_nll(self, task: Task, examples: list[Example], prompts: list[str], factors=None,
-                   max_length: int = 512) -> torch.Tensor:
-        """Per-row mean NLL of each gold target (plus EOS) under M reading the query ``prompts[i]``."""
+                   max_length: int = 512, groups: list[int] | None = None) -> torch.Tensor:
+        """Per-row mean NLL of each gold target (plus EOS) under M reading the query ``prompts[i]`` (the
+        rewritten query itself comes first, so rows share no prefix worth running once: ``groups`` is unused)."""
         eos = self.tokenizer.eos_token or ""
         batch = encode_pairs(self.tokenizer, self.actor_inputs(task, examples, prompts),
                              [ex.target + eos for ex in examples], self.actor.device, max_length)

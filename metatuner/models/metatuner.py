@@ -33,7 +33,8 @@ from torch import nn
 from metatuner.config import GeneratorConfig, HypernetConfig
 from metatuner.errors import MetatunerError
 from metatuner.evaluation.generation import (
-    Generation, encode_pairs, generate, generate_rows, render_chat, shared_prefix_length, token_logprobs,
+    Generation, encode_pairs, generate, generate_rows, prefix_cache, render_chat, shared_prefix_length,
+    token_logprobs,
 )
 from metatuner.models.hypernet import LoRAHypernet
 from metatuner.models.lora import LoRALinear, LoRAModel, initial_a
@@ -380,19 +381,34 @@ class MetaTuner(nn.Module):
         return [render_chat(self.tokenizer, task.messages(p, ex)) for p, ex in zip(prompts, examples)]
 
     def answer_nll(
-        self, task: Task, examples: list[Example], prompts: list[str], factors: Factors | None, max_length: int = 512
+        self, task: Task, examples: list[Example], prompts: list[str], factors: Factors | None, max_length: int = 512,
+        groups: list[int] | None = None,
     ) -> torch.Tensor:
         """Per-row mean NLL of each example's target (plus EOS) under M with the given prompt and LoRA.
 
         A row longer than ``max_length`` tokens loses the start of its own context (never its target), as
-        :func:`~metatuner.evaluation.generation.encode_pairs` cuts it; the other rows are unaffected."""
+        :func:`~metatuner.evaluation.generation.encode_pairs` cuts it; the other rows are unaffected.
+
+        ``groups`` (no grad: rollout scoring): the group of each row, rows of one group having the same
+        generated LoRA (the candidates of one query). The rows' common start (the template and p~ before a
+        candidate's hint) then runs once per group, not once per row."""
         eos = self.tokenizer.eos_token or ""
         batch = encode_pairs(
             self.tokenizer, self.actor_inputs(task, examples, prompts), [ex.target + eos for ex in examples],
             self.actor.device, max_length,
         )
+        prefix = shared_prefix_length(self.actor, batch) if groups is not None and not torch.is_grad_enabled() else 0
+        if not prefix:
+            with self.as_actor(factors):
+                return _mean_nll(self.actor, batch)
+        order = list(dict.fromkeys(groups))
+        first = [groups.index(g) for g in order]  # one row of each group
+        with self.as_actor(select_rows(factors, first)):
+            cache = prefix_cache(self.actor, batch, prefix, first)
+        cache.batch_select_indices(torch.tensor([order.index(g) for g in groups], device=self.actor.device))
         with self.as_actor(factors):
-            return _mean_nll(self.actor, batch)
+            total, count = token_logprobs(self.actor, batch, prefix, cache)
+        return -total / count.clamp(min=1)
 
 
 def draw_like_construction(actor, gen_cfg: GeneratorConfig, hyper_cfg: HypernetConfig) -> None:
@@ -418,6 +434,14 @@ def draw_like_construction(actor, gen_cfg: GeneratorConfig, hyper_cfg: HypernetC
     sites = lora.select(hyper_cfg.targets, hyper_cfg.layers if hyper_cfg.layers is not None else range(K))
     shapes = {site.kind: (linear(site).in_features, linear(site).out_features) for site in sites}
     LoRAHypernet(actor.config.hidden_size, sites, shapes, K, hyper_cfg.rank, hyper_cfg.hidden, hyper_cfg.emb_dim)
+
+
+def select_rows(factors: Factors | None, rows: list[int]) -> Factors | None:
+    """The per-row LoRA factors of rows ``rows`` (None stays None)."""
+    if factors is None:
+        return None
+    index = torch.tensor(rows, device=next(iter(factors.values()))[0].device)
+    return {k: (a.index_select(0, index), b.index_select(0, index)) for k, (a, b) in factors.items()}
 
 
 def repeat_factors(factors: Factors | None, n: int) -> Factors | None:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 
 from metatuner.evaluation.generation import Generation, generate
-from metatuner.models.metatuner import Factors
+from metatuner.models.metatuner import Factors, select_rows
 from metatuner.tasks.base import Example, Task
 from metatuner.tasks.leaks import leaks
 
@@ -52,7 +52,7 @@ class Proposer(Protocol):
     def as_actor(self, factors: Factors | None) -> contextlib.AbstractContextManager: ...
 
     def answer_nll(self, task: Task, examples: list[Example], prompts: list[str], factors: Factors | None,
-                   max_length: int = 512) -> torch.Tensor: ...
+                   max_length: int = 512, groups: list[int] | None = None) -> torch.Tensor: ...
 
 
 @dataclass
@@ -67,22 +67,16 @@ class RolloutResult:
 @torch.no_grad()
 def score_prompts(
     mt: Proposer, task: Task, examples: list[Example], prompts: list[str], factors: Factors | None,
-    reward: str, max_length: int,
+    reward: str, max_length: int, groups: list[int] | None = None,
 ) -> torch.Tensor:
-    """Reward of each (example, prompt) pair; ``factors`` belong row by row to ``examples``."""
+    """Reward of each (example, prompt) pair; ``factors`` belong row by row to ``examples``; ``groups``: the
+    query of each row (its candidates share their LoRA, so their common start runs once)."""
     if reward == "nll":
-        return -mt.answer_nll(task, examples, prompts, factors, max_length)
+        return -mt.answer_nll(task, examples, prompts, factors, max_length, groups=groups)
     with mt.as_actor(factors):
         gens = generate(mt.actor, mt.tokenizer, mt.actor_inputs(task, examples, prompts), task.max_new_tokens, task.stop)
     scores = [task.grade(g.text, ex)[1][task.primary_metric] for g, ex in zip(gens, examples)]
     return torch.tensor(scores)
-
-
-def _select_rows(factors: Factors | None, rows: list[int]) -> Factors | None:
-    if factors is None:
-        return None
-    index = torch.tensor(rows, device=next(iter(factors.values()))[0].device)
-    return {k: (a.index_select(0, index), b.index_select(0, index)) for k, (a, b) in factors.items()}
 
 
 @torch.no_grad()
@@ -117,8 +111,8 @@ def rollout(
     rows = [i for i, g in enumerate(groups) for _ in g]
     flat = [(examples[i], out) for i, g in enumerate(groups) for out in g]
     prompts = [mt.compose(task, ex, out) for ex, out in flat]
-    rewards = score_prompts(mt, task, [ex for ex, _ in flat], prompts, _select_rows(factors, rows), reward,
-                            max_length).tolist()
+    rewards = score_prompts(mt, task, [ex for ex, _ in flat], prompts, select_rows(factors, rows), reward,
+                            max_length, rows).tolist()
     best_outputs, best_gains, initial, others = [], [], [], []
     pos = 0
     for group in groups:
