@@ -56,7 +56,9 @@ def predictor(kind: str, tok, monkeypatch):
     randomize(mt.hypernet.parameters(), 0.3)
     randomize(mt.m_lora.adapter_parameters("static"), 0.05)
     # G's greedy outputs, scripted: a random G writes no sentence within its cap, which would leave p~ everywhere
-    hints = lambda self, task, exs, **kw: [Generation(f"Think of {ex.query.split()[-1]}", 3) for ex in exs]  # noqa: E731
+    def hints(self, task, exs, **kw):
+        return [Generation(f"Think of {ex.query.split()[-1]}", 3) for ex in exs]
+
     monkeypatch.setattr(MetaTuner, "generate_outputs", hints)
     return MetaTunerPredictor(mt, prompts="generated")
 

@@ -197,7 +197,8 @@ class RunningBatch:
             like = old.keys if _filled(old) else new.keys if _filled(new) else None
             if like is None:  # nothing cached on either side yet (one-token prompts)
                 continue
-            parts = [(layer.keys, layer.values) if _filled(layer) else (like.new_zeros(n, like.shape[1], 0, like.shape[3]),) * 2
+            empty = lambda n: (like.new_zeros(n, like.shape[1], 0, like.shape[3]),) * 2  # noqa: E731 - [n, heads, 0, dim]
+            parts = [(layer.keys, layer.values) if _filled(layer) else empty(n)
                      for layer, n in ((old, len(self.rows)), (new, mask.shape[0]))]
             if not old.is_initialized:
                 old.lazy_initialization(like, like)
