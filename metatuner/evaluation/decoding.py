@@ -113,6 +113,8 @@ class RunningBatch:
         """Adds rows: ``texts[i]`` (the model input) decodes up to ``budgets[i]`` new tokens and finishes under
         ``keys[i]``; ``factors`` are the new rows' per-row LoRA factors; ``on_text[i]``, if given, receives the
         row's text in pieces while it decodes."""
+        from transformers import DynamicCache
+
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         device = self.model.device
         width = max(len(x) for x in ids) - 1
@@ -120,8 +122,6 @@ class RunningBatch:
                               dtype=torch.long, device=device).reshape(len(ids), width)  # [new, width]
         mask = torch.tensor([[0] * (width - len(x) + 1) + [1] * (len(x) - 1) for x in ids],
                             dtype=torch.long, device=device).reshape(len(ids), width)
-        from transformers import DynamicCache
-
         cache = DynamicCache(config=self.model.config)
         if width:
             positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
@@ -131,9 +131,9 @@ class RunningBatch:
         self._merge(cache, mask, factors)
         self.pending = torch.cat([self.pending, torch.tensor([x[-1] for x in ids], device=device)])
         self.positions = torch.cat([self.positions, torch.tensor([len(x) - 1 for x in ids], device=device)])
-        for i, x in enumerate(ids):
-            send = (on_text or [None] * len(ids))[i] or (lambda piece: None)
-            self.rows.append(_Row(keys[i], x, budgets[i], RowText(self.tokenizer, self.ends, self.stop, send)))
+        for key, x, budget, send in zip(keys, ids, budgets, on_text or [None] * len(ids), strict=True):
+            text = RowText(self.tokenizer, self.ends, self.stop, send or (lambda piece: None))
+            self.rows.append(_Row(key, x, budget, text))
 
     @torch.no_grad()
     def step(self) -> list[Finished]:

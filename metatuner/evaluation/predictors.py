@@ -20,6 +20,7 @@ subclass that overrides :meth:`LMPredictor.weights` itself is answered whole bat
 from __future__ import annotations
 
 import contextlib
+import itertools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -184,7 +185,7 @@ class Decoding:
         self.predictor, self.task = predictor, task
         self.batch = decoding.RunningBatch(predictor.model, predictor.tokenizer, task.stop, predictor.weights_with)
         self._inputs: dict[int, tuple[Example, str, str]] = {}  # row key -> (example, instruction, model input)
-        self._keys = iter(range(1 << 62))
+        self._keys = itertools.count()
 
     def __len__(self) -> int:
         return len(self.batch)
