@@ -56,7 +56,7 @@ class _Row:
     key: Any
     prompt: list[int]
     budget: int
-    text: RowText
+    text: RowText | None  # None: nobody streams this row, so its text is decoded once, when it ends
     steps: int = 0  # decode steps taken
     shared: int = 0  # rows in those steps, summed (this row included)
     new: list[int] = field(default_factory=list)
@@ -132,7 +132,7 @@ class RunningBatch:
         self.pending = torch.cat([self.pending, torch.tensor([x[-1] for x in ids], device=device)])
         self.positions = torch.cat([self.positions, torch.tensor([len(x) - 1 for x in ids], device=device)])
         for key, x, budget, send in zip(keys, ids, budgets, on_text or [None] * len(ids), strict=True):
-            text = RowText(self.tokenizer, self.ends, self.stop, send or (lambda piece: None))
+            text = RowText(self.tokenizer, self.ends, self.stop, send) if send else None
             self.rows.append(_Row(key, x, budget, text))
 
     @torch.no_grad()
@@ -150,10 +150,12 @@ class RunningBatch:
         finished, keep = [], []
         for i, (row, token) in enumerate(zip(self.rows, tokens.tolist())):
             row.new.append(token)
-            row.text.push(token)
+            if row.text is not None:
+                row.text.push(token)
             row.steps, row.shared = row.steps + 1, row.shared + len(self.rows)
             if token in self.ends or stopped[i] or len(row.new) >= row.budget:
-                row.text.close()
+                if row.text is not None:
+                    row.text.close()
                 generation = row_result(self.tokenizer, row.new, self.ends, self.stop, row.budget)
                 finished.append(Finished(row.key, generation, row.shared / row.steps))
             else:
