@@ -7,18 +7,20 @@ Without ``--run`` a run is trained first, once, into ``--run-dir`` (default ``ru
 ``metatuner train --config quick --model MODEL --out DIR --no-eval``.
 
 Two servers start as subprocesses on free 127.0.0.1 ports, each serving ``metatuner`` (the run) and
-``zero-shot`` (the run's base model with p~, no adapter): one micro-batches (``--max-batch-size``,
-``--max-wait-ms``), the other answers one request at a time (``serve.max_batch_size=1``). For each server and
-model, after ``--clients`` untimed warm-up requests, ``--clients`` threads send ``--requests`` requests in all
-(the run's test queries, cycled; chat completions with the task's own token budget) and the phase reports
+``zero-shot`` (the run's base model with p~, no adapter): one batches continuously (up to ``--max-batch-size``
+requests decode together, each leaving as soon as its answer ends and others joining between decode steps; a
+decode loop's first request waits ``--max-wait-ms`` for company), the other answers one request at a time
+(``serve.max_batch_size=1``). For each server and model, after ``--clients`` untimed warm-up requests,
+``--clients`` threads send ``--requests`` requests in all (the run's test queries, cycled; chat completions with
+the task's own token budget) and the phase reports
 latency p50 / p95, throughput (answered requests, and completion tokens, per second of the phase), failed
-requests and the mean batch size the server reports. A thread samples each server's resident memory (RSS) every 100 ms; memory is flat when
+requests and the mean batch size the server reports (per answer: the mean number of requests in the decode
+steps that produced it). A thread samples each server's resident memory (RSS) every 100 ms; memory is flat when
 its peak over the measured phases stays within ``--max-rss-growth-mb`` of its level after the warm-up.
 
-Ratios printed: micro-batched MetaTuner throughput / micro-batched zero-shot throughput, in requests and in
-tokens per second (issue 21's target: >= 0.8 in both), and micro-batching's gain (batched / one-at-a-time
-throughput) for each model. Everything is bounded:
-``--requests`` per phase, ``--time-limit`` seconds for the whole benchmark (a phase stops sending at its share),
+Ratios printed: batched MetaTuner throughput / batched zero-shot throughput, in requests and in tokens per
+second (issue 21's target: >= 0.8 in both), and batching's gain (batched / one-at-a-time throughput) for each
+model. Everything is bounded: ``--requests`` per phase, ``--time-limit`` seconds for the whole benchmark (a phase stops sending at its share),
 a timeout per request. Exits 1 when any request failed or memory grew. Timing is never a pass/fail test.
 """
 
@@ -156,8 +158,8 @@ def main() -> int:
     parser.add_argument("--run-dir", type=Path, help="where that run goes (default: runs/serve-load-<model>)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
     parser.add_argument("--requests", type=int, default=64, help="requests per server and model")
-    parser.add_argument("--max-batch-size", type=int, default=8, help="the micro-batching server's batch size")
-    parser.add_argument("--max-wait-ms", type=float, default=20.0, help="the micro-batching server's wait")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="the batching server's most requests decoded together")
+    parser.add_argument("--max-wait-ms", type=float, default=20.0, help="how long the batching server's decode loop waits for its first requests")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--time-limit", type=float, default=1800.0, help="seconds for all phases together")
     parser.add_argument("--max-rss-growth-mb", type=float, default=50.0, help="memory is flat within this much")
@@ -203,10 +205,10 @@ def main() -> int:
         print(f"| {name} | {model} | {r['answered']}/{args.requests} | {r['failed']} | {fmt(r['p50_s'])} | "
               f"{fmt(r['p95_s'])} | {r['throughput_rps']:.2f} | {r['throughput_tps']:.1f} | {fmt(r['mean_batch'])} | "
               f"{r['rss_after_warmup_mb']:.0f} / {r['rss_peak_mb']:.0f} |")
-    print(f"\nMetaTuner / zero-shot throughput, micro-batched: {ratios['metatuner_vs_zero_shot_batched']:.2f}x in "
+    print(f"\nMetaTuner / zero-shot throughput, batched: {ratios['metatuner_vs_zero_shot_batched']:.2f}x in "
           f"requests/s, {ratios['metatuner_vs_zero_shot_batched_tokens']:.2f}x in tokens/s (target >= 0.8x in both; "
           f"both answer with the task's own token budget)")
-    print(f"micro-batching gain: MetaTuner {ratios['batching_gain_metatuner']:.2f}x, "
+    print(f"batching gain: MetaTuner {ratios['batching_gain_metatuner']:.2f}x, "
           f"zero-shot {ratios['batching_gain_zero_shot']:.2f}x")
     print(f"failed requests: {failed}; largest RSS growth after warm-up: {growth:.0f} MB "
           f"({'flat' if growth <= args.max_rss_growth_mb else 'GREW'}, limit {args.max_rss_growth_mb:g} MB)")

@@ -123,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     _answering_flags(p, several=True)
     p.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, help="TCP port (default 8000; 0 = any free port)")
-    p.add_argument("--max-batch-size", type=int, help="micro-batching: most requests per batched generate (default 8)")
-    p.add_argument("--max-wait-ms", type=float, help="micro-batching: how long a batch waits to fill (default 10)")
+    p.add_argument("--max-batch-size", type=int, help="most requests decoded together (default 8)")
+    p.add_argument("--max-wait-ms", type=float, help="how long a decode loop's first request waits for more (default 10)")
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, else none)")
     _common(p)
 

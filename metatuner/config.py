@@ -308,12 +308,12 @@ class TrainConfig:
 
 @dataclass
 class ServeConfig:
-    """The HTTP server (``metatuner serve``): where it listens, micro-batching and request limits."""
+    """The HTTP server (``metatuner serve``): where it listens, batching and request limits."""
 
     host: str = option("127.0.0.1", "address to bind (localhost by default; 0.0.0.0 exposes the server to the network)")
     port: int = option(8000, "TCP port (0: any free port, printed at start)")
-    max_batch_size: int = option(8, "micro-batching: most requests answered by one batched generate (1 = one at a time)")
-    max_wait_ms: float = option(10.0, "micro-batching: how long a batch's first request waits for more to join it")
+    max_batch_size: int = option(8, "most requests decoded together in one running batch (1 = one at a time)")
+    max_wait_ms: float = option(10.0, "how long a decode loop's first request waits for more to start with it (later ones join between steps)")
     timeout_s: float = option(120.0, "a request not answered within this many seconds gets a 504 error")
     max_input_chars: int = option(8000, "longest query (and system message) accepted, in characters")
     max_tokens: int = option(1024, "largest max_tokens a request may ask for")

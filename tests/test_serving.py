@@ -25,6 +25,7 @@ from metatuner.evaluation.predictors import Prediction, Predictor
 from metatuner.serving.engine import Engine, Served
 from metatuner.serving.server import bind, create_app
 from metatuner.tasks import get_task
+from metatuner.tasks.base import Example
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = f"file:{ROOT / 'examples' / 'capitals.yaml'}"
@@ -498,3 +499,126 @@ def test_a_timed_out_request_is_dropped_and_the_server_keeps_serving():
         assert engine.submit("slow", "third", 8).result(timeout=60).prediction.output == "driht"
         assert len(slow.batches) == 2 and slow.batches[1] == ["third"]  # the one that waited never ran
         assert httpx.get(f"{url}/health", timeout=30).json()["answered"] == 2
+
+
+class Stepping(Predictor):
+    """Decodes step by step without a model: a query's answer is its text reversed, after as many steps as its
+    budget. Each step is recorded (the queries in it), then waits for ``gate`` (if any); a query "bad prefill"
+    fails its admission, and a step with "bad step" in it fails."""
+
+    def __init__(self, gate: threading.Event | None = None):
+        self.gate, self.steps = gate, []
+
+    def predict(self, task, examples, max_new_tokens):
+        raise AssertionError("a predictor that decodes step by step is never answered whole")
+
+    def start(self, task):
+        return SteppingLoop(self, task)
+
+
+class SteppingLoop:
+    def __init__(self, predictor: Stepping, task):
+        self.predictor, self.task, self.rows = predictor, task, []
+
+    def __len__(self):
+        return len(self.rows)
+
+    def admit(self, examples, budgets, on_text=None):
+        if any(ex.query == "bad prefill" for ex in examples):
+            raise ValueError("the prefill fell over")
+        self.rows += [[ex, budget] for ex, budget in zip(examples, budgets)]
+
+    def step(self):
+        self.predictor.steps.append([ex.query for ex, _ in self.rows])
+        if self.predictor.gate is not None:
+            assert self.predictor.gate.wait(60), "the test never opened the gate"
+        if any(ex.query == "bad step" for ex, _ in self.rows):
+            raise ValueError("the step fell over")
+        for row in self.rows:
+            row[1] -= 1
+        done, self.rows = [r for r in self.rows if not r[1]], [r for r in self.rows if r[1]]
+        return [(ex, Prediction(self.task.instruction_for(ex), ex.query, ex.query[::-1], 1), 1.0) for ex, _ in done]
+
+
+def test_requests_join_a_running_decode_loop_and_models_take_turns():
+    task = get_task(SPEC)
+    gate = threading.Event()
+    a, b = Stepping(gate), Stepping()
+    engine = Engine({"a": Served(a, task), "b": Served(b, task)}, max_batch_size=3, max_wait_ms=0).start()
+    try:
+        first = engine.submit("a", "a0", 3)  # alone, it holds the worker in its first step while the rest queue up
+        wait_until(lambda: a.steps, "a0's first step runs")
+        futures = [engine.submit("a", "a1", 1), engine.submit("a", "gone", 1), engine.submit("b", "b0", 2),
+                   engine.submit("a", "a2", 1)]
+        futures[1].cancel()  # its caller gave up before it ran
+        gate.set()  # every request is queued: what follows depends on their order only, not on timing
+        answers = [f.result(timeout=60) for f in [first, futures[0], futures[2], futures[3]]]
+    finally:
+        gate.set()
+        engine.stop()
+    assert [x.prediction.output for x in answers] == ["0a", "1a", "0b", "2a"]
+    # a1 joins a0's loop between steps and leaves after its one step; a2 came after b0, so it waits for b's turn
+    assert a.steps == [["a0"], ["a0", "a1"], ["a0"], ["a2"]] and b.steps == [["b0"], ["b0"]]
+    assert engine.batches == 3 and engine.answered == 4
+    assert engine.steps == 6 and engine.mean_batch_size == 7 / 6
+
+
+def test_a_failed_prefill_or_step_fails_its_requests_and_the_worker_goes_on():
+    task = get_task(SPEC)
+    gate = threading.Event()
+    a = Stepping(gate)
+    engine = Engine({"a": Served(a, task)}, max_batch_size=4, max_wait_ms=0).start()
+    try:
+        first = engine.submit("a", "a0", 2)
+        wait_until(lambda: a.steps, "a0's first step runs")
+        joiner = engine.submit("a", "bad prefill", 2)
+        gate.set()
+        assert first.result(timeout=60).prediction.output == "0a"  # the loop went on without the failed joiner
+        with pytest.raises(ValueError, match="the prefill fell over"):
+            joiner.result(timeout=60)
+        gate.clear()
+        futures = [engine.submit("a", "a1", 5)]
+        wait_until(lambda: len(a.steps) == 3, "a1's first step runs")
+        futures.append(engine.submit("a", "bad step", 1))
+        gate.set()
+        for future in futures:  # one failed step fails every request of its loop
+            with pytest.raises(ValueError, match="the step fell over"):
+                future.result(timeout=60)
+        assert engine.submit("a", "a2", 1).result(timeout=60).prediction.output == "2a"
+    finally:
+        gate.set()
+        engine.stop()
+    assert a.steps[-1] == ["a2"] and engine.answered == 2
+
+
+def test_a_short_answer_leaves_while_a_long_one_decodes_and_a_request_joins_meanwhile(lively_model_dir):
+    from metatuner.evaluation.predictors import LMPredictor
+    from metatuner.models.loading import load_model
+
+    model, tok = load_model(str(lively_model_dir))
+    predictor, task = LMPredictor(model, tok), get_task(SPEC)
+    engine = Engine({"m": Served(predictor, task)}, max_batch_size=4, max_wait_ms=0).start()
+    budgets = {QUERIES[0]: 24, QUERIES[1]: 2, QUERIES[2]: 3}
+    alone = {q: predictor.predict(Served(predictor, task).view, [Example(id=q, query=q, answer="", target="")], b)[0]
+             for q, b in budgets.items()}
+    done, futures = [], {}
+
+    def first_piece(text):  # on the worker, between two steps of the long answer: a new request arrives
+        if QUERIES[2] not in futures:
+            futures[QUERIES[2]] = engine.submit("m", QUERIES[2], budgets[QUERIES[2]])
+            futures[QUERIES[2]].add_done_callback(lambda _: done.append(QUERIES[2]))
+
+    try:
+        with held(engine):  # the first two start one decode loop together
+            for q in QUERIES[:2]:
+                futures[q] = engine.submit("m", q, budgets[q], on_text=first_piece if q == QUERIES[0] else None)
+                futures[q].add_done_callback(lambda _, q=q: done.append(q))
+        wait_until(lambda: len(done) == 3, "every request is answered")
+        answers = {q: f.result(timeout=0) for q, f in futures.items()}
+    finally:
+        engine.stop()
+    for q, answer in answers.items():
+        assert answer.prediction == alone[q]
+    assert done == [QUERIES[1], QUERIES[2], QUERIES[0]]  # each left as soon as its answer ended
+    assert engine.batches == 2  # the holding request's, then one decode loop: the joiner was answered by it
+    assert 1 < answers[QUERIES[2]].batch_size <= 2 and answers[QUERIES[0]].batch_size < 2

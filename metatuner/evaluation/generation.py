@@ -68,7 +68,7 @@ def generate(
         pad_token_id=tokenizer.pad_token_id,
         stop_strings=list(stop) or None,
         tokenizer=tokenizer if stop else None,
-        streamer=RowStreamer(tokenizer, _end_ids(model, tokenizer), stop, on_text) if on_text else None,
+        streamer=RowStreamer(tokenizer, end_ids(model, tokenizer), stop, on_text) if on_text else None,
         **kwargs,
     )
     return _results(model, tokenizer, out[:, enc["input_ids"].shape[1] :], stop, max_new_tokens)
@@ -91,17 +91,19 @@ def tokens_generated() -> int:
 
 def _results(model, tokenizer, new: torch.Tensor, stop: tuple[str, ...], max_new_tokens: int) -> list[Generation]:
     """``new [bs, new]`` generated ids as Generations (text cut at EOS / the first stop string)."""
-    ends = _end_ids(model, tokenizer)
-    results = []
-    for row in new:
-        ids = row.tolist()
-        n = _first_end(ids, ends)
-        text = tokenizer.decode(ids[: n or len(ids)], skip_special_tokens=True)
-        stopped = n is not None or any(s in text for s in stop)
-        finished = stopped or len(ids) < max_new_tokens
-        results.append(Generation(cut_at_stop(text, stop).strip(), n or len(ids), finished=finished))
-        count_generated(n or len(ids))
-    return results
+    ends = end_ids(model, tokenizer)
+    return [row_result(tokenizer, row.tolist(), ends, stop, max_new_tokens) for row in new]
+
+
+def row_result(tokenizer, ids: list[int], ends: set[int], stop: tuple[str, ...], max_new_tokens: int) -> Generation:
+    """One row's generated ``ids`` as a Generation: decoded up to its first end token, cut at the first stop
+    string, stripped; counted in :func:`tokens_generated`."""
+    n = _first_end(ids, ends)
+    text = tokenizer.decode(ids[: n or len(ids)], skip_special_tokens=True)
+    stopped = n is not None or any(s in text for s in stop)
+    finished = stopped or len(ids) < max_new_tokens
+    count_generated(n or len(ids))
+    return Generation(cut_at_stop(text, stop).strip(), n or len(ids), finished=finished)
 
 
 def _first_end(ids: list[int], ends: set[int]) -> int | None:
@@ -110,52 +112,70 @@ def _first_end(ids: list[int], ends: set[int]) -> int | None:
     return next((i + 1 for i, t in enumerate(ids) if t in ends), None)
 
 
-class RowStreamer:
-    """A ``model.generate`` streamer (``put``/``end``) that hands each row's new text to ``on_text(row, text)`` while
-    the batch decodes, such that a row's pieces join to exactly the text :func:`generate` returns for it (decoded up
-    to its EOS, cut at the first stop string, stripped).
+class RowText:
+    """One row's answer text while it decodes: :meth:`push` each new token, :meth:`close` when the row ends without
+    an end token; ``send(piece)`` receives pieces that join to exactly the text :func:`row_result` gives for the
+    row's tokens (decoded up to its EOS, cut at the first stop string, stripped).
 
     A piece goes out only once it can no longer change: the newest token's text stays back (it may be part of a
     character or merge still completing), as do leading and trailing whitespace (the result is stripped) and an
-    ending that could be the start of a stop string. A row's last piece goes out when the row ends (EOS or the pad
-    generate gives a finished row, which also follows a stop string), or at ``end()`` for rows cut at the budget.
+    ending that could be the start of a stop string. The last piece goes out at an end token (EOS, or the pad
+    generate gives a finished row, which also follows a stop string) or at :meth:`close`.
     """
 
-    def __init__(self, tokenizer, ends: set[int], stop: tuple[str, ...], on_text: Callable[[int, str], None]):
-        self.tokenizer, self.ends, self.stop, self.on_text = tokenizer, ends, stop, on_text
-        self.ids: list[list[int]] | None = None  # per row, the tokens decoded so far; None until the prompt came
-        self.sent: list[str] = []
-        self.done: list[bool] = []
+    def __init__(self, tokenizer, ends: set[int], stop: tuple[str, ...], send: Callable[[str], None]):
+        self.tokenizer, self.ends, self.stop, self.send = tokenizer, ends, stop, send
+        self.ids: list[int] = []
+        self.sent = ""
+        self.done = False
 
-    def put(self, value: torch.Tensor) -> None:
-        if self.ids is None:  # generate's first call hands over the prompt ids [bs, T]
-            self.ids = [[] for _ in range(value.shape[0])]
-            self.sent, self.done = [""] * value.shape[0], [False] * value.shape[0]
-            return
-        for row, token in enumerate(value.reshape(-1).tolist()):  # [bs] new tokens
-            if not self.done[row]:
-                self.ids[row].append(token)
-                self._flush(row, final=token in self.ends)
+    def push(self, token: int) -> None:
+        if not self.done:
+            self.ids.append(token)
+            self._flush(final=token in self.ends)
 
-    def end(self) -> None:
-        for row in range(len(self.ids or [])):
-            if not self.done[row]:
-                self._flush(row, final=True)
+    def close(self) -> None:
+        if not self.done:
+            self._flush(final=True)
 
-    def _flush(self, row: int, final: bool) -> None:
-        ids = self.ids[row]
+    def _flush(self, final: bool) -> None:
+        ids = self.ids
         if final:
-            self.done[row] = True
+            self.done = True
             text = cut_at_stop(self.tokenizer.decode(ids[: _first_end(ids, self.ends) or len(ids)],
                                                      skip_special_tokens=True), self.stop)
         else:
             text = self.tokenizer.decode(ids[:-1], skip_special_tokens=True).rstrip("\ufffd")
             cut = cut_at_stop(text, self.stop)
             text = cut if len(cut) < len(text) else text[: len(text) - _stop_prefix(text, self.stop)]
-        text, sent = text.strip(), self.sent[row]
-        if len(text) > len(sent) and text.startswith(sent):
-            self.sent[row] = text
-            self.on_text(row, text[len(sent) :])
+        text = text.strip()
+        if len(text) > len(self.sent) and text.startswith(self.sent):
+            piece, self.sent = text[len(self.sent) :], text
+            self.send(piece)
+
+
+class RowStreamer:
+    """A ``model.generate`` streamer (``put``/``end``) that hands each row's new text to ``on_text(row, text)`` while
+    the batch decodes, one :class:`RowText` per row, so that a row's pieces join to exactly the text
+    :func:`generate` returns for it. A row's last piece goes out when the row ends (EOS or the pad generate gives a
+    finished row), or at ``end()`` for rows cut at the budget.
+    """
+
+    def __init__(self, tokenizer, ends: set[int], stop: tuple[str, ...], on_text: Callable[[int, str], None]):
+        self.tokenizer, self.ends, self.stop, self.on_text = tokenizer, ends, stop, on_text
+        self.rows: list[RowText] | None = None  # None until the prompt came
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.rows is None:  # generate's first call hands over the prompt ids [bs, T]
+            self.rows = [RowText(self.tokenizer, self.ends, self.stop, lambda text, row=row: self.on_text(row, text))
+                         for row in range(value.shape[0])]
+            return
+        for row, token in zip(self.rows, value.reshape(-1).tolist()):  # [bs] new tokens
+            row.push(token)
+
+    def end(self) -> None:
+        for row in self.rows or []:
+            row.close()
 
 
 def _stop_prefix(text: str, stop: tuple[str, ...]) -> int:
@@ -268,7 +288,8 @@ def _prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache
     return cache
 
 
-def _end_ids(model, tokenizer) -> set[int]:
+def end_ids(model, tokenizer) -> set[int]:
+    """The tokens a row ends at: the model's EOS ids, the tokenizer's EOS and its pad (generate pads finished rows)."""
     eos = model.generation_config.eos_token_id
     ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
     ids.add(tokenizer.eos_token_id)

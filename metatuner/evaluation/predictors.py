@@ -5,20 +5,27 @@ model, a LoRA-tuned model and MetaTuner (a generated prompt and generated weight
 
 - :meth:`Predictor.predict` returns, per example, the instruction it used, the exact model input and
   the output text;
-- :meth:`Predictor.choice_logprobs` (optional) scores a multiple-choice task's options by likelihood.
+- :meth:`Predictor.choice_logprobs` (optional) scores a multiple-choice task's options by likelihood;
+- :meth:`Predictor.start` (optional) gives a :class:`Decoding`: a running batch that queries join and leave
+  between decode steps (iteration-level batching, for the serving engine), answering each query exactly as
+  :meth:`Predictor.predict` answers it alone. A predictor without it is served whole batches at a time.
 
-:class:`LMPredictor` implements both on a Hugging Face causal LM. Subclasses change only *which
-instruction* each query gets (:meth:`LMPredictor.instructions`) and *which weights* the model uses
-for a batch (:meth:`LMPredictor.weights`), e.g. per-row generated LoRA.
+:class:`LMPredictor` implements all three on a Hugging Face causal LM. Subclasses change only *which
+instruction* each query gets (:meth:`LMPredictor.instructions`) and *which weights* the model uses: per-row
+LoRA factors for a batch of queries (:meth:`LMPredictor.row_factors`, e.g. MetaTuner's generated LoRA) and
+the context that puts them and any static adapter on the model (:meth:`LMPredictor.weights_with`). A
+subclass that overrides :meth:`LMPredictor.weights` itself is answered whole batches at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+from metatuner.evaluation import decoding
 from metatuner.evaluation.generation import continuation_logprobs, generate, render_chat
 from metatuner.tasks.base import Example, Task
 
@@ -46,6 +53,11 @@ class Predictor(ABC):
 
     def choice_logprobs(self, task: Task, examples: list[Example]) -> list[list[float]] | None:
         """Per example, the mean log-probability of each option of ``task.choices``; None if unsupported."""
+        return None
+
+    def start(self, task: Task) -> Decoding | None:
+        """An empty running batch for ``task`` (iteration-level decoding), or None: this predictor answers whole
+        batches only, with :meth:`predict`."""
         return None
 
     def describe(self) -> dict[str, Any]:
@@ -80,10 +92,21 @@ class LMPredictor(Predictor):
         """The instruction for each query (default: the fixed one, else the task's initial prompt)."""
         return [self.instruction or task.instruction_for(ex) for ex in examples]
 
+    def row_factors(self, task: Task, examples: list[Example]) -> decoding.Factors | None:
+        """Per-row LoRA factors for these queries (``site -> (A [bs, r, in], B [bs, out, r])``); default: none."""
+        return None
+
+    @contextlib.contextmanager
+    def weights_with(self, factors: decoding.Factors | None) -> Iterator[None]:
+        """Context in which the model carries the weights for rows with these per-row ``factors`` (default: the
+        model as loaded)."""
+        yield
+
     @contextlib.contextmanager
     def weights(self, task: Task, examples: list[Example]) -> Iterator[None]:
-        """Context in which the model carries the weights for this batch (default: as loaded)."""
-        yield
+        """Context in which the model carries the weights for this batch."""
+        with self.weights_with(self.row_factors(task, examples)):
+            yield
 
     def messages(self, task: Task, instruction: str, example: Example) -> list[dict[str, str]]:
         """The task's chat messages for one query, with the demos inserted just before the query turn."""
@@ -118,6 +141,13 @@ class LMPredictor(Predictor):
             gens = generate(self.model, self.tokenizer, rendered, max_new_tokens, task.stop, on_text=on_text)
         return [Prediction(i, r, g.text, g.new_tokens) for i, r, g in zip(instructions, rendered, gens)]
 
+    def start(self, task: Task) -> Decoding | None:
+        """A :class:`Decoding` on this predictor's model, unless a subclass overrides :meth:`weights` (weights that
+        depend on the whole batch) or the model is one :func:`~metatuner.evaluation.decoding.supports` rejects."""
+        if type(self).weights is not LMPredictor.weights or not decoding.supports(self.model):
+            return None
+        return Decoding(self, task)
+
     def choice_logprobs(self, task: Task, examples: list[Example]) -> list[list[float]] | None:
         options = [task.choices(ex) for ex in examples]
         if any(o is None for o in options):
@@ -140,3 +170,42 @@ class LMPredictor(Predictor):
             "model": getattr(self.model.config, "_name_or_path", None),
             "instruction": self.instruction,
         } | ({"demos": [d.id for d in self.demos]} if self.demos else {})
+
+
+class Decoding:
+    """An :class:`LMPredictor`'s running batch for one task: :meth:`admit` adds queries, each :meth:`step` decodes
+    one token of every query in it and returns those that ended, which leave at once. Each query's
+    :class:`Prediction` equals the one ``predictor.predict(task, [example], budget)`` gives (greedy, token for
+    token), whoever shares its steps: its instruction and per-row factors come from the same predictor methods
+    (:meth:`LMPredictor.instructions`, :meth:`LMPredictor.row_factors`), and
+    :class:`~metatuner.evaluation.decoding.RunningBatch` decodes it as ``generate`` does.
+    """
+
+    def __init__(self, predictor: LMPredictor, task: Task):
+        self.predictor, self.task = predictor, task
+        self.batch = decoding.RunningBatch(predictor.model, predictor.tokenizer, task.stop, predictor.weights_with)
+        self._inputs: dict[int, tuple[Example, str, str]] = {}  # row key -> (example, instruction, model input)
+        self._keys = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+    def admit(self, examples: list[Example], budgets: list[int],
+              on_text: list[Callable[[str], None] | None] | None = None) -> None:
+        """Adds queries with their token budgets; ``on_text[i]``, if given, receives the i-th answer in pieces that
+        join to its ``output``."""
+        instructions, rendered = self.predictor._inputs(self.task, examples)
+        factors = self.predictor.row_factors(self.task, examples)
+        keys = [next(self._keys) for _ in examples]
+        self.batch.admit(keys, rendered, budgets, factors, on_text)
+        self._inputs.update(zip(keys, zip(examples, instructions, rendered)))
+
+    def step(self) -> list[tuple[Example, Prediction, float]]:
+        """One decode step; the queries that ended, each with its prediction and the mean number of rows of the
+        steps that decoded it."""
+        answered = []
+        for row in self.batch.step():
+            example, instruction, rendered = self._inputs.pop(row.key)
+            g = row.generation
+            answered.append((example, Prediction(instruction, rendered, g.text, g.new_tokens), row.batch_size))
+        return answered

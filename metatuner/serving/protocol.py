@@ -128,7 +128,7 @@ class Extra(BaseModel):
 
     prompt: str = Field(description="the instruction the model answered with: MetaTuner's generated prompt, else p~")
     answer: str | None = Field(description="the answer extracted from the output by the task's rule")
-    batch_size: int = Field(description="requests answered by the same batched generate")
+    batch_size: float = Field(description="the mean number of requests in the decode steps that answered this one")
 
 
 class AssistantMessage(BaseModel):

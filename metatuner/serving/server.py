@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP server: FastAPI routes over the micro-batching engine, run by uvicorn.
+"""The OpenAI-compatible HTTP server: FastAPI routes over the continuous-batching engine, run by uvicorn.
 
 A thin layer: each route checks its request (``protocol``), makes one ``Engine.submit`` call and writes the
 answer back; every error is a JSON body ``{"error": {...}}`` with a 4xx/5xx status, never a crash or a hang:
@@ -12,7 +12,7 @@ answer back; every error is a JSON body ``{"error": {...}}`` with a 4xx/5xx stat
 ``stream: true`` answers with server-sent events (``protocol``) once the answer's first piece is decoded, so the
 errors above still come as statuses when they happen before it; ``serve.timeout_s`` bounds the whole stream, and
 a failure after the first piece arrives as one ``data: {"error": {...}}`` event, without ``[DONE]``. A streamed
-request joins micro-batches as any other: its row's text goes out while the batched generate decodes it.
+request shares batches as any other: its row's text goes out while its row decodes.
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``.
 uvicorn stops cleanly on SIGTERM or Ctrl-C: it stops accepting, finishes the requests in flight, then the
@@ -113,7 +113,8 @@ def create_app(engine: Engine, settings: ServeConfig, api_key: str | None = None
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": list(engine.models), "batches": engine.batches, "answered": engine.answered}
+        return {"status": "ok", "models": list(engine.models), "batches": engine.batches, "answered": engine.answered,
+                "steps": engine.steps, "mean_batch_size": engine.mean_batch_size}
 
     @app.get("/v1/models")
     async def models() -> ModelList:

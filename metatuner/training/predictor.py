@@ -58,9 +58,12 @@ class MetaTunerPredictor(LMPredictor):
     def instructions(self, task: Task, examples: list[Example]) -> list[str]:
         return self._plan(task, examples)[0]
 
+    def row_factors(self, task: Task, examples: list[Example]) -> Factors | None:
+        return self._plan(task, examples)[1]
+
     @contextlib.contextmanager
-    def weights(self, task: Task, examples: list[Example]) -> Iterator[None]:
-        with self.mt.as_actor(self._plan(task, examples)[1]):
+    def weights_with(self, factors: Factors | None) -> Iterator[None]:
+        with self.mt.as_actor(factors):
             yield
 
     def describe(self) -> dict[str, Any]:
@@ -79,7 +82,7 @@ class StaticLoRAPredictor(LMPredictor):
         self.static = static
 
     @contextlib.contextmanager
-    def weights(self, task: Task, examples: list[Example]) -> Iterator[None]:
+    def weights_with(self, factors: Factors | None) -> Iterator[None]:
         with self.static.active():
             yield
 
