@@ -43,10 +43,10 @@ def _signalled_child(argv: list[str], cwd: str, log: str, signum: int, where: tu
     else:
         eval_method = recipes.eval_method
 
-        def evaluated(cfg, out_dir):
+        def evaluated(cfg, out_dir, **kw):
             if out_dir is not None and Path(out_dir).name == name:
                 fire()
-            return eval_method(cfg, out_dir)
+            return eval_method(cfg, out_dir, **kw)
 
         recipes.eval_method = evaluated
     runner._child(argv, cwd, log, None)
