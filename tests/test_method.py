@@ -331,7 +331,7 @@ def test_the_regularizer_runs_the_shared_prefix_once_with_the_same_losses_and_gr
     params = [p for n, p in mt.g_lora.model.named_parameters() if n.endswith((".enc", ".dec")) and p.requires_grad]
     prefixes = []
     run = module.token_logprobs
-    monkeypatch.setattr(module, "token_logprobs", lambda m, b, prefix=0: prefixes.append(prefix) or run(m, b, prefix))
+    monkeypatch.setattr(module, "token_logprobs", lambda m, b, prefix=0, cache=None: prefixes.append(prefix) or run(m, b, prefix, cache))
 
     def losses_and_grads():
         for p in params:

@@ -407,8 +407,7 @@ class MetaTuner(nn.Module):
             cache = prefix_cache(self.actor, batch, prefix, first)
         cache.batch_select_indices(torch.tensor([order.index(g) for g in groups], device=self.actor.device))
         with self.as_actor(factors):
-            total, count = token_logprobs(self.actor, batch, prefix, cache)
-        return -total / count.clamp(min=1)
+            return _mean_nll(self.actor, batch, prefix, cache)
 
 
 def draw_like_construction(actor, gen_cfg: GeneratorConfig, hyper_cfg: HypernetConfig) -> None:
@@ -451,7 +450,8 @@ def repeat_factors(factors: Factors | None, n: int) -> Factors | None:
     return {k: (a.repeat_interleave(n, 0), b.repeat_interleave(n, 0)) for k, (a, b) in factors.items()}
 
 
-def _mean_nll(model, batch: dict[str, torch.Tensor], prefix: int = 0) -> torch.Tensor:
-    """``[bs]`` mean token NLL of the labelled positions (label != -100); ``prefix``: see :func:`token_logprobs`."""
-    total, count = token_logprobs(model, batch, prefix)
+def _mean_nll(model, batch: dict[str, torch.Tensor], prefix: int = 0, cache=None) -> torch.Tensor:
+    """``[bs]`` mean token NLL of the labelled positions (label != -100); ``prefix``, ``cache``: see
+    :func:`token_logprobs`."""
+    total, count = token_logprobs(model, batch, prefix, cache)
     return -total / count.clamp(min=1)
