@@ -700,10 +700,13 @@ def test_eval_budget_splits_are_checked():
             load_config(None, ["eval.splits=[test]", f"eval.budget_splits={bad}"])
 
 
-def _resumable_grid(path: Path, tiny_model_dir) -> Protocol:
+RESUMABLE = {"wo-p": {"method": "metatuner", "train.ablation": "no_prompt"}, "sft": {}}
+
+
+def _resumable_grid(path: Path, tiny_model_dir, method: str = "wo-p") -> Protocol:
     path.write_text(yaml.safe_dump({
         "tasks": ["arithmetic"], "seeds": [0],
-        "methods": {"wo-p": {"method": "metatuner", "train.ablation": "no_prompt"}},
+        "methods": {method: RESUMABLE[method]},
         "common": {"model": {"name": str(tiny_model_dir)},
                    "eval": {"limit": 3, "max_new_tokens": 4, "splits": ["test", "test_shift"], "budgets": [2, 4],
                             "budget_splits": ["test"]},
@@ -719,20 +722,21 @@ def _answers(folder: Path) -> list:
     return [(r["id"], r["output"]) for r in read_results_folder(folder)[1]]
 
 
-def test_a_stopped_metatuner_cell_resumes_from_its_checkpoint_with_the_results_of_an_unbroken_run(
-        tmp_path, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("method", ["wo-p", "sft"])
+def test_a_stopped_trained_cell_resumes_from_its_checkpoint_with_the_results_of_an_unbroken_run(
+        tmp_path, tiny_model_dir, monkeypatch, method):
     import signal
 
     from metatuner import interrupts
     from metatuner.methods.base import Method
 
-    protocol = _resumable_grid(tmp_path / "p.yaml", tiny_model_dir)
+    protocol = _resumable_grid(tmp_path / "p.yaml", tiny_model_dir, method)
     run_grid(protocol, tmp_path / "whole")
     whole = tmp_path / "whole" / "cells"
+    cell = f"arithmetic--{method}--seed0"
     # learning-curve points on test only; the end on both splits
     assert sorted(p.name for p in whole.iterdir()) == [
-        "arithmetic--wo-p--seed0", "arithmetic--wo-p--seed0-train", "arithmetic--wo-p--seed0.b2",
-        "arithmetic--wo-p--seed0.b4", "arithmetic--wo-p--seed0@test_shift"]
+        cell, f"{cell}-train", f"{cell}.b2", f"{cell}.b4", f"{cell}@test_shift"]
 
     out = tmp_path / "stopped"
     seen = []
@@ -743,8 +747,8 @@ def test_a_stopped_metatuner_cell_resumes_from_its_checkpoint_with_the_results_o
         with pytest.raises(interrupts.Stopped):
             run_grid(protocol, out)
     cells = out / "cells"
-    assert not (cells / "arithmetic--wo-p--seed0").exists()
-    kept = {b: (cells / f"arithmetic--wo-p--seed0.b{b}" / "summary.json").stat().st_mtime_ns for b in (2, 4)}
+    assert not (cells / cell).exists()
+    kept = {b: (cells / f"{cell}.b{b}" / "summary.json").stat().st_mtime_ns for b in (2, 4)}
 
     seen.clear()
     with monkeypatch.context() as m:
@@ -752,14 +756,13 @@ def test_a_stopped_metatuner_cell_resumes_from_its_checkpoint_with_the_results_o
         run_grid(protocol, out)
     assert seen == [6]  # steps 1-5 were not trained again
     for b in (2, 4):  # nor were the points they had scored
-        assert (cells / f"arithmetic--wo-p--seed0.b{b}" / "summary.json").stat().st_mtime_ns == kept[b]
-    for name in ("arithmetic--wo-p--seed0", "arithmetic--wo-p--seed0@test_shift", "arithmetic--wo-p--seed0.b2",
-                 "arithmetic--wo-p--seed0.b4"):
+        assert (cells / f"{cell}.b{b}" / "summary.json").stat().st_mtime_ns == kept[b]
+    for name in (cell, f"{cell}@test_shift", f"{cell}.b2", f"{cell}.b4"):
         assert _answers(cells / name) == _answers(whole / name)  # bit for bit the unbroken run's answers
-    log = [json.loads(line) for line in (cells / "arithmetic--wo-p--seed0-train" / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (cells / f"{cell}-train" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "seconds" in r] == list(range(1, 7))  # each step logged once
     fit = [json.loads((cells / name / "budget.json").read_text())["fit_seconds"]
-           for name in ("arithmetic--wo-p--seed0.b4", "arithmetic--wo-p--seed0")]
+           for name in (f"{cell}.b4", cell)]
     assert 0 < fit[0] < fit[1]  # the clock went on from the checkpoint's reading
 
 

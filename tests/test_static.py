@@ -141,3 +141,42 @@ def test_the_loop_resumes_bit_for_bit(tiny_tokenizer, tmp_path):
     run(stop_at=2, run_dir=tmp_path)
     resumed = run(resume=True, run_dir=tmp_path)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_sft_saves_every_save_every_steps_and_resumes_bit_for_bit(tiny_tokenizer, tmp_path, monkeypatch):
+    cfg = load_config(None, [*CFG, "train.steps=5"])
+    train = TASK.load("train")[:8]
+
+    def fit(run_dir, **kw):
+        torch.manual_seed(0)
+        static = StaticLoRA.from_config(make_model(tiny_tokenizer), tiny_tokenizer, cfg)
+        steps = []
+        fine_tune(static, cfg, TASK, train, 5, run_dir, on_step=steps.append, progress=False, **kw)
+        return static, steps
+
+    straight, _ = fit(tmp_path / "straight")
+    from metatuner.training.supervised import SupervisedLoop
+
+    real_save = SupervisedLoop.periodic_save
+
+    def save_then_die(self):
+        saved = real_save(self)
+        if saved and self.step == 4:
+            raise KeyboardInterrupt  # a kill right after the save at step 4: no stop request, no other save
+        return saved
+
+    with monkeypatch.context() as m:
+        m.setattr(SupervisedLoop, "periodic_save", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            fit(tmp_path / "killed", save_every=2)
+    assert [p.name for p in sorted((tmp_path / "killed" / "checkpoints").glob("step-*"))] == ["step-000002", "step-000004"]
+    torch.manual_seed(99)  # the restored RNG state must win
+    resumed, steps = fit(tmp_path / "killed", save_every=2, resume=True)
+    assert steps == [5]  # steps 1-4 were not taken again
+    assert all(torch.equal(v, resumed.state()[k]) for k, v in straight.state().items())
+    log = [json.loads(line) for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
+    from metatuner.errors import MetatunerError
+
+    with pytest.raises(MetatunerError, match="resume: no checkpoint"):
+        fit(tmp_path / "empty", resume=True)

@@ -130,7 +130,8 @@ def test_resume_continues_exactly(tiny_tokenizer, tmp_path, monkeypatch):
 
 STOP_ARGS = ["train.steps=8", "train.actor_warmup_steps=3", "train.generator_warmup_queries=4",
              "train.generator_warmup_steps=2", "train.save_every=3", "train.sync_every=2", "train.lr_hypernet=0.01",
-             "train.lr_static=0.01", "train.lr_schedule=cosine", "train.warmup_ratio=0.2"]
+             "train.lr_static=0.01", "train.lr_schedule=cosine", "train.warmup_ratio=0.2",
+             "train.prompt_branch=always"]  # auto would retire the branch at G's rollouts: G's warm-up would not run
 
 
 def log_without_timing(run_dir):
@@ -164,6 +165,29 @@ def test_a_stop_request_saves_at_the_next_step_and_resume_continues_exactly(tiny
     assert e.value.exit_code == 143 and latest_checkpoint(tmp_path).name == f"step-{stop_after:06d}"
     monkeypatch.undo()
     assert_resume_matches(tiny_tokenizer, tmp_path, STOP_ARGS, straight_run)
+
+
+# with save_every=2 the warm-ups save after step 2 (inside M's warm-up) and step 4 (inside G's), as joint
+# training does, so a run killed without a stop request (no chance to save) loses at most 2 steps
+@pytest.mark.parametrize("killed_at", [2, 4])
+def test_the_warm_ups_save_every_save_every_steps_and_a_killed_run_resumes_exactly(tiny_tokenizer, tmp_path, monkeypatch,
+                                                                                 straight_run, killed_at):
+    args = [*STOP_ARGS, "train.save_every=2"]
+    cfg, mt, task, train = setup(tiny_tokenizer, args)
+    real_save, saved = Trainer.save, []
+
+    def save_then_die(self):
+        real_save(self)
+        saved.append(self.step)
+        if self.step == killed_at:
+            raise KeyboardInterrupt  # stands for a kill: nothing after this save runs
+
+    monkeypatch.setattr(Trainer, "save", save_then_die)  # before the trainer hands its save to the loop
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, mt, task, train, [], tmp_path, progress=False).run()
+    monkeypatch.undo()
+    assert saved == [2, 4][: [2, 4].index(killed_at) + 1]  # each inside a warm-up (steps 1-3 M, 4-5 G)
+    assert_resume_matches(tiny_tokenizer, tmp_path, args, straight_run)
 
 
 def assert_resume_matches(tok, run_dir, overrides, straight) -> None:

@@ -30,6 +30,8 @@ class _Trained(Method):
 class SFT(_Trained):
     """Static LoRA on M fine-tuned on (p~, x) -> y for train.steps steps (exactly MetaTuner's warm-up of M)."""
 
+    resumable = True
+
     def fit(self, task: Task, train: list[Example], val: list[Example]):
         from metatuner.models.metatuner import draw_like_construction
         from metatuner.models.static import StaticLoRA
@@ -45,7 +47,8 @@ class SFT(_Trained):
             self.trainable_params = sum(p.numel() for p in static.parameters())  # what a curve point cost
             self.at_step(step, lambda: StaticLoRAPredictor(static))
 
-        loop = fine_tune(static, cfg, task, train, cfg.train.steps, self.run_dir, on_step=on_step)
+        loop = fine_tune(static, cfg, task, train, cfg.train.steps, self.run_dir, on_step=on_step,
+                         save_every=cfg.train.save_every, resume=self.resume)
         self.trainable_params = loop.trainable_params()
         return StaticLoRAPredictor(static)
 

@@ -82,6 +82,9 @@ class SupervisedLoop:
         self.on_step: Callable[[int], None] | None = None  # called with the step count after every optimizer step
         #: what a stop point saves before it stops (the owner's checkpoint); None: nothing is saved
         self.save: Callable[[], None] | None = None
+        #: :meth:`run` also saves (``save``) after every this many optimizer steps (0: only at stop points), so a
+        #: run killed inside a long warm-up loses at most this many steps
+        self.save_every = 0
         self._logbook: Logbook | None = None
 
     # ---- optimizer and schedule ------------------------------------------------------------------
@@ -114,7 +117,8 @@ class SupervisedLoop:
         ``loss_fn`` returns the loss (logged as ``<name>_loss``), or a dict of named terms whose sum is
         stepped on (each logged as ``<term>_loss``); each step's record is logged under ``phase``. A stop
         request is honoured between two of its steps (after the last one, the caller's own safe point
-        follows), so a checkpoint saved by a stop inside the loop is never at its end.
+        follows), so a checkpoint saved by a stop inside the loop is never at its end; nor is one of the saves
+        every ``save_every`` steps (:meth:`periodic_save`).
         """
         params = self.params()
         # closed also on an error, so the error's line starts on a line of its own
@@ -131,7 +135,14 @@ class SupervisedLoop:
                           **lrs, "seconds": time.perf_counter() - began})
                 bar.update(1)
                 if k + 1 < steps:
-                    self.stop_point()
+                    self.stop_point(self.periodic_save())
+
+    def periodic_save(self) -> bool:
+        """Saves (``save``) when the step count is a multiple of ``save_every``; whether it saved."""
+        if self.save is None or not self.save_every or self.step % self.save_every:
+            return False
+        self.save()
+        return True
 
     def lrs(self) -> dict[str, float]:
         """The learning rate each group is stepped with now (logged with the step)."""

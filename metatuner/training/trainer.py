@@ -81,6 +81,7 @@ class Trainer:
         self.loop = SupervisedLoop(self.tc, run_dir, device_type=mt.actor.device.type, progress=progress,
                                    loss_scaling=needs_loss_scaling(mt.actor) or needs_loss_scaling(mt.generator))
         self.loop.save = self.save
+        self.loop.save_every = self.tc.save_every  # the warm-ups save as joint training does
         self.experts = ExpertSet(self.tc.expert_cap, self.tc.expert_margin)  # D2
         self.branch = PromptBranch(self.tc.prompt_branch, self.tc.retire_below, self.tc.retire_window)
         self.prompt_cache: dict[str, str] = {}  # query id -> frozen decoder's cleaned greedy output, until the next sync
