@@ -810,3 +810,16 @@ def test_a_cell_stopped_in_its_final_scoring_keeps_the_splits_it_scored(tmp_path
     assert seen == []  # training had ended: nothing is trained again
     assert (cells / "arithmetic--wo-p--seed0@test_shift" / "summary.json").stat().st_mtime_ns == shifted
     assert _answers(cells / "arithmetic--wo-p--seed0") == answers
+
+
+def test_the_cost_table_counts_each_cell_once_also_when_it_scored_no_test_split():
+    def row(method, seed, split, seconds):
+        task = "t" if split == "test" else f"t@{split}"
+        return {"method": method, "task": task, "seed": seed, "split": split, "budget": 10, "trainable_params": 5,
+                "fit_seconds": seconds, "train_tokens": 0}
+
+    only_extra = [row("sft", 0, "test_extra", 100.0), row("sft", 1, "test_extra", 300.0)]
+    assert "| sft | 10 | 5 | 200 | 0 |" in cost_table(only_extra)
+    # a cell that scored two splits is one fit, counted from its test row
+    both = [row("sft", 0, "test_shift", 999.0), row("sft", 0, "test", 100.0), row("sft", 1, "test", 300.0)]
+    assert "| sft | 10 | 5 | 200 | 0 |" in cost_table(both)

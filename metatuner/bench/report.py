@@ -213,14 +213,18 @@ def method_lines(rows: list[dict], root: Path) -> list[str]:
 
 
 def cost_table(rows: list[dict], tuning: dict[str, float] | None = None) -> str:
-    """Per method, what its fit cost (mean over the cells of each task's ordinary test split): the
+    """Per method, what its fit cost (mean over its cells, each counted once whatever splits it scored): the
     optimizer steps, the parameters trained, the seconds of fitting and the tokens decoded while fitting;
     with ``tuning`` (method -> seconds of its tuning runs per task), those seconds too."""
     tuning = tuning or {}
+    one: dict[tuple, dict] = {}  # (method, task, seed) -> the row of its `test` split, else of its first split
+    for r in rows:  # one fit per cell; its splits share it
+        key = (r["method"], r["task"].split("@")[0], r["seed"])
+        if key not in one or (r.get("split", "test") == "test" and one[key].get("split", "test") != "test"):
+            one[key] = r
     cells: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        if r.get("split", "test") == "test":  # one fit per cell; its other splits share it
-            cells[r["method"]].append(r)
+    for (method, _, _), r in one.items():
+        cells[method].append(r)
 
     def mean(values: list, fmt: str) -> str:
         values = [v for v in values if v is not None]
