@@ -21,11 +21,9 @@ from typing import Callable
 import torch
 
 from metatuner.config import RunConfig
-from metatuner.errors import MetatunerError
 from metatuner.models.precision import needs_loss_scaling
 from metatuner.models.static import Render, StaticLoRA
 from metatuner.tasks.base import Example, Task
-from metatuner.training.checkpoint import latest_checkpoint
 from metatuner.training.stream import DataStream
 from metatuner.training.supervised import SupervisedLoop
 
@@ -62,10 +60,7 @@ def fine_tune(static: StaticLoRA, cfg: RunConfig, task: Task, train: list[Exampl
     loop.save = lambda: loop.save_checkpoint(static.state(), {"has_static": True, "cursor": stream.cursor})
     loop.save_every = save_every
     if resume:
-        ckpt = latest_checkpoint(run_dir) if run_dir is not None else None
-        if ckpt is None:
-            raise MetatunerError(f"resume: no checkpoint in {run_dir}/checkpoints")
-        tensors, extra = loop.restore(ckpt)
+        tensors, extra = loop.restore(loop.latest_checkpoint())
         static.load_state(tensors)
         stream.cursor = extra["cursor"]
     else:

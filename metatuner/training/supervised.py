@@ -240,6 +240,14 @@ class SupervisedLoop:
             extra["grad_scaler"] = self.scaler.state_dict()
         save_checkpoint(self.run_dir, self.step, tensors, self.optimizer, self.scheduler, extra)
 
+    def latest_checkpoint(self) -> Path:
+        """The newest intact checkpoint of the run folder, to resume from; a one-line error when there is none."""
+        ckpt = latest_checkpoint(self.run_dir) if self.run_dir is not None else None
+        if ckpt is None:
+            where = self.run_dir / "checkpoints" if self.run_dir is not None else "a run without a folder"
+            raise MetatunerError(f"resume: no checkpoint in {where}", cli=f"--resume: no checkpoint in {where}")
+        return ckpt
+
     def restore(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Restores optimizer, schedule, RNGs, step, loss scale and the log (cut to the checkpoint's length)
         from checkpoint ``path``; returns the owner's tensors and extra data."""

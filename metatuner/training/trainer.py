@@ -54,12 +54,10 @@ import torch
 from tqdm.auto import tqdm
 
 from metatuner.config import RunConfig
-from metatuner.errors import MetatunerError
 from metatuner.models.metatuner import MetaTuner
 from metatuner.models.precision import needs_loss_scaling
 from metatuner.tasks.base import Example, Task
 from metatuner.tasks.leaks import states_answer
-from metatuner.training.checkpoint import latest_checkpoint
 from metatuner.training.branch import PromptBranch
 from metatuner.training.experts import ExpertSet
 from metatuner.training.rollouts import offer
@@ -139,10 +137,7 @@ class Trainer:
     def run(self, resume: bool = False) -> None:
         """Trains from step 0, or (``resume``) from the newest intact checkpoint, in whichever phase it was
         saved: a stop on SIGTERM may save one in the middle of a warm-up."""
-        ckpt = latest_checkpoint(self.run_dir) if resume else None
-        if resume and ckpt is None:
-            raise MetatunerError(f"resume: no checkpoint in {self.run_dir / 'checkpoints'}",
-                                 cli=f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+        ckpt = self.loop.latest_checkpoint() if resume else None
         plan = self.phase_steps()
         actor, gen = plan["actor"], plan["generator"]
         self.joint_start = actor + gen
