@@ -165,17 +165,20 @@ def test_sigterm_to_a_ray_grid_ends_its_tasks_and_a_rerun_finishes_the_grid(clus
     from metatuner.bench.protocol import Protocol
 
     out = tmp_path / "grid"
-    choice = out / "tuning" / "arithmetic--sft.json"
-    # the request that main()'s handler records, faked once the tuning is done: the SFT cell is then starting
-    monkeypatch.setattr(interrupts, "requested", lambda: signal.SIGTERM if choice.is_file() else None)
+    tuning_log = out / "logs" / "tuning--arithmetic--sft.log"
+    # the request that main()'s handler records, faked once the tuning task has started: the SFT cell, which
+    # starts only when the tuning task returns, cannot have finished (faked once the tuning's choice was on
+    # file, the SFT cell sometimes finished before the driver's next poll under load)
+    monkeypatch.setattr(interrupts, "requested", lambda: signal.SIGTERM if tuning_log.is_file() else None)
     inject("fault")
     with pytest.raises(interrupts.Stopped, match="and its Ray tasks"):
         run_grid(Protocol.load(spec), out, backend="ray")
     monkeypatch.undo()
     assert not (out / "cells" / "arithmetic--sft--seed0" / "summary.json").exists()
     run_grid(Protocol.load(spec), out, backend="ray", gpus_per_cell=0.5)  # the rest as GPU cells
+    # the stopped tuning ran again to its end (its choice is in the state compared with the reference)
     tuned = (out / "logs" / "tuning--arithmetic--sft.log").read_text().count("train.lr_scale=1.0 ->")
-    assert record("fault", tuned == 1 and state(out) == reference[1] and half_written(out) == []
+    assert record("fault", tuned >= 1 and state(out) == reference[1] and half_written(out) == []
                   and not list((out / "claims").iterdir()))
     # a GPU cell saw only its GPU, and its worker process exited after it (torch's cached GPU memory with it)
     where = re.findall(r"\[ray\] arithmetic--sft--seed0: pid (\d+) on .*, GPUs (\S+)",
